@@ -1,13 +1,16 @@
 """The paper's claims on SmolLM2-135M, as a resumable sweep of `train.py` runs.
 
-    python bench/reproduce.py --out runs/repro [--source ../shared/data] [--phases calibrate,main,fig1,stress]
+    python bench/reproduce.py --out runs/repro [--source ../shared/data] [--phases calibrate,main,fig1,stress,seeds,defenses,bds]
 
 Phases (each run is a folder under --out; a finished stage is skipped, so re-running resumes):
   calibrate  the attack's learning rate at p=0.1 on a Random+SFT model: the lr whose harmful score
              is closest to 50% is written to calibration.json and used by every later attack;
   main       selectors full, random, pharmacist, seal, loss (same k) x defenses sft, vaccine;
   fig1       random vs pharmacist with SFT at several k (paper Fig. 1);
-  stress     stronger attacks (lr x epochs x p) on the Random+SFT and Pharmacist+SFT models.
+  stress     stronger attacks (lr x epochs x p) on the Random+SFT and Pharmacist+SFT models;
+  seeds      Random+SFT and Pharmacist+SFT again with other seeds (a fresh random subset per seed);
+  defenses   repnoise, tvaccine, booster on the Pharmacist, random and full alignment sets;
+  bds        the fine-tuning-stage defense BDS on the Random+SFT and Pharmacist+SFT models.
 Then `evaluate.py report` gathers every run into results/repro/report.md and fig1.png.
 """
 import argparse
@@ -25,6 +28,10 @@ PY = sys.executable
 EVAL = ["--eval-tasks", "harmful,benign,sst2", "--eval-max-new-tokens", "48", "--eval-limit", "100"]
 
 
+class RunFailed(RuntimeError):
+    """One command of the sweep failed: its configuration is skipped, the sweep goes on."""
+
+
 def sh(args: list[str], log: Path):
     """Run one command, appending its output to log; stop the sweep if it fails."""
     print("$", " ".join(args), flush=True)
@@ -32,7 +39,8 @@ def sh(args: list[str], log: Path):
         f.write("$ " + " ".join(args) + "\n")
         f.flush()
         if subprocess.run(args, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode:
-            sys.exit(f"failed: {' '.join(args)} (see {log})")
+            raise RunFailed(f"failed: {' '.join(args)} (see {log})")
+
 
 
 def cut(selection_run: Path, k: int, out: Path):
@@ -57,19 +65,19 @@ class Sweep:
     def train(self, run: Path, stage: str, *flags):
         sh([PY, "train.py", "--stage", stage, "--out", str(run), "--data", str(self.data), *flags], self.log)
 
-    def select(self, selector: str, keep: float) -> Path:
-        run = self.out / f"select_{selector}"
-        self.train(run, "select", "--selector", selector, "--keep", str(keep))
+    def select(self, selector: str, keep: float, seed: int = 0) -> Path:
+        run = self.out / (f"select_{selector}" + (f"_s{seed}" if seed else ""))
+        self.train(run, "select", "--selector", selector, "--keep", str(keep), "--seed", str(seed))
         return run
 
     def config(self, name: str, selection: Path, k: int, defense: str, attack: list[str] | None = None,
-               data: Path | None = None, align_from: Path | None = None) -> Path:
+               data: Path | None = None, align_from: Path | None = None, align: list[str] = ()) -> Path:
         """select (cut from a ranking) -> align -> attack -> eval, in runs/<name>."""
         run = self.out / name
         cut(selection, k, run)
         if align_from is not None and not (run / "align").exists():
             (run / "align").symlink_to((align_from / "align").resolve())
-        self.train(run, "align", "--align-defense", defense, *self.align_flags)
+        self.train(run, "align", "--align-defense", defense, *self.align_flags, *align)
         finetune = [*self.attack_flags, *(attack or [])]
         data_flags = ["--data", str(data)] if data else []
         self.train(run, "finetune", *finetune, *data_flags)
@@ -102,11 +110,12 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/repro")
     p.add_argument("--source", default=str(ROOT.parent / "shared" / "data"))
-    p.add_argument("--phases", default="calibrate,main,fig1,stress")
+    p.add_argument("--phases", default="calibrate,main,fig1,stress,seeds,defenses,bds")
     p.add_argument("--selectors", default="random,pharmacist,full,seal,loss",
                    help="run only the configurations of these selectors (e.g. two sweeps side by side)")
     p.add_argument("--keep", type=int, default=160, help="k of the main table (rows kept of the pool)")
     p.add_argument("--ks", default="40,80", help="other k for fig1")
+    p.add_argument("--seeds", default="1,2", help="extra seeds of the seeds phase (seed 0 is the main run)")
     p.add_argument("--lrs", default="5e-5,1e-4,2e-4,5e-4,1e-3",
                    help="attack learning rates tried by calibrate, in increasing order")
     args = p.parse_args()
@@ -146,12 +155,32 @@ def main():
         jobs.append(("main", f"{selector}_sft_k{k_of(selector)}{tag}", selector, k_of(selector), "sft"))
     for k in map(int, args.ks.split(",")):
         jobs += [("fig1", f"{selector}_sft_k{k}{tag}", selector, k, "sft") for selector in ("random", "pharmacist")]
-    jobs += [("main", f"{selector}_vaccine_k{args.keep}{tag}", selector, args.keep, "vaccine")
-             for selector in ("random", "pharmacist")]
+    jobs += [("main", f"{selector}_vaccine_k{k_of(selector)}{tag}", selector, k_of(selector), "vaccine")
+             for selector in ("random", "pharmacist", "full")]
     jobs += [("main", f"{selector}_sft_k{args.keep}{tag}", selector, args.keep, "sft") for selector in ("seal", "loss")]
+    for defense in ("repnoise", "tvaccine", "booster"):
+        jobs += [("defenses", f"{selector}_{defense}_k{k_of(selector)}{tag}", selector, k_of(selector), defense)
+                 for selector in ("pharmacist", "random", "full")]
+    failed = []
     for phase, name, selector, k, defense in jobs:
         if phase in phases and selector in args.selectors.split(","):
-            sweep.config(name, sel(selector), k, defense)
+            try:
+                sweep.config(name, sel(selector), k, defense)
+            except RunFailed as e:
+                print(e, flush=True)
+                failed.append(name)
+    if "seeds" in phases:  # the same configurations again with other alignment and attack seeds
+        for seed in map(int, args.seeds.split(",")):
+            for selector in set(args.selectors.split(",")) & {"random", "pharmacist"}:
+                # a random subset is redrawn per seed; Pharmacist's (costly) ranking is kept
+                selection = sweep.select("random", args.keep, seed) if selector == "random" else sel(selector)
+                sweep.config(f"{selector}_sft_k{args.keep}{tag}_s{seed}", selection, args.keep, "sft",
+                             attack=["--finetune-seed", str(seed)], align=["--align-seed", str(seed)])
+    if "bds" in phases:  # the fine-tuning-stage defense on top of the SFT-aligned models
+        for selector in set(args.selectors.split(",")) & {"random", "pharmacist"}:
+            base = out / f"{selector}_sft_k{args.keep}{tag}"
+            sweep.config(f"{selector}_sft+bds_k{args.keep}{tag}", sel(selector), args.keep, "sft",
+                         attack=["--finetune-defense", "bds"], align_from=base)
     if "stress" in phases:
         data_p2 = out / "data_p0.2"
         if not (data_p2 / "manifest.json").exists():
@@ -172,6 +201,8 @@ def main():
     runs = sorted(r for r in out.iterdir() if (r / "eval" / "results.json").exists())
     sh([PY, "evaluate.py", "report", *map(str, runs), "--out", str(ROOT / "results" / "repro")], sweep.log)
     print((ROOT / "results" / "repro" / "report.md").read_text())
+    if failed:
+        sys.exit(f"these configurations failed (see {sweep.log}): {', '.join(failed)}")
 
 
 if __name__ == "__main__":
