@@ -529,8 +529,9 @@ class LoRALinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
 
     def forward(self, x):
+        y = self.base(x)  # under autocast: bf16, and the sum stays bf16 (no upcast of the layer)
         dx = self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype))))
-        return self.base(x) + (dx * self.scale).to(x.dtype)
+        return y + (dx * self.scale).to(y.dtype)
 
     def delta(self) -> torch.Tensor:
         return self.scale * self.lora_B.weight @ self.lora_A.weight

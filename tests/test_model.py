@@ -136,6 +136,17 @@ def test_lora_identity_at_init_and_merge_after_training():
         assert (m(IDS) - trained).abs().max() <= 1e-4
 
 
+def test_lora_keeps_the_autocast_dtype_of_its_layer():
+    """Under bf16 autocast the adapted layer returns bf16 like the base layer: the fp32 adapter
+    must not upcast the activations of every layer after it (that made bf16 training slower)."""
+    torch.manual_seed(0)
+    lora = M.LoRALinear(torch.nn.Linear(16, 32, bias=False), rank=4, alpha=8)
+    x = torch.randn(2, 16)  # fp32 input, as after RMSNorm
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert lora.base(x).dtype == lora(x).dtype == torch.bfloat16
+    assert lora(x).dtype == torch.float32  # without autocast nothing changes
+
+
 def test_lora_round_trip_with_peft(tmp_path, tiny_dir):
     peft = pytest.importorskip("peft")
     m, tok = M.load_pretrained(tiny_dir, device="cpu")
