@@ -421,21 +421,52 @@ def row_order(r: dict):
     return str(r.get("selector")), str(r.get("defense")), n if isinstance(n, (int, float)) else 0
 
 
+SEED_SUFFIX = re.compile(r"_s(\d+)$")  # runs named <config>_s<seed> repeat <config> with another seed
+
+
+def mean(values):
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def merge_seeds(rows: list[dict]) -> list[dict]:
+    """Runs that differ only in their seed become one row: the means, and as ± the standard error
+    over seeds (std / sqrt(n)); a single run keeps its binomial standard error over the prompts."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(SEED_SUFFIX.sub("", r["run"]), []).append(r)
+    merged = []
+    for name, group in groups.items():
+        row = dict(group[0], run=name, seeds=len(group))
+        scores = [r["harmful_score"] for r in group if r.get("harmful_score") is not None]
+        if len(group) > 1:
+            for key in ("harmful_score", "over_refusal", "align_time_s"):
+                row[key] = mean(r.get(key) for r in group)
+            tasks = {t for r in group for t in r.get("accuracy", {})}
+            row["accuracy"] = {t: mean(r.get("accuracy", {}).get(t) for r in group) for t in tasks}
+            row["harmful_se"] = (float(np.std(scores, ddof=1)) / math.sqrt(len(scores))
+                                 if len(scores) > 1 else None)
+        row["per_seed"] = scores
+        merged.append(row)
+    return merged
+
+
 def report(runs, out) -> str:
-    """One markdown table over runs (rows: selector × defense), report.md, and fig1.png."""
+    """One markdown table over runs (rows: selector × defense, seeds merged), report.md, fig1.png."""
     rows = [load_run(r) for r in runs]
     for r in rows:  # a tuning-stage defense (BDS) on top of the alignment defense reads "sft+bds"
         if r.get("defense") and r.get("finetune_defense") not in (None, "sft"):
             r["defense"] = f"{r['defense']}+{r['finetune_defense']}"
-    rows.sort(key=row_order)
+    rows = sorted(merge_seeds(rows), key=row_order)
     tasks = sorted({t for r in rows for t in r.get("accuracy", {})})
-    head = ["run", "selector", "defense", "n align", "harmful score", "over-refusal",
+    head = ["run", "selector", "defense", "n align", "harmful score", "seeds", "over-refusal",
             *[f"acc {t}" for t in tasks], "align time (s)", "select time (s)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         harmful = "–" if r.get("harmful_score") is None else f"{r['harmful_score']:.1f} ± {fmt(r.get('harmful_se'))}"
+        seeds = " / ".join(f"{v:.0f}" for v in r["per_seed"]) if r["seeds"] > 1 else "1"
         cells = [r["run"], fmt(r.get("selector")), fmt(r.get("defense")), fmt(r.get("n_align"), "g"), harmful,
-                 fmt(r.get("over_refusal")), *[fmt(r.get("accuracy", {}).get(t)) for t in tasks],
+                 seeds, fmt(r.get("over_refusal")), *[fmt(r.get("accuracy", {}).get(t)) for t in tasks],
                  fmt(r.get("align_time_s")), fmt(r.get("select_time_s"))]
         lines.append("| " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"

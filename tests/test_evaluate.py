@@ -2,6 +2,7 @@
 the moderation head against transformers, and the report over fake runs."""
 import json
 import math
+import statistics
 
 import pytest
 import torch
@@ -212,9 +213,9 @@ def test_report_gathers_runs_and_draws_fig1(tmp_path):
     text = E.report(runs + [bds, bare], tmp_path / "report")
     lines = text.splitlines()
     assert len(lines) == 2 + 5 and "acc sst2" in lines[0]
-    assert "| bds | full | sft+bds | 48 | 15.0 ± – | – |" in text
-    assert lines[-2].startswith("| ph-12 | pharmacist | sft | 12 | 25.0 ± 3.0 | 10.0 | 90.0 | 25.0 | 5.0 |")
-    assert "| bare | – | – | – | 55.0 ± – |" in text
+    assert "| bds | full | sft+bds | 48 | 15.0 ± – | 1 | – |" in text
+    assert lines[-2].startswith("| ph-12 | pharmacist | sft | 12 | 25.0 ± 3.0 | 1 | 10.0 | 90.0 | 25.0 | 5.0 |")
+    assert "| bare | – | – | – | 55.0 ± – | 1 |" in text
     assert (tmp_path / "report" / "report.md").read_text() == text
     pytest.importorskip("matplotlib")
     assert (tmp_path / "report" / "fig1.png").stat().st_size > 1000
@@ -224,6 +225,19 @@ def test_report_cli(tmp_path, capsys):
     run = fake_run(tmp_path, "r", "random", 24, 30.0, 50.0)
     E.main(["report", str(run), "--out", str(tmp_path / "rep")])
     assert "| r | random | sft | 24 | 30.0 ± 3.0 |" in capsys.readouterr().out
+
+
+def test_report_merges_seeds(tmp_path):
+    """<config>_s<seed> runs are one row: mean, standard error over seeds, each seed's score."""
+    runs = [fake_run(tmp_path, "rnd_k24", "random", 24, 30.0, 50.0),
+            fake_run(tmp_path, "rnd_k24_s1", "random", 24, 36.0, 70.0),
+            fake_run(tmp_path, "rnd_k24_s2", "random", 24, 27.0, 60.0),
+            fake_run(tmp_path, "rnd_k48", "random", 48, 20.0, 90.0)]
+    lines = E.report(runs, tmp_path / "report").splitlines()
+    assert len(lines) == 2 + 2
+    se = statistics.stdev([30.0, 36.0, 27.0]) / 3 ** 0.5  # 2.65
+    assert lines[2].startswith(f"| rnd_k24 | random | sft | 24 | 31.0 ± {se:.1f} | 30 / 36 / 27 | 10.0 | 90.0 | 60.0 |")
+    assert lines[3].startswith("| rnd_k48 | random | sft | 48 | 20.0 ± 3.0 | 1 |")
 
 
 # ----------------------------------------------------------------------------- human labels
