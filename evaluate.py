@@ -460,14 +460,16 @@ def report(runs, out) -> str:
     rows = sorted(merge_seeds(rows), key=row_order)
     tasks = sorted({t for r in rows for t in r.get("accuracy", {})})
     head = ["run", "selector", "defense", "n align", "harmful score", "seeds", "over-refusal",
-            *[f"acc {t}" for t in tasks], "align time (s)", "select time (s)"]
+            *[f"acc {t}" for t in tasks], "align work (k tok-passes)", "align time (s)", "select time (s)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         harmful = "–" if r.get("harmful_score") is None else f"{r['harmful_score']:.1f} ± {fmt(r.get('harmful_se'))}"
         seeds = " / ".join(f"{v:.0f}" for v in r["per_seed"]) if r["seeds"] > 1 else "1"
+        # alignment compute that CPU contention cannot inflate: tokens x forward-backward passes per step
+        work = r["tokens"] * r["passes_per_step"] / 1000 if {"tokens", "passes_per_step"} <= r.keys() else None
         cells = [r["run"], fmt(r.get("selector")), fmt(r.get("defense")), fmt(r.get("n_align"), "g"), harmful,
                  seeds, fmt(r.get("over_refusal")), *[fmt(r.get("accuracy", {}).get(t)) for t in tasks],
-                 fmt(r.get("align_time_s")), fmt(r.get("select_time_s"))]
+                 fmt(work, ".0f"), fmt(r.get("align_time_s")), fmt(r.get("select_time_s"))]
         lines.append("| " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
     out = Path(out)

@@ -189,7 +189,7 @@ def fake_run(root, name, selector, n_align, harmful, align_time, layout="train")
     run = root / name
     results = dict(harmful_score=harmful, harmful_se=3.0, over_refusal=10.0, accuracy={"sst2": 90.0})
     summary = dict(selector=selector, defense="sft", n_align=n_align, align_time_s=align_time,
-                   select_time_s=5.0)
+                   select_time_s=5.0, tokens=100 * n_align, passes_per_step=2)
     if layout == "train":
         (run / "eval").mkdir(parents=True)
         (run / "align").mkdir()
@@ -214,7 +214,7 @@ def test_report_gathers_runs_and_draws_fig1(tmp_path):
     lines = text.splitlines()
     assert len(lines) == 2 + 5 and "acc sst2" in lines[0]
     assert "| bds | full | sft+bds | 48 | 15.0 ± – | 1 | – |" in text
-    assert lines[-2].startswith("| ph-12 | pharmacist | sft | 12 | 25.0 ± 3.0 | 1 | 10.0 | 90.0 | 25.0 | 5.0 |")
+    assert lines[-2].startswith("| ph-12 | pharmacist | sft | 12 | 25.0 ± 3.0 | 1 | 10.0 | 90.0 | 2 | 25.0 | 5.0 |")
     assert "| bare | – | – | – | 55.0 ± – | 1 |" in text
     assert (tmp_path / "report" / "report.md").read_text() == text
     pytest.importorskip("matplotlib")
@@ -236,7 +236,7 @@ def test_report_merges_seeds(tmp_path):
     lines = E.report(runs, tmp_path / "report").splitlines()
     assert len(lines) == 2 + 2
     se = statistics.stdev([30.0, 36.0, 27.0]) / 3 ** 0.5  # 2.65
-    assert lines[2].startswith(f"| rnd_k24 | random | sft | 24 | 31.0 ± {se:.1f} | 30 / 36 / 27 | 10.0 | 90.0 | 60.0 |")
+    assert lines[2].startswith(f"| rnd_k24 | random | sft | 24 | 31.0 ± {se:.1f} | 30 / 36 / 27 | 10.0 | 90.0 | 5 | 60.0 |")
     assert lines[3].startswith("| rnd_k48 | random | sft | 48 | 20.0 ± 3.0 | 1 |")
 
 
