@@ -25,17 +25,32 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def timed(fn, device, repeats):
-    """Median seconds of `repeats` calls after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        t0 = time.perf_counter()
+def median(xs):
+    return sorted(xs)[len(xs) // 2]
+
+
+def row(name, work, ours, theirs):
+    """(measure, ours, theirs, speed ratio, ratio range): speeds are work / median seconds, the ratio
+    is theirs / ours median seconds, and the min-max of each round's ratio shows the noise."""
+    ratios = [t / o for o, t in zip(ours, theirs)]
+    return (name, work / median(ours), work / median(theirs), median(theirs) / median(ours),
+            f"{min(ratios):.2f}-{max(ratios):.2f}" if len(ratios) > 1 else "-")
+
+
+def timed(fns, device, repeats):
+    """Seconds of each function in each of `repeats` rounds, after one warm-up call each; the
+    functions alternate within a round, so a slow spell of the machine hits both alike."""
+    for fn in fns:
         fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, ts in zip(fns, times):
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            ts.append(time.perf_counter() - t0)
+    return times
 
 
 def train_step(model, ids, labels, opt, device, bf16, logits_of):
@@ -71,7 +86,7 @@ def main():
     t0 = time.perf_counter()
     theirs = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=ours.embed_tokens.weight.dtype).to(device)
     load_theirs = time.perf_counter() - t0
-    rows = [("load (s, cached)", load_ours, load_theirs, load_theirs / load_ours)]
+    rows = [("load (s, cached)", load_ours, load_theirs, load_theirs / load_ours, "-")]
 
     ids = torch.randint(100, tok.tok.get_vocab_size() - 1, (args.batch, args.seq), device=device)
     M.add_lora(ours, 8, 16, TARGETS)
@@ -80,9 +95,10 @@ def main():
     opt_o = torch.optim.AdamW([q for q in ours.parameters() if q.requires_grad], lr=1e-4)
     opt_t = torch.optim.AdamW([q for q in theirs.parameters() if q.requires_grad], lr=1e-4)
     tokens = args.batch * args.seq
-    s_o = timed(train_step(ours, ids, ids, opt_o, device, args.bf16, lambda x: x), device, args.repeats)
-    s_t = timed(train_step(theirs, ids, ids, opt_t, device, args.bf16, lambda x: x.logits), device, args.repeats)
-    rows.append(("LoRA train step (tok/s)", tokens / s_o, tokens / s_t, s_t / s_o))
+    s_o, s_t = timed([train_step(ours, ids, ids, opt_o, device, args.bf16, lambda x: x),
+                      train_step(theirs, ids, ids, opt_t, device, args.bf16, lambda x: x.logits)],
+                     device, args.repeats)
+    rows.append(row("LoRA train step (tok/s)", tokens, s_o, s_t))
 
     M.merge_lora(ours)
     theirs = theirs.merge_and_unload()
@@ -105,21 +121,24 @@ def main():
                             max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
                             eos_token_id=None, pad_token_id=tok.pad_id)
 
-    g_o = timed(gen_ours, device, max(1, args.repeats // 2))
-    g_t = timed(gen_theirs, device, max(1, args.repeats // 2))
-    rows.append(("greedy generation (tok/s)", n / g_o, n / g_t, g_t / g_o))
+    g_o, g_t = timed([gen_ours, gen_theirs], device, max(1, args.repeats // 2))
+    rows.append(row("greedy generation (tok/s)", n, g_o, g_t))
 
     name = f"{device.type}{'-bf16' if args.bf16 or device.type == 'cuda' else ''}"
-    print(f"\n{args.model}, batch {args.batch}, seq {args.seq}, {args.new_tokens} new tokens, device {name}"
-          f", torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}\n")
-    print("| measure | ours | transformers+peft | ours / theirs (speed) |\n|---|---|---|---|")
-    for r in rows:
-        print(f"| {r[0]} | {r[1]:.2f} | {r[2]:.2f} | {r[3]:.2f}x |")
+    lines = [f"{args.model}, batch {args.batch}, seq {args.seq}, {args.new_tokens} new tokens, device {name}, "
+             f"{args.repeats} rounds, torch {torch.__version__}, transformers {transformers.__version__}, "
+             f"peft {peft.__version__}", "",
+             "| measure | ours | transformers+peft | ours / theirs (speed) | ratio min-max over rounds |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {r[0]} | {r[1]:.2f} | {r[2]:.2f} | {r[3]:.2f}x | {r[4]} |" for r in rows]
     if device.type == "cuda":
-        print(f"\npeak CUDA memory: {torch.cuda.max_memory_allocated() / 2**20:.0f} MB")
-    out = Path(__file__).resolve().parents[1] / "results" / f"speed_{name}.json"
+        lines.append(f"\npeak CUDA memory (both models loaded): {torch.cuda.max_memory_allocated() / 2**20:.0f} MB")
+    text = "\n".join(lines) + "\n"
+    print("\n" + text)
+    out = Path(__file__).resolve().parents[1] / "results" / f"speed_{name}"
     out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
+    out.with_suffix(".json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
+    out.with_suffix(".md").write_text(text + f"\ncommand: python bench/speed.py {' '.join(sys.argv[1:])}\n")
 
 
 if __name__ == "__main__":
