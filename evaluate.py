@@ -451,7 +451,7 @@ def merge_seeds(rows: list[dict]) -> list[dict]:
     return merged
 
 
-def report(runs, out) -> str:
+def report(runs, out, figure: bool = True) -> str:
     """One markdown table over runs (rows: selector × defense, seeds merged), report.md, fig1.png."""
     rows = [load_run(r) for r in runs]
     for r in rows:  # a tuning-stage defense (BDS) on top of the alignment defense reads "sft+bds"
@@ -475,7 +475,8 @@ def report(runs, out) -> str:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(text, out / "report.md")
-    plot_fig1(rows, out / "fig1.png")
+    if figure:
+        plot_fig1(rows, out / "fig1.png")
     return text
 
 
@@ -527,8 +528,9 @@ def main(argv=None):
         p = argparse.ArgumentParser(prog="evaluate.py report", description=report.__doc__)
         p.add_argument("runs", nargs="+", help="run folders (train.py --out, or evaluate.py --out)")
         p.add_argument("--out", required=True)
+        p.add_argument("--no-figure", action="store_true", help="the table only (runs not spread over k)")
         args = p.parse_args(argv[1:])
-        print(report(args.runs, args.out), end="")
+        print(report(args.runs, args.out, figure=not args.no_figure), end="")
         return None
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="HF folder or built-in name (smollm2-135m-instruct, tiny-random)")

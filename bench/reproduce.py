@@ -199,8 +199,14 @@ def main():
         if (out / f).exists():
             (results / f).write_text((out / f).read_text())
     runs = sorted(r for r in out.iterdir() if (r / "eval" / "results.json").exists())
-    sh([PY, "evaluate.py", "report", *map(str, runs), "--out", str(ROOT / "results" / "repro")], sweep.log)
-    print((ROOT / "results" / "repro" / "report.md").read_text())
+    main_runs = [r for r in runs if tag in r.name and not r.name.startswith("stress_")]  # the calibrated attack
+    stress_runs = [r for r in runs if r.name.startswith("stress_")]
+    baselines = [out / f"{s}_sft_k{args.keep}{tag}" for s in ("random", "pharmacist")]
+    sh([PY, "evaluate.py", "report", *map(str, main_runs), "--out", str(results)], sweep.log)
+    if stress_runs:
+        sh([PY, "evaluate.py", "report", *map(str, stress_runs + [b for b in baselines if b in runs]),
+            "--out", str(results / "stress"), "--no-figure"], sweep.log)
+    print((results / "report.md").read_text())
     if failed:
         sys.exit(f"these configurations failed (see {sweep.log}): {', '.join(failed)}")
 

@@ -223,8 +223,9 @@ def test_report_gathers_runs_and_draws_fig1(tmp_path):
 
 def test_report_cli(tmp_path, capsys):
     run = fake_run(tmp_path, "r", "random", 24, 30.0, 50.0)
-    E.main(["report", str(run), "--out", str(tmp_path / "rep")])
+    E.main(["report", str(run), "--out", str(tmp_path / "rep"), "--no-figure"])
     assert "| r | random | sft | 24 | 30.0 ± 3.0 |" in capsys.readouterr().out
+    assert not (tmp_path / "rep" / "fig1.png").exists()
 
 
 def test_report_merges_seeds(tmp_path):
