@@ -113,6 +113,8 @@ def main():
     p.add_argument("--phases", default="calibrate,main,fig1,stress,seeds,defenses,bds")
     p.add_argument("--selectors", default="random,pharmacist,full,seal,loss",
                    help="run only the configurations of these selectors (e.g. two sweeps side by side)")
+    p.add_argument("--defenses", default="sft,vaccine,repnoise,tvaccine,booster",
+                   help="run only the configurations aligned with these defenses")
     p.add_argument("--keep", type=int, default=160, help="k of the main table (rows kept of the pool)")
     p.add_argument("--ks", default="40,80", help="other k for fig1")
     p.add_argument("--seeds", default="1,2", help="extra seeds of the seeds phase (seed 0 is the main run)")
@@ -163,7 +165,7 @@ def main():
                  for selector in ("pharmacist", "random", "full")]
     failed = []
     for phase, name, selector, k, defense in jobs:
-        if phase in phases and selector in args.selectors.split(","):
+        if phase in phases and selector in args.selectors.split(",") and defense in args.defenses.split(","):
             try:
                 sweep.config(name, sel(selector), k, defense)
             except RunFailed as e:
