@@ -201,6 +201,9 @@ def main():
         if (out / f).exists():
             (results / f).write_text((out / f).read_text())
     runs = sorted(r for r in out.iterdir() if (r / "eval" / "results.json").exists())
+    (results / "per_run").mkdir(exist_ok=True)
+    for r in runs:  # every evaluated run's numbers, calibration and stress included
+        (results / "per_run" / f"{r.name}.json").write_text((r / "eval" / "results.json").read_text())
     main_runs = [r for r in runs if tag in r.name and not r.name.startswith("stress_")]  # the calibrated attack
     stress_runs = [r for r in runs if r.name.startswith("stress_")]
     baselines = [out / f"{s}_sft_k{args.keep}{tag}" for s in ("random", "pharmacist")]

@@ -1,0 +1,19 @@
+#!/bin/bash
+# The exact commands that made results/repro (two sessions, one shared run folder runs/repro;
+# every command skips the runs that already finished, so the order only sets what finishes first).
+# Session 1: the default phases calibrate, main, fig1 (stopped by the session's end):
+python bench/reproduce.py --out runs/repro --source ../shared/data --phases calibrate,main,fig1
+# Session 2, in priority order:
+R="python bench/reproduce.py --out runs/repro --source ../shared/data"
+$R --phases main --selectors pharmacist
+$R --phases stress --selectors random,pharmacist
+$R --phases seeds --selectors random,pharmacist --seeds 1
+$R --phases bds --selectors random,pharmacist
+$R --phases defenses --selectors pharmacist --defenses repnoise
+$R --phases defenses --selectors pharmacist,random --defenses tvaccine,booster
+$R --phases seeds --selectors random,pharmacist --seeds 2
+$R --phases main --selectors full --defenses vaccine
+$R --phases defenses --selectors random --defenses repnoise
+$R --phases seeds --selectors random,pharmacist --seeds 3
+# Each reproduce.py call ends by writing results/repro/{report.md, stress/report.md, precision.md,
+# calibration.json, fig1.png} from every finished run; per-run numbers: results/repro/per_run/.
