@@ -11,7 +11,9 @@ Phases (each run is a folder under --out; a finished stage is skipped, so re-run
   seeds      Random+SFT and Pharmacist+SFT again with other seeds (a fresh random subset per seed);
   defenses   repnoise, tvaccine, booster on the Pharmacist, random and full alignment sets;
   bds        the fine-tuning-stage defense BDS on the Random+SFT and Pharmacist+SFT models.
-Then `evaluate.py report` gathers every run into results/repro/report.md and fig1.png.
+Every call ends with the tables: `evaluate.py report` gathers the runs at the calibrated attack into
+results/repro/report.md and fig1.png, the stress runs into results/repro/stress/report.md, with
+precision.md, calibration.json and per_run/ (`--phases report` runs nothing new: tables only).
 """
 import argparse
 import json
