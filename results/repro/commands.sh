@@ -13,7 +13,8 @@ $R --phases defenses --selectors pharmacist --defenses repnoise
 $R --phases defenses --selectors pharmacist,random --defenses tvaccine,booster
 $R --phases seeds --selectors random,pharmacist --seeds 2
 $R --phases main --selectors full --defenses vaccine
-$R --phases defenses --selectors random --defenses repnoise
 $R --phases seeds --selectors random,pharmacist --seeds 3
+# not run (time): Random+RepNoise (~25 min here), Full with RepNoise/T-Vaccine/Booster, SEAL and loss:
+# $R --phases defenses --selectors random,full ; $R --phases main --selectors seal,loss
 # Each reproduce.py call ends by writing results/repro/{report.md, stress/report.md, precision.md,
 # calibration.json, fig1.png} from every finished run; per-run numbers: results/repro/per_run/.
