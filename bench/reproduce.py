@@ -35,14 +35,13 @@ class RunFailed(RuntimeError):
 
 
 def sh(args: list[str], log: Path):
-    """Run one command, appending its output to log; stop the sweep if it fails."""
+    """Run one command, appending its output to log; RunFailed if it fails."""
     print("$", " ".join(args), flush=True)
     with open(log, "a") as f:
         f.write("$ " + " ".join(args) + "\n")
         f.flush()
         if subprocess.run(args, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode:
             raise RunFailed(f"failed: {' '.join(args)} (see {log})")
-
 
 
 def cut(selection_run: Path, k: int, out: Path):
@@ -166,25 +165,29 @@ def main():
         jobs += [("defenses", f"{selector}_{defense}_k{k_of(selector)}{tag}", selector, k_of(selector), defense)
                  for selector in ("pharmacist", "random", "full")]
     failed = []
+
+    def config(name, selection, *args, **kwargs):
+        """One configuration; a failure is reported at the end instead of stopping the sweep."""
+        try:
+            sweep.config(name, selection, *args, **kwargs)
+        except RunFailed as e:
+            print(e, flush=True)
+            failed.append(name)
     for phase, name, selector, k, defense in jobs:
         if phase in phases and selector in args.selectors.split(",") and defense in args.defenses.split(","):
-            try:
-                sweep.config(name, sel(selector), k, defense)
-            except RunFailed as e:
-                print(e, flush=True)
-                failed.append(name)
+            config(name, sel(selector), k, defense)
+    pair = [s for s in ("random", "pharmacist") if s in args.selectors.split(",")]  # baseline and ours
     if "seeds" in phases:  # the same configurations again with other alignment and attack seeds
         for seed in map(int, args.seeds.split(",")):
-            for selector in set(args.selectors.split(",")) & {"random", "pharmacist"}:
-                # a random subset is redrawn per seed; Pharmacist's (costly) ranking is kept
+            for selector in pair:  # a random subset is redrawn per seed; Pharmacist's costly ranking is kept
                 selection = sweep.select("random", args.keep, seed) if selector == "random" else sel(selector)
-                sweep.config(f"{selector}_sft_k{args.keep}{tag}_s{seed}", selection, args.keep, "sft",
-                             attack=["--finetune-seed", str(seed)], align=["--align-seed", str(seed)])
+                config(f"{selector}_sft_k{args.keep}{tag}_s{seed}", selection, args.keep, "sft",
+                       attack=["--finetune-seed", str(seed)], align=["--align-seed", str(seed)])
     if "bds" in phases:  # the fine-tuning-stage defense on top of the SFT-aligned models
-        for selector in set(args.selectors.split(",")) & {"random", "pharmacist"}:
+        for selector in pair:
             base = out / f"{selector}_sft_k{args.keep}{tag}"
-            sweep.config(f"{selector}_sft+bds_k{args.keep}{tag}", sel(selector), args.keep, "sft",
-                         attack=["--finetune-defense", "bds"], align_from=base)
+            config(f"{selector}_sft+bds_k{args.keep}{tag}", sel(selector), args.keep, "sft",
+                   attack=["--finetune-defense", "bds"], align_from=base)
     if "stress" in phases:
         data_p2 = out / "data_p0.2"
         if not (data_p2 / "manifest.json").exists():
@@ -192,10 +195,10 @@ def main():
         strong = {f"lr{4 * float(lr):g}": ["--finetune-lr", str(4 * float(lr))],
                   "epochs4": ["--finetune-epochs", "4"], "p0.2": []}
         for name, flags in strong.items():
-            for selector in set(args.selectors.split(",")) & {"random", "pharmacist"}:
+            for selector in pair:
                 base = out / f"{selector}_sft_k{args.keep}{tag}"
-                sweep.config(f"stress_{selector}_{name}", sel(selector), args.keep, "sft", attack=flags,
-                             data=data_p2 if name == "p0.2" else None, align_from=base)
+                config(f"stress_{selector}_{name}", sel(selector), args.keep, "sft", attack=flags,
+                       data=data_p2 if name == "p0.2" else None, align_from=base)
     results = ROOT / "results" / "repro"
     results.mkdir(parents=True, exist_ok=True)
     (results / "precision.md").write_text(precision_table(out, data, args.keep))
