@@ -166,10 +166,10 @@ def main():
                  for selector in ("pharmacist", "random", "full")]
     failed = []
 
-    def config(name, selection, *args, **kwargs):
+    def config(name, selection, *rest, **kwargs):
         """One configuration; a failure is reported at the end instead of stopping the sweep."""
         try:
-            sweep.config(name, selection, *args, **kwargs)
+            sweep.config(name, selection, *rest, **kwargs)
         except RunFailed as e:
             print(e, flush=True)
             failed.append(name)
