@@ -490,6 +490,10 @@ def plot_fig1(rows: list[dict], path: Path) -> None:
         print("matplotlib is not installed: no figure (pip install matplotlib)")
         return
     points = [r for r in rows if isinstance(r.get("n_align"), (int, float)) and r.get("harmful_score") is not None]
+    # the figure is about k: defenses that were run at several k, and single points (the full pool) with them
+    swept = {str(r.get("defense")) for r in points
+             if len({q["n_align"] for q in points if q.get("defense") == r.get("defense")}) > 1}
+    points = [r for r in points if str(r.get("defense")) in swept] if swept else points
     if not points:
         print("no run with n_align and harmful_score: no figure")
         return
