@@ -480,6 +480,18 @@ def report(runs, out, figure: bool = True) -> str:
     return text
 
 
+def fig1_points(rows: list[dict]) -> list[dict]:
+    """The rows Fig. 1 draws: it is about k, so only the defenses that one selector ran at several k
+    (the full pool's point beside them); all rows when no defense was run at several k."""
+    points = [r for r in rows if isinstance(r.get("n_align"), (int, float)) and r.get("harmful_score") is not None]
+    ks: dict[tuple, set] = {}
+    for r in points:
+        if r.get("selector") != "full":
+            ks.setdefault((str(r.get("defense")), r.get("selector")), set()).add(r["n_align"])
+    swept = {defense for (defense, _), k in ks.items() if len(k) > 1}
+    return [r for r in points if str(r.get("defense")) in swept] if swept else points
+
+
 def plot_fig1(rows: list[dict], path: Path) -> None:
     """Paper Fig. 1: harmful score and alignment time against the number of alignment samples."""
     try:
@@ -489,11 +501,7 @@ def plot_fig1(rows: list[dict], path: Path) -> None:
     except ImportError:
         print("matplotlib is not installed: no figure (pip install matplotlib)")
         return
-    points = [r for r in rows if isinstance(r.get("n_align"), (int, float)) and r.get("harmful_score") is not None]
-    # the figure is about k: defenses that were run at several k, and single points (the full pool) with them
-    swept = {str(r.get("defense")) for r in points
-             if len({q["n_align"] for q in points if q.get("defense") == r.get("defense")}) > 1}
-    points = [r for r in points if str(r.get("defense")) in swept] if swept else points
+    points = fig1_points(rows)
     if not points:
         print("no run with n_align and harmful_score: no figure")
         return

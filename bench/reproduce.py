@@ -130,7 +130,8 @@ def main():
         sh([PY, "data/prepare.py", "--source", args.source, "--out", str(data)], out / "sweep.log")
     align = ["--align-epochs", "2", "--align-bf16"]
     sweep = Sweep(out, data, align, ["--finetune-epochs", "2", "--finetune-bf16"])
-    phases = args.phases.split(",")
+    phases, selectors, defenses = (args.phases.split(","), args.selectors.split(","),
+                                   args.defenses.split(","))
     random_sel = sweep.select("random", args.keep)
     calibration = out / "calibration.json"
     if "calibrate" in phases and not calibration.exists():
@@ -175,12 +176,12 @@ def main():
             print(e, flush=True)
             failed.append(name)
     for phase, name, selector, k, defense in jobs:
-        if phase in phases and selector in args.selectors.split(",") and defense in args.defenses.split(","):
+        if phase in phases and selector in selectors and defense in defenses:
             config(name, sel(selector), k, defense)
-    pair = [s for s in ("random", "pharmacist") if s in args.selectors.split(",")]  # baseline and ours
+    pair = [s for s in ("random", "pharmacist") if s in selectors]  # baseline and ours
     if "seeds" in phases:  # the same configurations again with other alignment and attack seeds
         for seed in map(int, args.seeds.split(",")):
-            for defense in [d for d in ("sft", "vaccine") if d in args.defenses.split(",")]:
+            for defense in [d for d in ("sft", "vaccine") if d in defenses]:
                 for selector in pair:  # a random subset is redrawn per seed; Pharmacist's costly ranking is kept
                     selection = sweep.select("random", args.keep, seed) if selector == "random" else sel(selector)
                     config(f"{selector}_{defense}_k{args.keep}{tag}_s{seed}", selection, args.keep, defense,

@@ -7,6 +7,7 @@ cached load time, each as a ratio ours / theirs, and writes it to results/speed_
 """
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -25,17 +26,14 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def median(xs):
-    return sorted(xs)[len(xs) // 2]
-
-
 def row(name, work, ours, theirs):
     """(measure, ours, theirs, speed ratio, ratio range): speeds are work / median seconds (or the
     seconds when work is None), the ratio is theirs / ours median seconds, and the min-max of each
     round's ratio shows the noise."""
     ratios = [t / o for o, t in zip(ours, theirs)]
     shown = (lambda t: t) if work is None else (lambda t: work / t)
-    return (name, shown(median(ours)), shown(median(theirs)), median(theirs) / median(ours),
+    o, t = statistics.median(ours), statistics.median(theirs)
+    return (name, shown(o), shown(t), t / o,
             f"{min(ratios):.2f}-{max(ratios):.2f}" if len(ratios) > 1 else "-")
 
 

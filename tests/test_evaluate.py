@@ -221,6 +221,16 @@ def test_report_gathers_runs_and_draws_fig1(tmp_path):
     assert (tmp_path / "report" / "fig1.png").stat().st_size > 1000
 
 
+def test_fig1_draws_only_the_defenses_run_at_several_k():
+    """Fig. 1 is about k: a defense run once per selector (even beside the full pool) stays out."""
+    def r(selector, defense, k):
+        return dict(selector=selector, defense=defense, n_align=k, harmful_score=10.0)
+    swept = [r("random", "sft", 40), r("random", "sft", 160), r("pharmacist", "sft", 160), r("full", "sft", 400)]
+    single = [r("random", "vaccine", 160), r("full", "vaccine", 400), r("pharmacist", "repnoise", 160)]
+    assert E.fig1_points(swept + single + [r("random", "sft", None)]) == swept
+    assert E.fig1_points(single) == single  # nothing swept: every point
+
+
 def test_report_cli(tmp_path, capsys):
     run = fake_run(tmp_path, "r", "random", 24, 30.0, 50.0)
     E.main(["report", str(run), "--out", str(tmp_path / "rep"), "--no-figure"])
