@@ -87,7 +87,7 @@ class Context:
 
 def losses(model, batch) -> torch.Tensor:
     """Per-sample loss (B,) on the response tokens (right padding needs no attention mask)."""
-    return sample_losses(model(batch["input_ids"]), batch["labels"])
+    return sample_losses(model.hidden(batch["input_ids"]), batch["labels"], model.head)
 
 
 def grads(loss, params) -> list[torch.Tensor]:
@@ -212,11 +212,10 @@ def repnoise_step(ctx: Context, batch):
     mlp_out, layer_out = {}, {}
     with hooks([layer.mlp for layer in model.layers], lambda i, out: mlp_out.__setitem__(i, out)), \
             hooks(model.layers, lambda i, out: layer_out.__setitem__(i, out)):
-        logits = model(harmful["input_ids"])
-    lens = lambda h: sample_losses(model.head(h), labels).mean()
-    # each lens's (B, T, vocab) logits are recomputed in backward instead of kept: memory of one
-    lens_losses = [checkpoint(lens, layer_out[i], use_reentrant=False) for i in range(n - 1)]
-    harmful_loss = torch.stack(lens_losses + [sample_losses(logits, labels).mean()]).mean()
+        model.hidden(harmful["input_ids"])
+    lens = lambda h: sample_losses(h, labels, model.head).mean()  # the head at the answer positions only
+    # each lens's (N, vocab) logits are recomputed in backward instead of kept: memory of one
+    harmful_loss = torch.stack([checkpoint(lens, layer_out[i], use_reentrant=False) for i in range(n)]).mean()
     answer = (labels != IGNORE)[..., None].float()
     noise_mmd = torch.stack([mmd((mlp_out[i].float() * answer).flatten(1),
                                  (torch.randn_like(mlp_out[i], dtype=torch.float32) * answer).flatten(1))
@@ -345,8 +344,8 @@ def pooled(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 @contextlib.contextmanager
 def final_hidden(model, into: dict):
-    """Keep the final-norm output of the next forward (detached) in into["h"]."""
-    with hooks([model.norm], lambda _, out: into.__setitem__("h", out.detach())):
+    """Keep the final-norm output (B, T, hidden) of the next forward, detached, in into["h"]."""
+    with hooks(model.layers[-1:], lambda _, out: into.__setitem__("h", model.norm(out.detach()))):
         yield
 
 

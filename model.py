@@ -227,9 +227,15 @@ class Transformer(nn.Module):
         return self.lm_head(h)
 
     def forward(self, input_ids, attention_mask=None, start: int = 0):
-        """Logits (B, T, vocab). `attention_mask` (B, S) marks real tokens among the S = start + T
-        positions seen so far (left padding in generation); None means causal, no padding
-        (training pads on the right, where padded positions are never attended by real ones)."""
+        """Logits (B, T, vocab): the head over `hidden`, at every position."""
+        return self.head(self.hidden(input_ids, attention_mask, start))
+
+    def hidden(self, input_ids, attention_mask=None, start: int = 0):
+        """The last block's output (B, T, hidden), before the final norm: `head` makes logits of it
+        where they are needed (the loss's positions, a prompt's last token), not at every position.
+        `attention_mask` (B, S) marks real tokens among the S = start + T positions seen so far
+        (left padding in generation); None means causal, no padding (training pads on the right,
+        where padded positions are never attended by real ones)."""
         B, T = input_ids.shape
         x = self.embed_tokens(input_ids)
         dev = input_ids.device
@@ -247,7 +253,7 @@ class Transformer(nn.Module):
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
         for layer in self.layers:
             x = layer(x, cos, sin, mask, start)
-        return self.head(x)
+        return x
 
     def setup_cache(self, batch: int, max_len: int):
         p = self.embed_tokens.weight
@@ -659,7 +665,7 @@ def generate_ids(model: Transformer, prompts: list[list[int]], max_new_tokens: i
         mask[i, L - len(p):L] = True
     model.setup_cache(B, L + max_new_tokens)
     try:
-        logits = model(ids, mask[:, :L])[:, -1]
+        logits = model.head(model.hidden(ids, mask[:, :L])[:, -1])  # the prompt's last token only
         out = torch.empty(B, 0, dtype=torch.long, device=dev)
         done = torch.zeros(B, dtype=torch.bool, device=dev)
         for t in range(max_new_tokens):

@@ -182,7 +182,7 @@ class Meter:
         self.tokens += int(batch["attention_mask"].sum())
         cast = contextlib.nullcontext() if exact else M.autocast(batch["input_ids"].device)
         with torch.set_grad_enabled(grad), cast:
-            return sample_losses(model(batch["input_ids"]), batch["labels"])
+            return sample_losses(model.hidden(batch["input_ids"]), batch["labels"], model.head)
 
     def grad(self, loss, params) -> list[torch.Tensor]:
         self.backward += 1

@@ -2,8 +2,11 @@
 
     python bench/speed.py [--model smollm2-135m-instruct] [--batch 8] [--seq 128] [--bf16]
 
-Prints a markdown table of LoRA training tokens/s, batched greedy generation tokens/s and the
-cached load time, each as a ratio ours / theirs, and writes it to results/speed_<device>.json.
+Prints a markdown table of LoRA training tokens/s (random ids labelled at every token, and an
+alignment batch whose prompt and padding carry no label), batched greedy generation tokens/s and
+the cached load time, each as a ratio ours / theirs, and writes results/speed_<device>.{json,md}.
+Each side computes its loss its own way: ours runs the LM head only where a label is predicted,
+transformers + peft at every position.
 """
 import argparse
 import json
@@ -14,9 +17,13 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 import default_weights  # noqa: E402
+import defenses as D  # noqa: E402
 import model as M  # noqa: E402
+from data.batches import collate, encode_samples  # noqa: E402
+from data.samples import load_jsonl  # noqa: E402
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -53,16 +60,22 @@ def timed(fns, device, repeats):
     return times
 
 
-def train_step(model, ids, labels, opt, device, bf16, logits_of):
+def train_step(loss_of, opt, device, bf16):
     def step():
         with M.autocast(device, bf16):
-            logits = logits_of(model(ids))
-            loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
-                                                     labels[:, 1:].flatten())
+            loss = loss_of()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
     return step
+
+
+def training_batch(tok, batch: int, seq: int, device):
+    """`batch` rows of the embedded alignment pool as the training loop sees them: prompt and
+    right padding unlabelled (-100), the loss on the response only."""
+    rows = load_jsonl(ROOT / "data" / "default" / "pool.jsonl")[:batch]
+    b = collate(encode_samples(rows, tok, seq), tok.pad_id)
+    return b["input_ids"].to(device), b["labels"].to(device)
 
 
 def main():
@@ -99,11 +112,16 @@ def main():
     ours.train(), theirs.train()
     opt_o = torch.optim.AdamW([q for q in ours.parameters() if q.requires_grad], lr=1e-4)
     opt_t = torch.optim.AdamW([q for q in theirs.parameters() if q.requires_grad], lr=1e-4)
-    tokens = args.batch * args.seq
-    s_o, s_t = timed([train_step(ours, ids, ids, opt_o, device, args.bf16, lambda x: x),
-                      train_step(theirs, ids, ids, opt_t, device, args.bf16, lambda x: x.logits)],
-                     device, args.repeats)
-    rows.append(row("LoRA train step (tok/s)", tokens, s_o, s_t))
+    # ours: the training loop's own loss (defenses.losses); theirs: transformers' loss from labels
+    for name, (x, y) in {"every token labelled": (ids, ids),
+                         "alignment batch": training_batch(tok, args.batch, args.seq, device)}.items():
+        s_o, s_t = timed([train_step(lambda: D.losses(ours, {"input_ids": x, "labels": y}).mean(), opt_o,
+                                     device, args.bf16),
+                          train_step(lambda: theirs(input_ids=x, labels=y).loss, opt_t, device, args.bf16)],
+                         device, args.repeats)
+        labelled = int((y[:, 1:] != -100).sum())
+        rows.append(row(f"LoRA train step, {name} {tuple(x.shape)}, {labelled} labels (tok/s)", x.numel(),
+                        s_o, s_t))
 
     M.merge_lora(ours)
     theirs = theirs.merge_and_unload()
@@ -140,7 +158,7 @@ def main():
         lines.append(f"\npeak CUDA memory (both models loaded): {torch.cuda.max_memory_allocated() / 2**20:.0f} MB")
     text = "\n".join(lines) + "\n"
     print("\n" + text)
-    out = Path(__file__).resolve().parents[1] / "results" / f"speed_{name}"
+    out = ROOT / "results" / f"speed_{name}"
     out.parent.mkdir(exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
     out.with_suffix(".md").write_text(text + f"\ncommand: python bench/speed.py {' '.join(sys.argv[1:])}\n")

@@ -3,8 +3,8 @@
     examples = encode_samples(samples, tokenizer, max_len=256)
     batches = Batches(examples, batch_size=8, pad_id=tokenizer.pad_id, seed=0)
     for step, batch in enumerate(batches.epoch(e)):     # a resumed run skips the first steps
-        logits = model(batch["input_ids"])
-        losses = sample_losses(logits, batch["labels"])  # (B,), weighted by Pharmacist and BDS
+        h = model.hidden(batch["input_ids"])
+        losses = sample_losses(h, batch["labels"], model.head)  # (B,), weighted by Pharmacist and BDS
 
 The tokenizer (model.py) formats a sample with the model's prompt format and returns the ids and
 how many of them belong to the prompt. Loss is taken on the response and its end-of-sequence
@@ -119,16 +119,23 @@ class Batches:
         return iter(self.epoch(0))
 
 
-def sample_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-sample loss (B,): token mean of the cross entropy over the response tokens, in float32.
+def sample_losses(h: torch.Tensor, labels: torch.Tensor, head=None) -> torch.Tensor:
+    """Per-sample loss (B,): token mean of the cross entropy over the response tokens, in float32
+    (float64 for a float64 model).
 
-    Logits at position t predict the label at t + 1. A row without response tokens gets 0.
+    `h` are logits (B, T, vocab), or hidden states with `head` their output head: the head then
+    runs only where a response token is predicted, so prompt and padding positions never reach the
+    vocabulary-wide matmul. Position t predicts the label at t + 1. A row without response tokens
+    gets 0.
     """
-    logits, targets = logits[:, :-1].float(), labels[:, 1:]
-    token_loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
-                                 ignore_index=IGNORE, reduction="none").view(targets.shape)
-    n_tokens = (targets != IGNORE).sum(dim=1)
-    return token_loss.sum(dim=1) / n_tokens.clamp(min=1)
+    targets = labels[:, 1:]
+    keep = targets != IGNORE  # (B, T-1)
+    h = h[:, :-1][keep]  # (N, D): the positions that predict a response token
+    logits = h if head is None else head(h)
+    token_loss = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets[keep],
+                                 reduction="none")
+    total = token_loss.new_zeros(len(labels)).index_add(0, keep.nonzero()[:, 0], token_loss)
+    return total / keep.sum(dim=1).clamp(min=1)
 
 
 def mean_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -380,6 +380,22 @@ def test_sample_losses_match_a_hand_loop():
     assert sample_losses(logits.bfloat16(), labels).dtype == torch.float32
 
 
+def test_sample_losses_run_the_head_only_where_a_response_token_is_predicted():
+    """From hidden states and a head: the same losses and gradients as from the full logits, with
+    the head applied to the response-predicting positions alone (7 of the 15 here)."""
+    torch.manual_seed(0)
+    h = torch.randn(3, 6, 4, requires_grad=True)
+    head = torch.nn.Linear(4, 11)
+    labels = torch.tensor([[-100, -100, 4, 5, 1, -100], [-100, -100, 3, 3, 3, 1], [-100] * 6])
+    rows_seen = []
+    losses = sample_losses(h, labels, lambda x: rows_seen.append(len(x)) or head(x))
+    full = sample_losses(head(h), labels)
+    assert rows_seen == [7] and torch.allclose(losses, full, atol=1e-6) and losses[2] == 0
+    for a, b in zip(torch.autograd.grad(losses.sum(), [h, head.weight]),
+                    torch.autograd.grad(full.sum(), [h, head.weight])):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
 def test_real_tokenizer_masks_exactly_the_prompt(tokenizer):
     row = sample(0, prompt="How do I bake bread?", response="Sure, here is how.", input="x")
     [e] = encode_samples([row], tokenizer, max_len=256)
