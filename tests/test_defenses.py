@@ -217,6 +217,18 @@ def test_bds_lowers_the_weight_of_rows_that_stay_hard(amortized, lr):
     assert w[:4].min() > 1.0 > 0.2 > w[4:].max(), w
 
 
+def test_final_hidden_is_the_final_norm_output_at_every_position():
+    """BDS's scorer reads the final-norm hidden state of every token, though the loss runs the
+    head only at the response positions."""
+    model, feats = lora_model(), {}
+    with torch.no_grad(), D.final_hidden(model, feats):
+        D.losses(model, HARMFUL)
+    with torch.no_grad():
+        expected = model.norm(model.hidden(HARMFUL["input_ids"]))
+    assert feats["h"].shape == HARMFUL["input_ids"].shape + (model.config.hidden_size,)
+    torch.testing.assert_close(feats["h"], expected)
+
+
 def pooled_features(model, batch):
     feats = {}
     with torch.no_grad(), D.final_hidden(model, feats):
