@@ -14,7 +14,13 @@ $R --phases defenses --selectors pharmacist,random --defenses tvaccine,booster
 $R --phases seeds --selectors random,pharmacist --seeds 2
 $R --phases main --selectors full --defenses vaccine
 $R --phases seeds --selectors random,pharmacist --seeds 3
-# not run (time): Random+RepNoise (~25 min here), Full with RepNoise/T-Vaccine/Booster, SEAL and loss:
-# $R --phases defenses --selectors random,full ; $R --phases main --selectors seal,loss
+# Session 3, in this order, from a git worktree at cd3af1d (sessions 1-2 ran 26cda4f and before:
+# session 3's runs add the bf16 LoRA-sum fix, not yet the response-only LM head of 8c30d08):
+$R --phases defenses --selectors random --defenses repnoise
+$R --phases main --selectors seal,loss --defenses sft
+$R --phases defenses --selectors full --defenses tvaccine
+$R --phases seeds --selectors random,pharmacist --seeds 1 --defenses vaccine
+$R --phases defenses --selectors full --defenses booster
+$R --phases defenses --selectors full --defenses repnoise   # ~1 h here: resumes from its checkpoint
 # Each reproduce.py call ends by writing results/repro/{report.md, stress/report.md, precision.md,
 # calibration.json, fig1.png} from every finished run; per-run numbers: results/repro/per_run/.
