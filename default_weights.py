@@ -52,7 +52,9 @@ def resolve(name: str) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{name}.tmp."))
     try:
         convert_gguf(gguf_path, tmp)
-        tmp.chmod(0o755)  # mkdtemp makes it private to us; the cache is an ordinary folder
+        tmp.chmod(0o755)  # mkdtemp and safetensors make it private to us; the cache is an ordinary folder
+        for f in tmp.iterdir():
+            f.chmod(0o644)
         try:
             os.replace(tmp, out)  # atomic: the folder appears complete or not at all
         except OSError:  # another process finished first: keep its folder

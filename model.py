@@ -404,6 +404,10 @@ def atomic_dir(out: Path):
 
 
 def replace_dir(tmp: Path, out: Path):
+    """Put the finished `tmp` in place of `out`, readable like any folder (mkdtemp makes it private)."""
+    tmp.chmod(0o755)
+    for f in tmp.iterdir():
+        f.chmod(0o644)
     if out.exists():
         old = out.with_name(f".{out.name}.old.{os.getpid()}")
         out.rename(old)

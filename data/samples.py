@@ -137,6 +137,7 @@ def write_text_atomic(text: str, path: Path) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
             f.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp makes the file private to us
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

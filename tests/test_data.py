@@ -48,6 +48,7 @@ def test_save_then_load_round_trips(tmp_path):
     save_jsonl(rows, tmp_path / "a.jsonl")
     assert load_jsonl(tmp_path / "a.jsonl") == rows
     assert [p.name for p in tmp_path.iterdir()] == ["a.jsonl"]  # no temporary file left behind
+    assert (tmp_path / "a.jsonl").stat().st_mode & 0o777 == 0o644  # readable like any file, not 0600
 
 
 GOOD = '{"id": "a", "prompt": "p", "response": "r"}'

@@ -156,6 +156,8 @@ def test_lora_round_trip_with_peft(tmp_path, tiny_dir):
             lora.lora_B.weight.normal_(0, 0.1)
         ours = m(IDS)
     M.save_lora(m, tmp_path / "adapter")
+    modes = {f.name: f.stat().st_mode & 0o777 for f in [tmp_path / "adapter", *(tmp_path / "adapter").iterdir()]}
+    assert modes == {"adapter": 0o755, "adapter_config.json": 0o644, "adapter_model.safetensors": 0o644}
     ref = transformers.AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
     ref = peft.PeftModel.from_pretrained(ref, tmp_path / "adapter").eval()
     with torch.no_grad():
