@@ -8,8 +8,8 @@ Phases (each run is a folder under --out; a finished stage is skipped, so re-run
   main       selectors full, random, pharmacist, seal, loss (same k) x defenses sft, vaccine;
   fig1       random vs pharmacist with SFT at several k (paper Fig. 1);
   stress     stronger attacks (lr x epochs x p) on the Random+SFT and Pharmacist+SFT models;
-  seeds      Random and Pharmacist with SFT and Vaccine again with other seeds (a fresh random subset
-             per seed; --defenses picks which);
+  seeds      random, pharmacist, seal, loss with SFT and Vaccine again with other alignment and attack
+             seeds (a fresh random subset per seed; --selectors and --defenses pick which);
   defenses   repnoise, tvaccine, booster on the Pharmacist, random and full alignment sets;
   bds        the fine-tuning-stage defense BDS on the Random+SFT and Pharmacist+SFT models.
 Every call ends with the tables: `evaluate.py report` gathers the runs at the calibrated attack into
@@ -182,7 +182,8 @@ def main():
     if "seeds" in phases:  # the same configurations again with other alignment and attack seeds
         for seed in map(int, args.seeds.split(",")):
             for defense in [d for d in ("sft", "vaccine") if d in defenses]:
-                for selector in pair:  # a random subset is redrawn per seed; Pharmacist's costly ranking is kept
+                for selector in [s for s in ("random", "pharmacist", "seal", "loss") if s in selectors]:
+                    # a random subset is redrawn per seed; a selector's (costly) ranking is kept
                     selection = sweep.select("random", args.keep, seed) if selector == "random" else sel(selector)
                     config(f"{selector}_{defense}_k{args.keep}{tag}_s{seed}", selection, args.keep, defense,
                            attack=["--finetune-seed", str(seed)], align=["--align-seed", str(seed)])
