@@ -95,13 +95,16 @@ def precision_table(out: Path, data: Path, k: int) -> str:
     for run in sorted(out.glob("select_*")):
         if not (run / "select" / "summary.json").exists():
             continue
+        summary = json.loads((run / "select" / "summary.json").read_text())
+        if summary["kept"] >= len(kind):  # `full`: no ranking to judge
+            continue
         rows = [json.loads(x) for x in (run / "select" / "selection.jsonl").read_text().splitlines()]
         top = [kind[r["id"]] for r in rows if r["rank"] < k]
         counts = {c: top.count(c) for c in sorted(set(kind.values()))}
-        seconds = json.loads((run / "select" / "summary.json").read_text())["select_time_s"]
         lines.append(f"| {run.name.removeprefix('select_')} | {counts.get('refusal', 0) / k:.3f} | "
-                     f"{', '.join(f'{c} {n}' for c, n in counts.items())} | {seconds:.0f} |")
-    return "\n".join(lines) + f"\n\nchance (share of clean refusals in the pool): {chance:.3f}\n"
+                     f"{', '.join(f'{c} {n}' for c, n in counts.items())} | {summary['select_time_s']:.0f} |")
+    return "\n".join(lines) + (f"\n\nchance (share of clean refusals in the pool): {chance:.3f}; `full` keeps all "
+                               f"{len(kind)} rows\n")
 
 
 def harmful_score(run: Path) -> float:
