@@ -15,12 +15,16 @@ $R --phases seeds --selectors random,pharmacist --seeds 2
 $R --phases main --selectors full --defenses vaccine
 $R --phases seeds --selectors random,pharmacist --seeds 3
 # Session 3, in this order, from a git worktree at cd3af1d (sessions 1-2 ran 26cda4f and before:
-# session 3's runs add the bf16 LoRA-sum fix, not yet the response-only LM head of 8c30d08):
+# session 3's runs add the bf16 LoRA-sum fix, not yet the response-only LM head of 8c30d08;
+# bench/reproduce.py itself was taken from main from the seal/loss seeds on, for that phase):
 $R --phases defenses --selectors random --defenses repnoise
 $R --phases main --selectors seal,loss --defenses sft
 $R --phases defenses --selectors full --defenses tvaccine
+$R --phases seeds --selectors loss,seal --seeds 1 --defenses sft
 $R --phases seeds --selectors random,pharmacist --seeds 1 --defenses vaccine
-$R --phases defenses --selectors full --defenses booster
-$R --phases defenses --selectors full --defenses repnoise   # ~1 h here: resumes from its checkpoint
+$R --phases seeds --selectors loss,seal --seeds 2 --defenses sft
+$R --phases seeds --selectors random,pharmacist --seeds 2 --defenses vaccine
+# not run (time): the full pool with RepNoise (~1 h here) and Booster (~20 min):
+# $R --phases defenses --selectors full --defenses repnoise,booster
 # Each reproduce.py call ends by writing results/repro/{report.md, stress/report.md, precision.md,
 # calibration.json, fig1.png} from every finished run; per-run numbers: results/repro/per_run/.
