@@ -25,7 +25,8 @@ $R --phases seeds --selectors random,pharmacist --seeds 1 --defenses vaccine
 $R --phases seeds --selectors loss,seal --seeds 2 --defenses sft
 $R --phases seeds --selectors random,pharmacist --seeds 2 --defenses vaccine
 $R --phases seeds --selectors loss,seal --seeds 3 --defenses sft
-# not run (time): the full pool with RepNoise (~1 h here) and Booster (~20 min):
-# $R --phases defenses --selectors full --defenses repnoise,booster
+$R --phases defenses --selectors full --defenses booster
+# not run (time): the full pool with RepNoise (~1 h here):
+# $R --phases defenses --selectors full --defenses repnoise
 # Each reproduce.py call ends by writing results/repro/{report.md, stress/report.md, precision.md,
 # calibration.json, fig1.png} from every finished run; per-run numbers: results/repro/per_run/.
