@@ -164,7 +164,7 @@ def main():
     for k in map(int, args.ks.split(",")):
         jobs += [("fig1", f"{selector}_sft_k{k}{tag}", selector, k, "sft") for selector in ("random", "pharmacist")]
     jobs += [("main", f"{selector}_vaccine_k{k_of(selector)}{tag}", selector, k_of(selector), "vaccine")
-             for selector in ("random", "pharmacist", "full")]
+             for selector in ("random", "pharmacist", "full", "seal", "loss")]
     jobs += [("main", f"{selector}_sft_k{args.keep}{tag}", selector, args.keep, "sft") for selector in ("seal", "loss")]
     for defense in ("repnoise", "tvaccine", "booster"):
         jobs += [("defenses", f"{selector}_{defense}_k{k_of(selector)}{tag}", selector, k_of(selector), defense)

@@ -26,7 +26,8 @@ $R --phases seeds --selectors loss,seal --seeds 2 --defenses sft
 $R --phases seeds --selectors random,pharmacist --seeds 2 --defenses vaccine
 $R --phases seeds --selectors loss,seal --seeds 3 --defenses sft
 $R --phases defenses --selectors full --defenses booster
-# not run (time): the full pool with RepNoise (~1 h here):
+# not run (time): SEAL and loss with Vaccine (~10 min each; the main phase queues them from this commit on), the full pool with RepNoise (~1 h):
+# $R --phases main --selectors seal,loss --defenses vaccine
 # $R --phases defenses --selectors full --defenses repnoise
 # Each reproduce.py call ends by writing results/repro/{report.md, stress/report.md, precision.md,
 # calibration.json, fig1.png} from every finished run; per-run numbers: results/repro/per_run/.
