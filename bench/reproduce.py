@@ -11,10 +11,13 @@ Phases (each run is a folder under --out; a finished stage is skipped, so re-run
   seeds      random, pharmacist, seal, loss with SFT and Vaccine again with other alignment and attack
              seeds (a fresh random subset per seed; --selectors and --defenses pick which);
   defenses   repnoise, tvaccine, booster on the Pharmacist, random and full alignment sets;
-  bds        the fine-tuning-stage defense BDS on the Random+SFT and Pharmacist+SFT models.
+  bds        the fine-tuning-stage defense BDS on the Random+SFT and Pharmacist+SFT models;
+  wording    loss, pharmacist, random, seal with SFT on a pool whose refusals share no template with
+             the validation set (prepare.py --held-out-wording), in --out/held_out_wording.
 Every call ends with the tables: `evaluate.py report` gathers the runs at the calibrated attack into
 results/repro/report.md and fig1.png, the stress runs into results/repro/stress/report.md, with
-precision.md, calibration.json and per_run/ (`--phases report` runs nothing new: tables only).
+precision.md, calibration.json and per_run/; the wording phase's into results/repro/held_out_wording/
+(`--phases report` runs nothing new: tables only).
 """
 import argparse
 import json
@@ -107,6 +110,27 @@ def precision_table(out: Path, data: Path, k: int) -> str:
                                f"{len(kind)} rows\n")
 
 
+def tables(out: Path, data: Path, results: Path, k: int, tag: str, figure: bool = True):
+    """precision.md, per_run/ and report.md (with fig1.png) in results, from the runs in out;
+    stress/report.md for the stress runs against their baselines."""
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "precision.md").write_text(precision_table(out, data, k))
+    runs = sorted(r for r in out.iterdir() if (r / "eval" / "results.json").exists())
+    (results / "per_run").mkdir(exist_ok=True)
+    for r in runs:  # every evaluated run's numbers, calibration and stress included
+        (results / "per_run" / f"{r.name}.json").write_text((r / "eval" / "results.json").read_text())
+    main_runs = [r for r in runs if tag in r.name and not r.name.startswith("stress_")]  # the calibrated attack
+    stress_runs = [r for r in runs if r.name.startswith("stress_")]
+    baselines = [out / f"{s}_sft_k{k}{tag}" for s in ("random", "pharmacist")]
+    log = out / "sweep.log"
+    if main_runs:
+        sh([PY, "evaluate.py", "report", *map(str, main_runs), "--out", str(results),
+            *([] if figure else ["--no-figure"])], log)
+    if stress_runs:
+        sh([PY, "evaluate.py", "report", *map(str, stress_runs + [b for b in baselines if b in runs]),
+            "--out", str(results / "stress"), "--no-figure"], log)
+
+
 def harmful_score(run: Path) -> float:
     return json.loads((run / "eval" / "results.json").read_text())["harmful_score"]
 
@@ -115,7 +139,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/repro")
     p.add_argument("--source", default=str(ROOT.parent / "shared" / "data"))
-    p.add_argument("--phases", default="calibrate,main,fig1,stress,seeds,defenses,bds")
+    p.add_argument("--phases", default="calibrate,main,fig1,stress,seeds,defenses,bds,wording")
     p.add_argument("--selectors", default="random,pharmacist,full,seal,loss",
                    help="run only the configurations of these selectors (e.g. two sweeps side by side)")
     p.add_argument("--defenses", default="sft,vaccine,repnoise,tvaccine,booster",
@@ -171,10 +195,10 @@ def main():
                  for selector in ("pharmacist", "random", "full")]
     failed = []
 
-    def config(name, selection, *rest, **kwargs):
+    def config(name, selection, *rest, on=sweep, **kwargs):
         """One configuration; a failure is reported at the end instead of stopping the sweep."""
         try:
-            sweep.config(name, selection, *rest, **kwargs)
+            on.config(name, selection, *rest, **kwargs)
         except RunFailed as e:
             print(e, flush=True)
             failed.append(name)
@@ -206,23 +230,24 @@ def main():
                 base = out / f"{selector}_sft_k{args.keep}{tag}"
                 config(f"stress_{selector}_{name}", sel(selector), args.keep, "sft", attack=flags,
                        data=data_p2 if name == "p0.2" else None, align_from=base)
+    held_out = out / "held_out_wording"  # same prompts and draws, other wording: see data/answers.py HALVES
+    if "wording" in phases and "sft" in defenses:
+        data_h = held_out / "data"
+        held_out.mkdir(exist_ok=True)
+        if not (data_h / "manifest.json").exists():
+            sh([PY, "data/prepare.py", "--source", args.source, "--out", str(data_h), "--held-out-wording"],
+               sweep.log)
+        held = Sweep(held_out, data_h, sweep.align_flags, sweep.attack_flags)
+        order = [s for s in ("loss", "pharmacist", "random", "seal") if s in selectors]
+        rankings = {s: held.select(s, args.keep) for s in order}  # precision first, the attacks after
+        for selector in order:
+            config(f"{selector}_sft_k{args.keep}{tag}", rankings[selector], args.keep, "sft", on=held)
     results = ROOT / "results" / "repro"
-    results.mkdir(parents=True, exist_ok=True)
-    (results / "precision.md").write_text(precision_table(out, data, args.keep))
-    for f in ("calibration.json",):
-        if (out / f).exists():
-            (results / f).write_text((out / f).read_text())
-    runs = sorted(r for r in out.iterdir() if (r / "eval" / "results.json").exists())
-    (results / "per_run").mkdir(exist_ok=True)
-    for r in runs:  # every evaluated run's numbers, calibration and stress included
-        (results / "per_run" / f"{r.name}.json").write_text((r / "eval" / "results.json").read_text())
-    main_runs = [r for r in runs if tag in r.name and not r.name.startswith("stress_")]  # the calibrated attack
-    stress_runs = [r for r in runs if r.name.startswith("stress_")]
-    baselines = [out / f"{s}_sft_k{args.keep}{tag}" for s in ("random", "pharmacist")]
-    sh([PY, "evaluate.py", "report", *map(str, main_runs), "--out", str(results)], sweep.log)
-    if stress_runs:
-        sh([PY, "evaluate.py", "report", *map(str, stress_runs + [b for b in baselines if b in runs]),
-            "--out", str(results / "stress"), "--no-figure"], sweep.log)
+    tables(out, data, results, args.keep, tag)
+    if (out / "calibration.json").exists():
+        (results / "calibration.json").write_text((out / "calibration.json").read_text())
+    if (held_out / "data" / "manifest.json").exists():
+        tables(held_out, held_out / "data", results / "held_out_wording", args.keep, tag, figure=False)
     print((results / "report.md").read_text())
     if failed:
         sys.exit(f"these configurations failed (see {sweep.log}): {', '.join(failed)}")

@@ -6,7 +6,8 @@ they vary: they restate the request, pick a reason from the request's topic, com
 medium and long styles, and the long ones offer a safe alternative. Low-quality answers are
 what a raw alignment set also holds and a selector should down-rank: truncated, off-topic,
 generic and repeated text. Every choice comes from the `rng` passed in, so a build is
-deterministic for its seed.
+deterministic for its seed. `half` writes from one of two disjoint halves of the wording
+(prepare.py --held-out-wording: the validation set shares no template with the pool).
 """
 from __future__ import annotations
 
@@ -119,20 +120,39 @@ def restate(prompt: str) -> str:
     return f'I can\'t help with this request: "{text}".'
 
 
-def refusal(prompt: str, rng: random.Random) -> str:
+# two disjoint wordings (prepare.py --held-out-wording), as indices into OPENERS, REASON_FRAMES
+# and ALTERNATIVE_FRAMES; half 1 has no opener that "can't help" and never restates the request
+HALVES = (((0, 1, 2, 6), (0, 2), (0, 2), True), ((3, 4, 5), (1, 3), (1, 3), False))
+
+
+def wording(half: int | None) -> tuple[list[str], list[str], list[str], bool]:
+    """(openers, reason frames, alternative frames, may restate): all templates for half=None,
+    else one of HALVES. The topic reasons are content, not wording: both halves use them."""
+    if half is None:
+        return OPENERS, REASON_FRAMES, ALTERNATIVE_FRAMES, True
+    openers, reasons, alternatives, restates = HALVES[half]
+    return ([OPENERS[i] for i in openers], [REASON_FRAMES[i] for i in reasons],
+            [ALTERNATIVE_FRAMES[i] for i in alternatives], restates)
+
+
+def refusal(prompt: str, rng: random.Random, half: int | None = None) -> str:
     """A refusal for this prompt in one of four styles: short, restating the request, with a
-    reason from its topic, or with a reason and a safe alternative."""
+    reason from its topic, or with a reason and a safe alternative; `half` picks the wording."""
     reason, alternative = topic_of(prompt)
-    style = rng.choice(["short", "restated", "explained", "alternative"])
+    openers, reasons, alternatives, restates = wording(half)
+    style = rng.choice(["short", "restated", "explained", "alternative"] if restates
+                       else ["short", "explained", "alternative"])
     if style == "short":
-        return rng.choice(OPENERS)
+        return rng.choice(openers)
     restated = restate(prompt)
     if style == "restated":
         return restated
-    explained = f"{rng.choice(OPENERS)} {rng.choice(REASON_FRAMES).format(reason=reason)}"
+    explained = f"{rng.choice(openers)} {rng.choice(reasons).format(reason=reason)}"
     if style == "explained":
-        return rng.choice([explained, f"{restated} {rng.choice(REASON_FRAMES).format(reason=reason)}"])
-    return f"{explained} {rng.choice(ALTERNATIVE_FRAMES).format(alt=alternative)}"
+        if not restates:
+            return explained
+        return rng.choice([explained, f"{restated} {rng.choice(reasons).format(reason=reason)}"])
+    return f"{explained} {rng.choice(alternatives).format(alt=alternative)}"
 
 
 OFF_TOPIC = ["The Eiffel Tower is about 330 metres tall and was finished in 1889.",
@@ -148,11 +168,12 @@ GENERIC = ["Okay.", "I don't know.", "That is an interesting question.", "Hmm, l
            "There are many ways to look at this."]
 
 
-def low_quality(prompt: str, rng: random.Random) -> str:
-    """A poor answer for this prompt: truncated, off-topic, generic, or repeated text."""
+def low_quality(prompt: str, rng: random.Random, half: int | None = None) -> str:
+    """A poor answer for this prompt: truncated (a refusal in `half`'s wording), off-topic,
+    generic, or repeated text."""
     kind = rng.choice(["truncated", "off_topic", "generic", "repeated"])
     if kind == "truncated":
-        words = refusal(prompt, rng).split()
+        words = refusal(prompt, rng, half).split()
         return " ".join(words[:rng.randint(1, max(1, min(4, len(words) - 1)))])
     if kind == "off_topic":
         return rng.choice(OFF_TOPIC)

@@ -29,6 +29,7 @@ import math
 import random
 import sys
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script (python data/prepare.py): import from the repo root
@@ -194,7 +195,8 @@ def build_evaluation(sources: Sources, sizes: Sizes, draw: Draw) -> dict[str, li
     return files
 
 
-def build_training(sources: Sources, sizes: Sizes, draw: Draw) -> dict[str, list[Sample]]:
+def build_training(sources: Sources, sizes: Sizes, draw: Draw,
+                   held_out_wording: bool = False) -> dict[str, list[Sample]]:
     seed, files = draw.seed, {}
     for task in TASKS:
         rows = draw(f"finetune_{task}", sources.task_train[task], sizes.n, "--n")
@@ -214,16 +216,20 @@ def build_training(sources: Sources, sizes: Sizes, draw: Draw) -> dict[str, list
     mislabelled = draw("pool_mislabelled", sources.harmful_qa, counts["mislabelled"],
                        "--pool-size or the mislabelled share of --pool-mix")
 
-    # prompt-only rows answered by this project: validation refusals, pool refusals, low quality
+    # prompt-only rows answered by this project: validation refusals, pool refusals, low quality;
+    # held-out wording: the validation set and the pool are written from disjoint templates
+    pool_half, validation_half = (0, 1) if held_out_wording else (None, None)
     prompts = refusal_prompts(sources)
     rows = draw("validation", prompts, sizes.validation_size, "--validation-size")
-    files["validation"] = with_ids(answered(rows, refusal, seed, "validation"), "validation",
-                                   category="refusal", is_safe=True)
+    files["validation"] = with_ids(answered(rows, partial(refusal, half=validation_half), seed,
+                                            "validation"), "validation", category="refusal", is_safe=True)
     pool_hint = "--pool-size or the share of that kind in --pool-mix"
-    pool = (answered(draw("pool_refusal", prompts, counts["refusal"], pool_hint), refusal,
-                     seed, "pool_refusal", category="refusal", is_safe=True)
+    pool = (answered(draw("pool_refusal", prompts, counts["refusal"], pool_hint),
+                     partial(refusal, half=pool_half), seed, "pool_refusal", category="refusal",
+                     is_safe=True)
             + answered(draw("pool_low_quality", prompts, counts["low_quality"], pool_hint),
-                       low_quality, seed, "pool_low_quality", category="low_quality", is_safe=True)
+                       partial(low_quality, half=pool_half), seed, "pool_low_quality",
+                       category="low_quality", is_safe=True)
             + [replace(r, category="benign", is_safe=True)
                for r in draw("pool_benign", sources.benign, counts["benign"], pool_hint)]
             + [replace(r, category="mislabelled", is_safe=False) for r in mislabelled])
@@ -231,12 +237,13 @@ def build_training(sources: Sources, sizes: Sizes, draw: Draw) -> dict[str, list
     return files
 
 
-def build(sources: Sources, sizes: Sizes, seed: int) -> dict[str, list[Sample]]:
+def build(sources: Sources, sizes: Sizes, seed: int,
+          held_out_wording: bool = False) -> dict[str, list[Sample]]:
     """All files (name -> rows), evaluation sets drawn first, checked for disjointness."""
     check_sizes(sizes)
     draw = Draw(seed)
     files = build_evaluation(sources, sizes, draw)
-    files.update(build_training(sources, sizes, draw))
+    files.update(build_training(sources, sizes, draw, held_out_wording))
     check_disjoint(files)
     return files
 
@@ -276,9 +283,10 @@ def check_disjoint(files: dict[str, list[Sample]]) -> None:
 # ----------------------------------------------------------------------------- writing
 
 def manifest(files: dict[str, list[Sample]], sources: Sources, source: str, sizes: Sizes,
-             seed: int) -> dict:
+             seed: int, held_out_wording: bool = False) -> dict:
     pool_counts = {k: sum(s.category == k for s in files["pool"]) for k in POOL_KINDS}
     return {"source": source, "seed": seed, "sizes": asdict(sizes),
+            **({"held_out_wording": True} if held_out_wording else {}),
             "counts": {f"{name}.jsonl": len(rows) for name, rows in files.items()},
             "pool_counts": pool_counts, "source_files": sources.files}
 
@@ -307,6 +315,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--eval-harmful-size", type=int)
     ap.add_argument("--eval-benign-size", type=int)
     ap.add_argument("--eval-task-size", type=int, help="rows in each eval_{task} file")
+    ap.add_argument("--held-out-wording", action="store_true",
+                    help="write the validation refusals and the pool's from disjoint templates "
+                         "(data/answers.py HALVES), so no selector can match them by wording")
     return ap.parse_args(argv)
 
 
@@ -321,8 +332,8 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     sizes = sizes_from(args)
     sources = embedded_sources() if args.source == "embedded" else read_sources(args.source)
-    files = build(sources, sizes, args.seed)
-    info = manifest(files, sources, args.source, sizes, args.seed)
+    files = build(sources, sizes, args.seed, args.held_out_wording)
+    info = manifest(files, sources, args.source, sizes, args.seed, args.held_out_wording)
     write(files, info, args.out)
     for name, count in info["counts"].items():
         print(f"{count:6d}  {args.out / name}")

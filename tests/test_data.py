@@ -15,7 +15,7 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(ROOT))
 
 from data import prepare, sources  # noqa: E402
-from data.answers import low_quality, refusal  # noqa: E402
+from data.answers import ALTERNATIVE_FRAMES, OPENERS, REASON_FRAMES, low_quality, refusal, restate, wording  # noqa: E402
 from data.batches import Batches, collate, encode_samples, mean_loss, sample_losses, truncate  # noqa: E402
 from data.embedded import PLACEHOLDER_STEPS  # noqa: E402
 from data.samples import Sample, load_jsonl, prompt_key, save_jsonl  # noqa: E402
@@ -167,6 +167,27 @@ def test_refusals_are_varied_and_prompt_specific():
     assert all(low_quality(p, rng).strip() for p in prompts)
 
 
+def templates_of(half):
+    """The wording one half writes with: openers, and the frames' text before the slot."""
+    openers, reasons, alternatives, _ = wording(half)
+    return openers + [f.split("{")[0] for f in reasons + alternatives]
+
+
+def test_the_two_halves_of_the_wording_share_no_template():
+    prompts = [f"Write a guide on how to hack account number {i}" for i in range(80)]
+    for half, other in ((0, 1), (1, 0)):
+        rng = random.Random(half)
+        answers = [refusal(p, rng, half) for p in prompts]
+        for template in templates_of(other):
+            assert not any(template in a for a in answers), (half, template)
+        for template in templates_of(half):  # each half still uses all of its own wording
+            assert any(template in a for a in answers), (half, template)
+        restated = any(restate(p) in a for p, a in zip(prompts, answers))
+        assert restated == (half == 0)
+    assert set(templates_of(0)) | set(templates_of(1)) == set(
+        OPENERS + [f.split("{")[0] for f in REASON_FRAMES + ALTERNATIVE_FRAMES])
+
+
 # ----------------------------------------------------------------------------- the builder
 
 def build_embedded(seed=0, **sizes):
@@ -189,6 +210,22 @@ def test_embedded_build_counts_and_disjointness():
     keys = [prompt_key(r) for name, rows in files.items() if not name.startswith("attack_")
             for r in rows]
     assert len(keys) == len(set(keys))
+
+
+def test_held_out_wording_moves_only_the_wording_of_validation_and_pool():
+    plain, held = build_embedded(), prepare.build(prepare.embedded_sources(), prepare.EMBEDDED_SIZES, 0,
+                                                  held_out_wording=True)
+    assert {n: r for n, r in plain.items() if n not in ("validation", "pool")} == \
+        {n: r for n, r in held.items() if n not in ("validation", "pool")}
+    for name in ("validation", "pool"):
+        assert [(r.id, r.prompt, r.category) for r in plain[name]] == \
+            [(r.id, r.prompt, r.category) for r in held[name]]
+    pool_text = " ".join(r.response for r in held["pool"] if r.category in ("refusal", "low_quality"))
+    assert not any(t in pool_text for t in templates_of(1))
+    assert not any(t in r.response for r in held["validation"] for t in templates_of(0))
+    # without it the validation set and the pool do share wording: the point of the option
+    shared = [t for t in OPENERS if t in " ".join(r.response for r in plain["validation"])]
+    assert any(t in " ".join(r.response for r in plain["pool"]) for t in shared)
 
 
 def test_committed_default_matches_a_fresh_build(tmp_path):
