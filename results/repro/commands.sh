@@ -26,8 +26,12 @@ $R --phases seeds --selectors loss,seal --seeds 2 --defenses sft
 $R --phases seeds --selectors random,pharmacist --seeds 2 --defenses vaccine
 $R --phases seeds --selectors loss,seal --seeds 3 --defenses sft
 $R --phases defenses --selectors full --defenses booster
-# not run (time): SEAL and loss with Vaccine (~10 min each; the main phase queues them from this commit on), the full pool with RepNoise (~1 h):
-# $R --phases main --selectors seal,loss --defenses vaccine
-# $R --phases defenses --selectors full --defenses repnoise
+# Session 4, from a git worktree at cd3af1d again (same code as session 3's runs), with
+# bench/reproduce.py from main at 0f539d9:
+$R --phases main --selectors seal,loss --defenses vaccine
+$R --phases defenses --selectors full --defenses repnoise
+# then, from a worktree at 611b6c6 (the response-only LM head and --held-out-wording): the
+# selectors on a pool whose refusals share no template with the validation set
+$R --phases wording --selectors loss,pharmacist,random --defenses sft
 # Each reproduce.py call ends by writing results/repro/{report.md, stress/report.md, precision.md,
 # calibration.json, fig1.png} from every finished run; per-run numbers: results/repro/per_run/.
