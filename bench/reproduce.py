@@ -1,6 +1,6 @@
 """The paper's claims on SmolLM2-135M, as a resumable sweep of `train.py` runs.
 
-    python bench/reproduce.py --out runs/repro [--source ../shared/data] [--phases calibrate,main,fig1,stress,seeds,defenses,bds]
+    python bench/reproduce.py --out runs/repro [--source ../shared/data] [--phases calibrate,main,fig1,stress,seeds,defenses,bds,wording]
 
 Phases (each run is a folder under --out; a finished stage is skipped, so re-running resumes):
   calibrate  the attack's learning rate at p=0.1 on a Random+SFT model: the lr whose harmful score
@@ -13,7 +13,8 @@ Phases (each run is a folder under --out; a finished stage is skipped, so re-run
   defenses   repnoise, tvaccine, booster on the Pharmacist, random and full alignment sets;
   bds        the fine-tuning-stage defense BDS on the Random+SFT and Pharmacist+SFT models;
   wording    loss, pharmacist, random, seal with SFT on a pool whose refusals share no template with
-             the validation set (prepare.py --held-out-wording), in --out/held_out_wording.
+             the validation set (prepare.py --held-out-wording), seed 0 and --seeds, in
+             --out/held_out_wording.
 Every call ends with the tables: `evaluate.py report` gathers the runs at the calibrated attack into
 results/repro/report.md and fig1.png, the stress runs into results/repro/stress/report.md, with
 precision.md, calibration.json and per_run/; the wording phase's into results/repro/held_out_wording/
@@ -146,7 +147,7 @@ def main():
                    help="run only the configurations aligned with these defenses")
     p.add_argument("--keep", type=int, default=160, help="k of the main table (rows kept of the pool)")
     p.add_argument("--ks", default="40,80", help="other k for fig1")
-    p.add_argument("--seeds", default="1,2", help="extra seeds of the seeds phase (seed 0 is the main run)")
+    p.add_argument("--seeds", default="1,2", help="extra seeds of the seeds and wording phases (seed 0 is the main run)")
     p.add_argument("--lrs", default="5e-5,1e-4,2e-4,5e-4,1e-3",
                    help="attack learning rates tried by calibrate, in increasing order")
     args = p.parse_args()
@@ -206,14 +207,19 @@ def main():
         if phase in phases and selector in selectors and defense in defenses:
             config(name, sel(selector), k, defense)
     pair = [s for s in ("random", "pharmacist") if s in selectors]  # baseline and ours
+    seeds = list(map(int, args.seeds.split(",")))
+
+    def seeded(seed):
+        """The alignment and attack seed flags of a seed's run (seed 0: the defaults)."""
+        return dict(attack=["--finetune-seed", str(seed)], align=["--align-seed", str(seed)]) if seed else {}
     if "seeds" in phases:  # the same configurations again with other alignment and attack seeds
-        for seed in map(int, args.seeds.split(",")):
+        for seed in seeds:
             for defense in [d for d in ("sft", "vaccine") if d in defenses]:
                 for selector in [s for s in ("random", "pharmacist", "seal", "loss") if s in selectors]:
                     # a random subset is redrawn per seed; a selector's (costly) ranking is kept
                     selection = sweep.select("random", args.keep, seed) if selector == "random" else sel(selector)
                     config(f"{selector}_{defense}_k{args.keep}{tag}_s{seed}", selection, args.keep, defense,
-                           attack=["--finetune-seed", str(seed)], align=["--align-seed", str(seed)])
+                           **seeded(seed))
     if "bds" in phases:  # the fine-tuning-stage defense on top of the SFT-aligned models
         for selector in pair:
             base = out / f"{selector}_sft_k{args.keep}{tag}"
@@ -240,8 +246,11 @@ def main():
         held = Sweep(held_out, data_h, sweep.align_flags, sweep.attack_flags)
         order = [s for s in ("loss", "pharmacist", "random", "seal") if s in selectors]
         rankings = {s: held.select(s, args.keep) for s in order}  # precision first, the attacks after
-        for selector in order:
-            config(f"{selector}_sft_k{args.keep}{tag}", rankings[selector], args.keep, "sft", on=held)
+        for seed in [0, *seeds]:
+            for selector in order:
+                selection = held.select("random", args.keep, seed) if selector == "random" else rankings[selector]
+                config(f"{selector}_sft_k{args.keep}{tag}" + (f"_s{seed}" if seed else ""), selection,
+                       args.keep, "sft", on=held, **seeded(seed))
     results = ROOT / "results" / "repro"
     tables(out, data, results, args.keep, tag)
     if (out / "calibration.json").exists():
