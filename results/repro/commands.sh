@@ -32,6 +32,9 @@ $R --phases main --selectors seal,loss --defenses vaccine
 $R --phases defenses --selectors full --defenses repnoise
 # then, from a worktree at 611b6c6 (the response-only LM head and --held-out-wording): the
 # selectors on a pool whose refusals share no template with the validation set
-$R --phases wording --selectors loss,pharmacist,random --defenses sft
+$R --phases wording --selectors loss,pharmacist,random --defenses sft --seeds 1,2
+# (seed 0 ran first from a worktree at 611b6c6; seeds 1 and 2 from one at f962b5b, whose wording phase
+# also runs --seeds)
 # Each reproduce.py call ends by writing results/repro/{report.md, stress/report.md, precision.md,
-# calibration.json, fig1.png} from every finished run; per-run numbers: results/repro/per_run/.
+# calibration.json, fig1.png} from every finished run; per-run numbers: results/repro/per_run/;
+# the wording phase's tables: results/repro/held_out_wording/.
