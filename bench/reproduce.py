@@ -209,17 +209,19 @@ def main():
     pair = [s for s in ("random", "pharmacist") if s in selectors]  # baseline and ours
     seeds = list(map(int, args.seeds.split(",")))
 
-    def seeded(seed):
-        """The alignment and attack seed flags of a seed's run (seed 0: the defaults)."""
-        return dict(attack=["--finetune-seed", str(seed)], align=["--align-seed", str(seed)]) if seed else {}
+    def seed_runs(on, ranking, names, run_seeds, run_defenses):
+        """Each selector in names with each defense, aligned and attacked with each seed (seed 0: the
+        defaults, no _s suffix); a random subset is redrawn per seed, a selector's (costly) ranking kept."""
+        for seed in run_seeds:
+            flags = dict(attack=["--finetune-seed", str(seed)], align=["--align-seed", str(seed)]) if seed else {}
+            for defense in run_defenses:
+                for selector in names:
+                    selection = on.select("random", args.keep, seed) if selector == "random" else ranking(selector)
+                    config(f"{selector}_{defense}_k{args.keep}{tag}" + (f"_s{seed}" if seed else ""), selection,
+                           args.keep, defense, on=on, **flags)
     if "seeds" in phases:  # the same configurations again with other alignment and attack seeds
-        for seed in seeds:
-            for defense in [d for d in ("sft", "vaccine") if d in defenses]:
-                for selector in [s for s in ("random", "pharmacist", "seal", "loss") if s in selectors]:
-                    # a random subset is redrawn per seed; a selector's (costly) ranking is kept
-                    selection = sweep.select("random", args.keep, seed) if selector == "random" else sel(selector)
-                    config(f"{selector}_{defense}_k{args.keep}{tag}_s{seed}", selection, args.keep, defense,
-                           **seeded(seed))
+        seed_runs(sweep, sel, [s for s in ("random", "pharmacist", "seal", "loss") if s in selectors], seeds,
+                  [d for d in ("sft", "vaccine") if d in defenses])
     if "bds" in phases:  # the fine-tuning-stage defense on top of the SFT-aligned models
         for selector in pair:
             base = out / f"{selector}_sft_k{args.keep}{tag}"
@@ -245,12 +247,8 @@ def main():
                sweep.log)
         held = Sweep(held_out, data_h, sweep.align_flags, sweep.attack_flags)
         order = [s for s in ("loss", "pharmacist", "random", "seal") if s in selectors]
-        rankings = {s: held.select(s, args.keep) for s in order}  # precision first, the attacks after
-        for seed in [0, *seeds]:
-            for selector in order:
-                selection = held.select("random", args.keep, seed) if selector == "random" else rankings[selector]
-                config(f"{selector}_sft_k{args.keep}{tag}" + (f"_s{seed}" if seed else ""), selection,
-                       args.keep, "sft", on=held, **seeded(seed))
+        rankings = {s: held.select(s, args.keep) for s in order if s != "random"}  # precision first, attacks after
+        seed_runs(held, rankings.get, order, [0, *seeds], ["sft"])
     results = ROOT / "results" / "repro"
     tables(out, data, results, args.keep, tag)
     if (out / "calibration.json").exists():

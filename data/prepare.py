@@ -286,7 +286,7 @@ def manifest(files: dict[str, list[Sample]], sources: Sources, source: str, size
              seed: int, held_out_wording: bool = False) -> dict:
     pool_counts = {k: sum(s.category == k for s in files["pool"]) for k in POOL_KINDS}
     return {"source": source, "seed": seed, "sizes": asdict(sizes),
-            **({"held_out_wording": True} if held_out_wording else {}),
+            **({"held_out_wording": True} if held_out_wording else {}),  # default builds: unchanged bytes
             "counts": {f"{name}.jsonl": len(rows) for name, rows in files.items()},
             "pool_counts": pool_counts, "source_files": sources.files}
 
