@@ -542,11 +542,16 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B.weight)
         self.scale = alpha / rank
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+        self.probe = None  # a SampleGradDots while one is open (see sample_grad_dots)
 
     def forward(self, x):
         y = self.base(x)  # under autocast: bf16, and the sum stays bf16 (no upcast of the layer)
-        dx = self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype))))
-        return y + (dx * self.scale).to(y.dtype)
+        x = self.dropout(x.to(self.lora_A.weight.dtype))
+        u = self.lora_A(x)
+        z = self.lora_B(u)
+        if self.probe is not None and z.requires_grad:
+            self.probe.watch(self, x, u, z)  # per-sample dot products in the backward pass
+        return y + (z * self.scale).to(y.dtype)
 
     def delta(self) -> torch.Tensor:
         return self.scale * self.lora_B.weight @ self.lora_A.weight
@@ -574,6 +579,67 @@ def add_lora(model: nn.Module, rank: int = 8, alpha: float = 16, targets=LORA_TA
     model.lora_config = dict(r=rank, lora_alpha=alpha, target_modules=sorted(targets),
                              lora_dropout=dropout)
     return model
+
+
+class SampleGradDots:
+    """∇ℓ_bᵀg for every row b of a batch, from the ordinary backward pass ("ghost" dot products).
+
+    For one adapter, u = A·x and z = B·u at each token t of row b; with δ_t = ∂L/∂z_t from the
+    backward pass, row b's gradients are sums of outer products over its tokens:
+        ∇_B ℓ_b = Σ_t δ_t u_tᵀ,    ∇_A ℓ_b = Σ_t (Bᵀδ_t) x_tᵀ
+    so their dot product with a fixed direction (g_A, g_B) needs no per-sample gradient:
+        ⟨∇_B ℓ_b, g_B⟩ = Σ_t (g_Bᵀδ_t)·u_t,    ⟨∇_A ℓ_b, g_A⟩ = Σ_t (Bᵀδ_t)·(g_A x_t)
+    at O(T·r·(in + out)) a row, the cost of the adapter's own forward. `norms` also sums
+    ‖∇ℓ_b‖²; for that the per-sample gradient of one adapter at a time is formed (r·(in + out)
+    numbers a row, fewer than the T×T Gram matrix of the ghost norm when r < T) and dropped.
+
+    Rows never mix in a causal LM, so with the loss L = Σ_b c_b·ℓ_b the value is c_b·∇ℓ_bᵀg:
+    backpropagate the plain sum of the losses, or divide by the weights afterwards."""
+
+    def __init__(self, direction: dict, norms: bool = False):
+        self.direction, self.norms = direction, norms  # {parameter: g}; others count as 0
+        self.dots = self.sq_norms = None
+
+    def watch(self, lora: "LoRALinear", x, u, z):
+        z.register_hook(lambda grad: self._add(lora, x, u, grad))
+
+    @torch.no_grad()
+    def _add(self, lora, x, u, delta):
+        A, B = lora.lora_A.weight, lora.lora_B.weight
+        dt = torch.promote_types(A.dtype, torch.float32)  # bf16 activations are summed in float32
+        x, u, delta = x.to(dt), u.to(dt), delta.to(dt)
+        du = delta @ B.to(dt)  # (b, t, r): ∂L/∂u_t = Bᵀδ_t
+        dots = delta.new_zeros(delta.shape[0])
+        g_A, g_B = self.direction.get(lora.lora_A.weight), self.direction.get(lora.lora_B.weight)
+        if g_B is not None:
+            dots += ((delta @ g_B.to(dt)) * u).flatten(1).sum(1)  # Σ_t (g_Bᵀδ_t)·u_t
+        if g_A is not None:
+            dots += (du * (x @ g_A.to(dt).T)).flatten(1).sum(1)  # Σ_t (Bᵀδ_t)·(g_A x_t)
+        self.dots = dots if self.dots is None else self.dots + dots
+        if self.norms:
+            sq = torch.einsum("bto,btr->bor", delta, u).square().flatten(1).sum(1)  # ‖∇_B ℓ_b‖²
+            sq += torch.einsum("btr,bti->bri", du, x).square().flatten(1).sum(1)  # ‖∇_A ℓ_b‖²
+            self.sq_norms = sq if self.sq_norms is None else self.sq_norms + sq
+
+
+@contextlib.contextmanager
+def sample_grad_dots(model: nn.Module, params, direction, norms: bool = False):
+    """Watch the adapters during the forward passes inside the block; the backward through that
+    graph (inside or after the block) fills `.dots` (B,) and, with norms, `.sq_norms` (B,).
+
+        with sample_grad_dots(model, params, g) as probe:
+            losses = sample_losses(...)
+        G = torch.autograd.grad(losses.sum(), params)
+        probe.dots   # ∇ℓ_bᵀg for every row b, exact, from the same backward that gave G"""
+    probe = SampleGradDots({p: d for p, d in zip(params, direction)}, norms)
+    mods = lora_modules(model).values()
+    for m in mods:
+        m.probe = probe
+    try:
+        yield probe
+    finally:
+        for m in mods:
+            m.probe = None
 
 
 @torch.no_grad()

@@ -13,13 +13,24 @@ public here; we implement the formulation written down in DESIGN.md ("Pharmacist
   outer       min_s F(θ*(s)),  F(θ) = L_v(θ) − λ·L_h(θ − α·∇L_h(θ)/‖∇L_h(θ)‖)
               stay close to good refusals, and keep the harmful loss high even after a simulated
               harmful fine-tuning step (Booster's first-order simulation).
-  hypergradient by a one-step look-ahead (learning to reweight, Ren et al. 2018):
-              θ⁺ = θ − η·∇_θ mean_B(w_i·ℓ_i(θ))
-              ∂F(θ⁺)/∂w_i = −(η/|B|)·∇ℓ_i(θ)ᵀ g,          g = ∇F(θ⁺)
-  and every ∇ℓ_i(θ)ᵀg of the batch from two extra forward passes (DARTS, Liu et al. 2019):
-              ∇ℓ_i(θ)ᵀg ≈ (ℓ_i(θ + εg) − ℓ_i(θ − εg)) / 2ε,   ε = eps/‖g‖
-  so no per-sample backward pass is ever needed. Inner step and selector step alternate;
-  rows are ranked by their final logit s_i.
+  hypergradient (learning to reweight, Ren et al. 2018): for a step θ⁺ = θ − η·∇_θ mean_B(w_b·ℓ_b),
+              ∂F(θ⁺)/∂w_b = −(η/|B|)·∇ℓ_b(θ)ᵀ g,          g = ∇F(θ⁺)
+  every ∇ℓ_b(θ)ᵀg of a batch exact, from the inner step's own backward pass: a LoRA gradient is a
+  sum over tokens of outer products, so its dot product with g is formed per row from the
+  layer's input and output gradient ("ghost" dot products, model.sample_grad_dots); no
+  per-sample gradient, no finite difference, no extra pass.
+  Our choices where the paper is silent (docs/DESIGN.md):
+  - g is refreshed every `outer_every` steps on `outer_batch_size` rows, at θ (not θ⁺): the
+    dot products then come from the same backward as the inner gradient. `lookahead` computes g
+    at θ⁺ each step, as learning-to-reweight does, at two forwards and two backwards a step more.
+  - the logits move by SGD on hypergradients divided by their running RMS (RunningScale), so a
+    row's score is the sum of how much it helped each time it was seen. (Adam, as in BDS, moves
+    every logit by about its learning rate per visit whatever the gradient: with two passes the
+    ranking collapsed to the signs of two noisy dot products.)
+  - mode `first_order`: no weights and no inner training between scores, one pass scoring
+    every row by cos(∇ℓ_b, g) at the fresh adapter (TracIn/LESS-style); `checkpoints` > 1 adds
+    passes after SFT on the pool. It is the bilevel hypergradient with w held at 1.
+  Rows are ranked by their final logit s_b (bilevel) or score (first_order).
 
 Baselines under the same interface (a function returning a `Selection`, one score per row,
 higher = keep): `full` (keep everything), `random`, `seal` (SEAL, Shen et al., ICLR 2025: the
@@ -32,7 +43,7 @@ import contextlib
 import copy
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -61,15 +72,20 @@ class SampleWeights(nn.Module):
     `weights()` (no index) is the whole pool, with the full softmax gradient.
     """
 
-    def __init__(self, n: int, weighting: str = "softmax", lr: float = 0.05, device=None):
+    def __init__(self, n: int, weighting: str = "softmax", lr: float = 0.05, optimizer: str = "adam",
+                 device=None):
         super().__init__()
         if weighting not in ("softmax", "sigmoid"):
             raise ValueError(f"weighting {weighting!r}: choose softmax or sigmoid")
+        if optimizer not in ("adam", "sgd"):
+            raise ValueError(f"optimizer {optimizer!r}: choose adam or sgd")
         if n < 1:
             raise ValueError(f"SampleWeights needs at least one sample, got n={n}")
         self.n, self.weighting = n, weighting
         self.logits = nn.Parameter(torch.zeros(n, device=device))
-        self.opt = torch.optim.Adam([self.logits], lr=lr)
+        # Adam moves every logit that gets a gradient by about lr, whatever the gradient's size
+        # (BDS); SGD keeps the sizes (Pharmacist, whose hypergradients are normalised first)
+        self.opt = (torch.optim.Adam if optimizer == "adam" else torch.optim.SGD)([self.logits], lr=lr)
 
     def weights(self, index=None) -> torch.Tensor:
         s = self.logits
@@ -86,7 +102,7 @@ class SampleWeights(nn.Module):
         return torch.as_tensor(index, dtype=torch.long, device=self.logits.device)
 
     def step(self, loss: torch.Tensor) -> float:
-        """One Adam step on the logits for a loss built from `weights(...)`.
+        """One optimizer step on the logits for a loss built from `weights(...)`.
 
         When ∂F/∂w of a batch is known by hand (Pharmacist), pass the surrogate loss
         (weights(index) · grad).sum(): its gradient through w is exactly that ∂F/∂w."""
@@ -115,23 +131,32 @@ class SampleWeights(nn.Module):
 # ----------------------------------------------------------------------------- config, result
 
 
+MODES = ("bilevel", "first_order")
+
+
 @dataclass
 class SelectConfig:
     selector: str = "pharmacist"  # full|random|pharmacist|seal|loss
     keep: float = 0.4  # rows to keep: a fraction in (0, 1] or a count > 1
     passes: int = 2  # passes over the pool for the learned selectors
     steps: int = 0  # selector steps (0: `passes` passes over the pool)
-    batch_size: int = 8  # pool, validation and harmful rows per step
+    batch_size: int = 8  # pool rows per step (and validation rows per step for SEAL and loss)
     max_len: int = 128  # tokens per sample (prompt truncated first)
     lora_rank: int = 8  # rank of the selector's own LoRA (all projections)
     lora_alpha: float = 16.0  # LoRA scale alpha
     inner_lr: float = 5e-4  # AdamW learning rate of the inner (model) step
-    eta: float = 1e-3  # Pharmacist: look-ahead learning rate η
+    bf16: bool = False  # bf16 autocast (always on for CUDA; optional on CPU)
+    mode: str = "bilevel"  # Pharmacist: bilevel (learned weights) or first_order (one scoring pass)
+    outer_every: int = 8  # Pharmacist bilevel: steps between two outer gradients g = ∇F
+    outer_batch_size: int = 8  # Pharmacist: validation and harmful rows of each outer gradient
+    lookahead: bool = False  # Pharmacist bilevel: g at θ − η·G each step (learning to reweight)
+    eta: float = 1e-3  # Pharmacist lookahead: look-ahead learning rate η
     lam: float = 1.0  # Pharmacist: weight λ of the harmful term of the outer loss
     alpha: float = 0.1  # Pharmacist: size α of the simulated harmful step
-    eps: float = 1e-2  # Pharmacist: finite-difference step, relative (ε = eps/‖g‖)
-    selector_lr: float = 0.05  # Adam learning rate of the per-sample logits
+    selector_lr: float = 0.05  # step of the per-sample logits (Pharmacist: SGD on normalised hypergradients; SEAL: Adam)
     weighting: str = "softmax"  # softmax (w = N·softmax(s)) or sigmoid (w = 2·sigmoid(s))
+    checkpoints: int = 1  # Pharmacist first_order: scoring passes, one SFT pass on the pool between two
+    normalize: bool = True  # Pharmacist: cos(∇ℓ_b, g) in place of ∇ℓ_bᵀg (rows of any length count alike)
     gamma: float = 0.9  # SEAL: weight of the validation (safe) loss in the model's loss
     seed: int = 0  # LoRA init, batch order, random scores
 
@@ -171,22 +196,21 @@ def rank(scores, k: int) -> tuple[np.ndarray, np.ndarray]:
 class Meter:
     """What a selector cost: steps, forward and backward passes, tokens through the model."""
 
-    def __init__(self):
+    def __init__(self, bf16: bool = False):
         self.steps = self.forward = self.backward = self.tokens = 0
-        self.t0 = time.perf_counter()
+        self.bf16, self.t0 = bf16, time.perf_counter()
 
-    def losses(self, model, batch, grad: bool = True, exact: bool = False) -> torch.Tensor:
-        """ℓ_i of every row of the batch (B,), with or without a graph; `exact`: no bf16
-        autocast (CUDA), the model's own precision."""
+    def losses(self, model, batch, grad: bool = True) -> torch.Tensor:
+        """ℓ_i of every row of the batch (B,), with or without a graph; bf16 autocast on CUDA,
+        and on the CPU with --select-bf16."""
         self.forward += 1
         self.tokens += int(batch["attention_mask"].sum())
-        cast = contextlib.nullcontext() if exact else M.autocast(batch["input_ids"].device)
-        with torch.set_grad_enabled(grad), cast:
+        with torch.set_grad_enabled(grad), M.autocast(batch["input_ids"].device, self.bf16):
             return sample_losses(model.hidden(batch["input_ids"]), batch["labels"], model.head)
 
-    def grad(self, loss, params) -> list[torch.Tensor]:
+    def grad(self, loss, params, retain_graph: bool = False) -> list[torch.Tensor]:
         self.backward += 1
-        return list(torch.autograd.grad(loss, params))
+        return list(torch.autograd.grad(loss, params, retain_graph=retain_graph))
 
     def stats(self, **extra) -> dict:
         return dict(steps=self.steps, forward_passes=self.forward, backward_passes=self.backward,
@@ -203,26 +227,18 @@ def step_budget(cfg: SelectConfig, n: int) -> int:
 
 
 @contextlib.contextmanager
-def selector_lora(model, cfg: SelectConfig, float32: bool = False):
+def selector_lora(model, cfg: SelectConfig):
     """A fresh LoRA on all projections for the selector's own training, removed afterwards:
-    the caller's model comes back with its original Linear layers, flags and weights.
-    float32: half-precision weights are cast up meanwhile (bf16 -> fp32 -> bf16 is exact)."""
+    the caller's model comes back with its original Linear layers, flags and weights."""
     if M.lora_modules(model):
         raise ValueError("the model already has LoRA adapters; select on the base model")
     flags, training = {n: p.requires_grad for n, p in model.named_parameters()}, model.training
-    half = [t for t in list(model.parameters()) + list(model.buffers())
-            if float32 and t.dtype in (torch.bfloat16, torch.float16)]
-    dtypes = [t.dtype for t in half]
-    for t in half:
-        t.data = t.data.float()
     torch.manual_seed(cfg.seed)  # the adapter init (lora_A) draws from the global generator
     M.add_lora(model, cfg.lora_rank, cfg.lora_alpha, M.LORA_TARGETS)
     try:
         yield [p for p in model.parameters() if p.requires_grad]
     finally:
         M.remove_lora(model)  # unwrap, never merge
-        for t, dtype in zip(half, dtypes):
-            t.data = t.data.to(dtype)
         for n, p in model.named_parameters():
             p.requires_grad_(flags[n])
         model.train(training)
@@ -236,30 +252,6 @@ def require(samples, what: str, selector: str):
 # ----------------------------------------------------------------------------- Pharmacist
 
 
-@torch.no_grad()
-def sample_grad_dots(meter: Meter, model, params, batch, direction, eps: float) -> torch.Tensor:
-    """∇ℓ_i(θ)ᵀd for every row i of the batch from two forward passes (θ restored exactly):
-        ∇ℓ_i(θ)ᵀd ≈ (ℓ_i(θ + εd) − ℓ_i(θ − εd)) / 2ε,    ε = eps/‖d‖
-    Both passes run without autocast, in the model's precision (float32 here): in bf16 the
-    loss difference drowns in rounding (tiny model, eps 1e-2: correlation −0.8 with exact)."""
-    norm = torch.sqrt(sum((d.double() ** 2).sum() for d in direction))
-    if norm == 0:
-        return torch.zeros(batch["input_ids"].shape[0], device=batch["input_ids"].device)
-    e = eps / float(norm)
-    saved = [p.detach().clone() for p in params]
-    try:
-        for p, p0, d in zip(params, saved, direction):
-            p.copy_(p0 + e * d)
-        plus = meter.losses(model, batch, grad=False, exact=True)
-        for p, p0, d in zip(params, saved, direction):
-            p.copy_(p0 - e * d)
-        minus = meter.losses(model, batch, grad=False, exact=True)
-    finally:
-        for p, p0 in zip(params, saved):
-            p.copy_(p0)
-    return (plus.double() - minus.double()) / (2 * e)
-
-
 def outer_grad(meter: Meter, model, params, batch_v, batch_h, lam: float, alpha: float):
     """g = ∇F at the current θ, F(θ) = L_v(θ) − λ·L_h(θ̃), θ̃ = θ − α·∇L_h(θ)/‖∇L_h(θ)‖.
     First order (as Booster): ∇_θ L_h(θ̃) is taken at θ̃, the Jacobian of θ̃ is ignored.
@@ -269,82 +261,187 @@ def outer_grad(meter: Meter, model, params, batch_v, batch_h, lam: float, alpha:
     F, L_h = L_v.item(), float("nan")
     if lam:
         g_h0 = meter.grad(meter.losses(model, batch_h).mean(), params)  # ∇L_h(θ)
-        norm = torch.sqrt(sum((x.double() ** 2).sum() for x in g_h0)).clamp_min(1e-12)
-        saved = [p.detach().clone() for p in params]
-        try:
-            with torch.no_grad():
-                for p, x in zip(params, g_h0):
-                    p.sub_(alpha * x / norm)  # θ̃ = θ − α·∇L_h/‖∇L_h‖
+        with shifted(params, g_h0, -alpha / max(float(global_norm(g_h0)), 1e-12)):  # θ̃
             L_h_t = meter.losses(model, batch_h).mean()
             g_h = meter.grad(L_h_t, params)  # ∇L_h(θ̃)
-        finally:
-            with torch.no_grad():
-                for p, p0 in zip(params, saved):
-                    p.copy_(p0)
         L_h = L_h_t.item()
         F = L_v.item() - lam * L_h
         g = [a - lam * b for a, b in zip(g, g_h)]  # g = ∇L_v − λ·∇L_h(θ̃)
     return g, dict(F=F, L_v=L_v.item(), L_h=L_h)
 
 
-def hypergradient(meter: Meter, model, params, batch, w_batch, batch_v, batch_h, cfg: SelectConfig):
-    """One look-ahead: ∂F(θ⁺)/∂w_i for the rows of the batch, and the inner gradient G.
+def global_norm(tensors) -> torch.Tensor:
+    return torch.sqrt(sum((t.double() ** 2).sum() for t in tensors))
 
-        G  = ∇_θ mean_B(w_i·ℓ_i(θ))               (w held fixed; reused by the inner step)
-        θ⁺ = θ − η·G,     g = ∇F(θ⁺)
-        ∂F/∂w_i = −(η/|B|)·∇ℓ_i(θ)ᵀg              (∇ℓ_iᵀg by finite differences at θ)"""
-    losses = meter.losses(model, batch)
-    inner = (w_batch.detach() * losses).mean()
-    G = meter.grad(inner, params)
+
+@contextlib.contextmanager
+def shifted(params, direction, scale: float):
+    """θ + scale·d inside the block, θ bit for bit afterwards."""
     saved = [p.detach().clone() for p in params]
     try:
         with torch.no_grad():
-            for p, x in zip(params, G):
-                p.sub_(cfg.eta * x)  # θ⁺ = θ − η·G
-        g, info = outer_grad(meter, model, params, batch_v, batch_h, cfg.lam, cfg.alpha)
+            for p, d in zip(params, direction):
+                p.add_(d, alpha=scale)
+        yield
     finally:
         with torch.no_grad():
             for p, p0 in zip(params, saved):
-                p.copy_(p0)  # back to θ, bit for bit
-    dots = sample_grad_dots(meter, model, params, batch, g, cfg.eps)  # ∇ℓ_i(θ)ᵀg
-    grad_w = -(cfg.eta / len(losses)) * dots
-    return grad_w.to(w_batch.dtype), G, dict(info, loss=losses.mean().item())
+                p.copy_(p0)
+
+
+def weighted_step_dots(meter: Meter, model, params, batch, w_batch, direction, normalize: bool = False):
+    """One forward and one backward of the inner loss mean_B(w_b·ℓ_b): its gradient G and,
+    from the same backward, ∇ℓ_b(θ)ᵀg for every row b (model.sample_grad_dots), or with
+    `normalize` the cosine ∇ℓ_bᵀg / (‖∇ℓ_b‖·‖g‖). The backward carries c_b = w_b/|B| into row b,
+    so the dots are divided by it (a cosine does not see it)."""
+    with M.sample_grad_dots(model, params, direction, norms=normalize) as probe:
+        losses = meter.losses(model, batch)
+    w = w_batch.detach().to(losses.dtype)
+    G = meter.grad((w * losses).mean(), params)
+    if normalize:
+        norm = probe.sq_norms.double().sqrt() * float(global_norm(direction))
+        return losses, G, probe.dots.double() / norm.clamp_min(1e-30)
+    return losses, G, probe.dots.double() * len(w) / w.double()
+
+
+def lookahead_step_dots(meter: Meter, model, params, batch, w_batch, next_outer, cfg: SelectConfig):
+    """The look-ahead of learning-to-reweight: G from the inner loss, g = ∇F(θ⁺) at θ⁺ = θ − η·G,
+    then G again and ∇ℓ_b(θ)ᵀg from a second forward and backward at θ (two of each, where the
+    finite differences of the DARTS trick took a backward and three forwards)."""
+    G = meter.grad((w_batch.detach() * meter.losses(model, batch)).mean(), params)
+    with shifted(params, G, -cfg.eta):  # θ⁺ = θ − η·G
+        g, info = outer_grad(meter, model, params, *next_outer(), cfg.lam, cfg.alpha)
+    return (*weighted_step_dots(meter, model, params, batch, w_batch, g, cfg.normalize), g, info)
+
+
+class RunningScale:
+    """Root of an exponential moving average of mean(x²): the typical size of a hypergradient,
+    so a selector step is `selector_lr` in units of it and rows keep their relative sizes."""
+
+    def __init__(self, beta: float = 0.9):
+        self.beta, self.avg, self.n = beta, 0.0, 0
+
+    def __call__(self, x: torch.Tensor) -> float:
+        self.n += 1
+        self.avg = self.beta * self.avg + (1 - self.beta) * float((x.double() ** 2).mean())
+        return max(math.sqrt(self.avg / (1 - self.beta ** self.n)), 1e-30)  # bias-corrected
+
+    def state_dict(self):
+        return dict(beta=self.beta, avg=self.avg, n=self.n)
 
 
 def pharmacist_select(model, tokenizer, pool, validation, harmful, cfg: SelectConfig,
                       progress: bool = True, log=None) -> Selection:
-    """Alternate a selector step (look-ahead hypergradient) and an inner step (AdamW on the
-    weighted pool loss, reusing the look-ahead's gradient G); score = the final logit s_i."""
+    """The bilevel selector (mode "bilevel") or its first-order single pass ("first_order").
+
+    bilevel: each step, one forward and one backward of the weighted inner loss on a pool batch
+    give the inner gradient G and the exact ∇ℓ_bᵀg (with `normalize`: the cosine) of every row
+    against the outer gradient g
+    (refreshed every `outer_every` steps on `outer_batch_size` rows, or at the look-ahead point
+    θ − ηG each step with `lookahead`). Then
+        selector  s_B ← s_B − selector_lr·∇_s Σ_b w_b(s)·h_b,   h_b = −∇ℓ_bᵀg / rms(∇ℓᵀg)
+                  (∂F/∂w_b = −(η/|B|)·∇ℓ_bᵀg up to its positive factor, in units of its running size)
+        inner     AdamW on mean_B(w_b·ℓ_b), w as before the selector step
+    score = the final logit s_b: the sum of a row's normalised, centred hypergradients."""
+    if cfg.mode not in MODES:
+        raise ValueError(f"select mode {cfg.mode!r}: choose {' or '.join(MODES)}")
     require(pool, "pool", "pharmacist")
     require(validation, "validation", "pharmacist")
     if cfg.lam:
         require(harmful, "harmful", "pharmacist")
+    if cfg.mode == "first_order":
+        return first_order_select(model, tokenizer, pool, validation, harmful, cfg, progress, log)
     device = next(model.parameters()).device
-    streams = [stream(d, tokenizer, cfg, cfg.seed + i, device) if d else None
-               for i, d in enumerate((pool, validation, harmful))]
-    next_pool, next_v, next_h = streams
-    weights = SampleWeights(len(pool), cfg.weighting, cfg.selector_lr, device=device)
-    meter, steps, info = Meter(), step_budget(cfg, len(pool)), {}
-    with selector_lora(model, cfg, float32=True) as params:  # float32 for the finite differences
+    next_pool = stream(pool, tokenizer, cfg, cfg.seed, device)
+    next_outer = outer_streams(validation, harmful, tokenizer, cfg, device)
+    weights = SampleWeights(len(pool), cfg.weighting, cfg.selector_lr, optimizer="sgd", device=device)
+    meter, steps, info, scale, g = Meter(cfg.bf16), step_budget(cfg, len(pool)), {}, RunningScale(), None
+    with selector_lora(model, cfg) as params:
         opt = torch.optim.AdamW(params, lr=cfg.inner_lr, weight_decay=0.0)
         bar = tqdm(range(steps), desc="pharmacist", disable=not progress)
         for step in bar:
             batch = next_pool()
-            idx = batch["index"]
-            w = weights.weights(idx)
-            grad_w, G, info = hypergradient(meter, model, params, batch, w, next_v(),
-                                            next_h() if next_h else None, cfg)
-            weights.step((w * grad_w).sum())  # selector: Adam on s with ∂F/∂w through w(s)
-            for p, x in zip(params, G):  # inner: AdamW on mean_B(w_i·ℓ_i), w as before the step
+            w = weights.weights(batch["index"])
+            if cfg.lookahead:
+                losses, G, dots, g, info = lookahead_step_dots(meter, model, params, batch, w, next_outer, cfg)
+            else:
+                if step % cfg.outer_every == 0:  # g = ∇F(θ), held for outer_every steps
+                    g, info = outer_grad(meter, model, params, *next_outer(), cfg.lam, cfg.alpha)
+                losses, G, dots = weighted_step_dots(meter, model, params, batch, w, g, cfg.normalize)
+            h = -dots / scale(dots)  # ∝ ∂F/∂w_b (or its cosine), in units of its running size
+            weights.step((w * h.to(w.dtype)).sum())  # selector: SGD on s through w(s)
+            for p, x in zip(params, G):  # inner: AdamW on mean_B(w_b·ℓ_b)
                 p.grad = x
             opt.step()
             opt.zero_grad(set_to_none=True)
             meter.steps += 1
+            info = dict(info, loss=losses.mean().item())
             bar.set_postfix(F=f"{info['F']:.3f}", L_v=f"{info['L_v']:.3f}", L_h=f"{info['L_h']:.3f}")
             if log:
                 log(dict(step=step + 1, **info))
     scores = weights.logits.detach().double().cpu().numpy()
-    return Selection(scores, meter.stats(**info))
+    return Selection(scores, meter.stats(**info, scores=score_stats(scores)))
+
+
+def first_order_select(model, tokenizer, pool, validation, harmful, cfg: SelectConfig,
+                       progress: bool = True, log=None) -> Selection:
+    """One scoring pass per checkpoint, no per-sample weights (TracIn / LESS style):
+        score_b = mean_c cos(∇ℓ_b(θ_c), g_c),   g_c = ∇F(θ_c) on `outer_batch_size` rows
+    θ_0 is the fresh adapter (B = 0: ∇ℓ_b is then ∇_W ℓ_b projected through the random A, a
+    random projection of the full gradient as in LESS); between checkpoints the adapter trains
+    one pass on the pool with plain SFT. It is the bilevel selector's hypergradient with the
+    inner training's weights held at 1 and each row seen once per checkpoint; `normalize`
+    false ranks by the raw dot product ∇ℓ_bᵀg instead of the cosine."""
+    device = next(model.parameters()).device
+    pool_batches = Batches(encode_samples(pool, tokenizer, cfg.max_len), cfg.batch_size,
+                           tokenizer.pad_id, seed=cfg.seed).epoch(0)  # length-bucketed: little padding
+    next_outer = outer_streams(validation, harmful, tokenizer, cfg, device)
+    next_pool = stream(pool, tokenizer, cfg, cfg.seed, device)
+    meter, scores, info = Meter(cfg.bf16), np.zeros(len(pool)), {}
+    with selector_lora(model, cfg) as params:
+        opt = torch.optim.AdamW(params, lr=cfg.inner_lr, weight_decay=0.0)
+        bar = tqdm(total=cfg.checkpoints * (len(pool_batches) + 1) + (cfg.checkpoints - 1) * len(pool_batches),
+                   desc="pharmacist (first order)", disable=not progress)
+        for c in range(cfg.checkpoints):
+            for _ in range(len(pool_batches) if c else 0):  # one SFT pass between checkpoints
+                loss = meter.losses(model, next_pool()).mean()
+                for p, x in zip(params, meter.grad(loss, params)):
+                    p.grad = x
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                meter.steps += 1
+                bar.update()
+            g, info = outer_grad(meter, model, params, *next_outer(), cfg.lam, cfg.alpha)
+            g_norm = float(global_norm(g))
+            bar.update()
+            for b in pool_batches:
+                with M.sample_grad_dots(model, params, g, norms=cfg.normalize) as probe:
+                    losses = meter.losses(model, {k: v.to(device) for k, v in b.items()})
+                meter.grad(losses.sum(), params)  # for the hooks only
+                dots = probe.dots.double()
+                if cfg.normalize:
+                    dots = dots / (probe.sq_norms.double().sqrt().clamp_min(1e-30) * max(g_norm, 1e-30))
+                scores[b["index"].numpy()] += dots.cpu().numpy() / cfg.checkpoints
+                bar.update()
+            if log:
+                log(dict(checkpoint=c, **info))
+    return Selection(scores, meter.stats(**info, scores=score_stats(scores)))
+
+
+def outer_streams(validation, harmful, tokenizer, cfg: SelectConfig, device):
+    """A function returning the next (validation batch, harmful batch or None) of the outer loss."""
+    outer = replace(cfg, batch_size=cfg.outer_batch_size)
+    next_v = stream(validation, tokenizer, outer, cfg.seed + 1, device)
+    next_h = stream(harmful, tokenizer, outer, cfg.seed + 2, device) if cfg.lam else None
+    return lambda: (next_v(), next_h() if next_h else None)
+
+
+def score_stats(scores) -> dict:
+    """Quantiles and the number of distinct values of the scores (a collapse to signs shows)."""
+    s = np.asarray(scores, dtype=np.float64)
+    q = np.quantile(s, [0, 0.1, 0.25, 0.5, 0.75, 0.9, 1])
+    return dict(distinct=int(len(np.unique(np.round(s, 12)))), std=float(s.std()),
+                quantiles=dict(zip(("min", "q10", "q25", "median", "q75", "q90", "max"), map(float, q))))
 
 
 # ----------------------------------------------------------------------------- baselines
@@ -377,7 +474,7 @@ def seal_select(model, tokenizer, pool, validation, harmful, cfg: SelectConfig,
     next_pool = stream(pool, tokenizer, cfg, cfg.seed, device)
     next_v = stream(validation, tokenizer, cfg, cfg.seed + 1, device)
     weights = SampleWeights(len(pool), cfg.weighting, cfg.selector_lr, device=device)
-    meter, steps, info = Meter(), step_budget(cfg, len(pool)), {}
+    meter, steps, info = Meter(cfg.bf16), step_budget(cfg, len(pool)), {}
     with selector_lora(model, cfg) as params:
         opt = torch.optim.AdamW(params, lr=cfg.inner_lr, weight_decay=0.0)
         bar = tqdm(range(steps), desc="seal", disable=not progress)
@@ -414,7 +511,7 @@ def loss_select(model, tokenizer, pool, validation, harmful, cfg: SelectConfig,
                     Batches(encode_samples(pool, tokenizer, cfg.max_len), cfg.batch_size,
                             tokenizer.pad_id, shuffle=False).epoch(0)]
     next_v = stream(validation, tokenizer, cfg, cfg.seed + 1, device)
-    meter, steps = Meter(), step_budget(cfg, len(pool))
+    meter, steps = Meter(cfg.bf16), step_budget(cfg, len(pool))
     scores = np.zeros(len(pool))
     with selector_lora(model, cfg) as params:
         for b in pool_batches:  # base model: the LoRA is still zero (B = 0)

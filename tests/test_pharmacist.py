@@ -1,4 +1,4 @@
-"""Tests of pharmacist.py: per-sample weights, the finite-difference hypergradient, the selectors."""
+"""Tests of pharmacist.py: per-sample weights, the per-sample dot products and hypergradient, the selectors."""
 import random
 import sys
 from dataclasses import replace
@@ -109,7 +109,7 @@ def test_rank_ties_by_index():
     assert ranks.tolist() == [2, 0, 3, 1] and mask.tolist() == [False, True, False, True]
 
 
-# ----------------------------------------------------------------------------- finite differences
+# ----------------------------------------------------------------------------- per-sample dot products
 
 def losses64(logits, labels):
     """The per-sample losses from the full logits in float64: the reference (float32 would be too
@@ -133,28 +133,62 @@ def batch_and_params(tokenizer, dtype=torch.float64, seed=0):
     return model, params, batch
 
 
-def test_finite_difference_matches_per_sample_gradients(tokenizer):
-    """(ℓ_i(θ+εg) − ℓ_i(θ−εg))/2ε against ∇ℓ_i(θ)ᵀg by one backward per sample (float64)."""
+def per_sample_reference(model, params, batch, g):
+    """∇ℓ_iᵀg and ‖∇ℓ_i‖² by one float64 backward per sample, from the full logits."""
+    losses = losses64(model(batch["input_ids"]), batch["labels"])
+    grads = [torch.autograd.grad(l, params, retain_graph=True) for l in losses]
+    dots = torch.stack([sum((a * b).sum() for a, b in zip(gr, g)) for gr in grads])
+    return dots, torch.stack([sum((a * a).sum() for a in gr) for gr in grads])
+
+
+def test_sample_grad_dots_equal_per_sample_autograd(tokenizer):
+    """The hooks' ∇ℓ_iᵀg and ‖∇ℓ_i‖², from one backward of the weighted batch loss, against one
+    backward per sample (float64); the weights are divided out; no hook is left behind."""
     model, params, batch = batch_and_params(tokenizer)
     g = [torch.randn_like(p) for p in params]
-    before = [p.detach().clone() for p in params]
-    fd = P.sample_grad_dots(P.Meter(), model, params, batch, g, eps=1e-2)  # measured: 8e-5
-    assert all(torch.equal(p, q) for p, q in zip(params, before))  # θ restored bit for bit
-    losses = losses64(model(batch["input_ids"]), batch["labels"])
-    exact = torch.stack([sum((a * b).sum() for a, b in zip(torch.autograd.grad(l, params, retain_graph=True), g))
-                         for l in losses])
-    rel = (fd - exact).abs().max() / exact.abs().max()
-    assert rel < 1e-3, (fd, exact)
+    w = torch.linspace(0.5, 1.5, len(batch["index"]), dtype=torch.float64)
+    with M.sample_grad_dots(model, params, g, norms=True) as probe:
+        losses = P.Meter().losses(model, batch)
+    G = torch.autograd.grad((w * losses).mean(), params)
+    dots, sq_norms = per_sample_reference(model, params, batch, g)
+    ghost = probe.dots * len(w) / w
+    assert (ghost - dots).abs().max() / dots.abs().max() < 1e-6, (ghost, dots)  # measured 4e-8
+    w_sq = (w / len(w)) ** 2
+    assert (probe.sq_norms / w_sq - sq_norms).abs().max() / sq_norms.max() < 1e-6
+    # the same backward gave the ordinary gradient, and nothing is watching any more
+    ref = torch.autograd.grad((w * losses64(model(batch["input_ids"]), batch["labels"])).mean(), params)
+    assert all(torch.allclose(a, b, rtol=1e-6, atol=1e-12) for a, b in zip(G, ref))
+    assert all(m.probe is None for m in M.lora_modules(model).values())
+    _, G2, dots2 = P.weighted_step_dots(P.Meter(), model, params, batch, w, g)
+    assert (dots2 - dots).abs().max() / dots.abs().max() < 1e-6 and all(torch.equal(a, b) for a, b in zip(G, G2))
 
 
-def test_hypergradient_matches_autograd_through_the_look_ahead(tokenizer):
-    """With λ = 0, F(θ⁺(w)) = L_v(θ − η∇mean(w·ℓ)) is differentiable in w by autograd."""
+def test_sample_grad_dots_under_bf16_autocast(tokenizer):
+    """In bf16 (activations and their gradients rounded to 8 bits of mantissa) the dots stay within
+    a few percent of the float64 values: measured 1-2 % of the largest, tolerance 8 %."""
+    model, params, batch = batch_and_params(tokenizer, dtype=torch.float32)
+    g = [torch.randn_like(p) for p in params]
+    with M.sample_grad_dots(model, params, g) as probe, torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = P.Meter().losses(model, batch)
+    torch.autograd.grad(losses.sum(), params)
+    model64 = model.double()
+    exact, _ = per_sample_reference(model64, params, batch, [x.double() for x in g])
+    assert probe.dots.dtype == torch.float32
+    assert (probe.dots.double() - exact).abs().max() / exact.abs().max() < 0.08, (probe.dots, exact)
+
+
+def test_lookahead_hypergradient_matches_autograd_through_the_look_ahead(tokenizer):
+    """With λ = 0, F(θ⁺(w)) = L_v(θ − η∇mean(w·ℓ)) is differentiable in w by autograd, and
+    ∂F/∂w_i = −(η/|B|)·∇ℓ_i(θ)ᵀ∇F(θ⁺) exactly."""
     model, params, batch = batch_and_params(tokenizer)
     _, validation, _ = planted()
     batch_v = Batches(encode_samples(validation, tokenizer, 48), 8, tokenizer.pad_id, shuffle=False).epoch(0)[0]
-    cfg = replace(CFG, lam=0.0, eta=0.05)
+    cfg = replace(CFG, lam=0.0, eta=0.05, normalize=False)
     w = torch.linspace(0.5, 1.5, len(batch["index"]), dtype=torch.float64, requires_grad=True)
-    grad_w, _, _ = P.hypergradient(P.Meter(), model, params, batch, w, batch_v, None, cfg)
+    before = [p.detach().clone() for p in params]
+    _, _, dots, _, _ = P.lookahead_step_dots(P.Meter(), model, params, batch, w, lambda: (batch_v, None), cfg)
+    grad_w = -(cfg.eta / len(w)) * dots
+    assert all(torch.equal(p, q) for p, q in zip(params, before))  # θ restored bit for bit
 
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     with sdpa_kernel(SDPBackend.MATH):  # the fused CPU attention has no double backward
@@ -163,7 +197,14 @@ def test_hypergradient_matches_autograd_through_the_look_ahead(tokenizer):
         plus = {n: p - cfg.eta * x for n, p, x in zip(names, params, G)}
         L_v = losses64(functional_call(model, plus, (batch_v["input_ids"],)), batch_v["labels"]).mean()
         exact, = torch.autograd.grad(L_v, w)
-    assert (grad_w - exact).abs().max() / exact.abs().max() < 1e-3, (grad_w, exact)
+    assert (grad_w - exact).abs().max() / exact.abs().max() < 1e-6, (grad_w, exact)  # measured 1e-8 (was 1e-3 by finite differences)
+
+
+def test_running_scale_and_score_stats():
+    scale = P.RunningScale()
+    assert abs(scale(torch.full((4,), 3.0)) - 3.0) < 1e-12  # bias-corrected from the first call
+    stats = P.score_stats([0.1, -0.1, 0.1, 0.3])
+    assert stats["distinct"] == 3 and stats["quantiles"]["max"] == 0.3
 
 
 # ----------------------------------------------------------------------------- selectors
@@ -175,11 +216,14 @@ def same_model(a, b):
 
 @pytest.mark.parametrize("selector,overrides", [
     ("pharmacist", {}),
+    ("pharmacist", dict(mode="first_order")),
+    ("pharmacist", dict(lookahead=True, outer_every=1)),
     ("seal", dict(inner_lr=1e-2, passes=4)),  # SEAL ranks by loss: the model must learn first
     ("loss", {})])
 def test_learned_selectors_rank_clean_above_noise(tokenizer, selector, overrides):
-    """16 clean refusals and 16 noise answers, keep 16. Seed 0 (measured over seeds 0-3, AUC:
-    pharmacist 0.79-0.97, seal 0.85-0.95, loss 1.0, random 0.35-0.52)."""
+    """16 clean refusals and 16 noise answers, keep 16. Seed 0 (measured over seeds 0-2, AUC:
+    pharmacist bilevel 0.97-0.99, first_order 1.0, lookahead 0.98-0.99; earlier, seal 0.85-0.95,
+    loss 1.0, random 0.35-0.52)."""
     pool, validation, harmful = planted()
     clean = np.array([s.category == "refusal" for s in pool])
     model = make_model()
@@ -190,7 +234,20 @@ def test_learned_selectors_rank_clean_above_noise(tokenizer, selector, overrides
     chance = clean[P.rank(P.select(model, tokenizer, pool, validation, harmful,
                                    replace(cfg, selector="random"), progress=False).scores, 16)[1]].mean()
     assert auc >= 0.7 and precision >= 0.625 and precision > chance, (selector, auc, precision, chance)
-    assert sel.stats["steps"] == P.step_budget(cfg, len(pool)) and sel.stats["tokens"] > 0
+    if cfg.mode == "bilevel":
+        assert sel.stats["steps"] == P.step_budget(cfg, len(pool))
+    assert sel.stats["tokens"] > 0
+
+
+def test_bilevel_scores_keep_their_sizes(tokenizer):
+    """Adam on a logit that gets a gradient twice moves it by about ±lr per visit, so two passes
+    left 5 levels (signs); SGD on normalised hypergradients leaves every row its own size."""
+    pool, validation, harmful = planted()
+    cfg = replace(CFG, selector_lr=0.05)
+    scores = P.select(make_model(), tokenizer, pool, validation, harmful, cfg, progress=False).scores
+    levels = np.unique(np.round(scores / cfg.selector_lr, 1))  # what Adam's ±lr steps would leave
+    assert len(levels) > 4 * cfg.passes + 1, levels
+    assert P.score_stats(scores)["distinct"] == len(pool)
 
 
 def test_pharmacist_repeatable_and_model_unchanged(tokenizer):
@@ -206,7 +263,25 @@ def test_pharmacist_repeatable_and_model_unchanged(tokenizer):
     assert not model.layers[0].mlp.up_proj.weight.requires_grad
     assert model.layers[0].mlp.down_proj.weight.requires_grad and not model.training
     st = a.stats
-    assert st["steps"] == 3 and st["forward_passes"] == 3 * 6 and st["backward_passes"] == 3 * 4
+    # one outer gradient (validation, harmful at θ and at θ̃) and three inner steps, with the
+    # per-sample dot products read from the inner steps' own backward passes
+    assert st["steps"] == 3 and st["forward_passes"] == 3 + 3 and st["backward_passes"] == 3 + 3
+    assert st["scores"]["distinct"] > 2
+
+
+def test_first_order_repeatable_and_model_unchanged(tokenizer):
+    pool, validation, harmful = planted()
+    model, reference = make_model(), make_model()
+    cfg = replace(CFG, mode="first_order", checkpoints=2)
+    a = P.select(model, tokenizer, pool, validation, harmful, cfg, progress=False)
+    b = P.select(model, tokenizer, pool, validation, harmful, cfg, progress=False)
+    assert np.array_equal(a.scores, b.scores) and not M.lora_modules(model) and same_model(model, reference)
+    n_batches = -(-len(pool) // cfg.batch_size)
+    assert a.stats["steps"] == n_batches  # one SFT pass between the two checkpoints
+    assert a.stats["backward_passes"] == 2 * (3 + n_batches) + n_batches
+    assert np.all(np.abs(a.scores) <= 1 + 1e-9)  # a mean of cosines
+    with pytest.raises(ValueError, match="bilevel or first_order"):
+        P.select(model, tokenizer, pool, validation, harmful, replace(cfg, mode="magic"), progress=False)
 
 
 def test_model_restored_when_selection_fails(tokenizer):
@@ -243,8 +318,7 @@ def test_bad_selector_keep_and_missing_sets(tokenizer):
 
 
 def test_bf16_model_comes_back_bit_exact(tokenizer):
-    """Pharmacist casts half-precision weights up to float32 for its finite differences and
-    back afterwards: bf16 -> fp32 -> bf16 is exact, and every tensor keeps its dtype."""
+    """Selecting on a bf16 model leaves its weights bit for bit and every tensor its dtype."""
     pool, validation, harmful = planted(4, 4)
     model, reference = make_model().to(torch.bfloat16), make_model().to(torch.bfloat16)
     model.inv_freq = model.inv_freq.float()  # a float32 buffer stays float32

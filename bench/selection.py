@@ -1,0 +1,151 @@
+"""Which selector finds the clean refusals of a planted pool, and what it costs.
+
+    python bench/selection.py --data runs/data,runs/data_hw [--bf16] [--align]
+
+Each --data folder (from data/prepare.py; the pool's `category` says which rows are clean
+refusals) is ranked by every selector in --runs, all in one process on one model. The table gives
+precision@k (the share of clean refusals among the k kept rows), what was kept by kind, the
+number of distinct scores, forward/backward passes and seconds. --align also times SFT alignment
+(the align stage's loop, --align-epochs epochs) on the whole pool and on each selector's k rows of
+the first folder, so "selection + alignment on the subset" can be set against "alignment on the
+whole pool". Writes results/select.{md,json} (or --out).
+"""
+import argparse
+import dataclasses
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import model as M  # noqa: E402
+import pharmacist as P  # noqa: E402
+import train  # noqa: E402
+from data.samples import load_jsonl  # noqa: E402
+
+# name -> SelectConfig overrides; the defaults are pharmacist.SelectConfig's
+RUNS = {
+    "pharmacist": {},
+    "pharmacist-first-order": dict(mode="first_order"),
+    "pharmacist-lookahead": dict(lookahead=True, outer_every=1),
+    "seal": dict(selector="seal"),
+    "loss": dict(selector="loss"),
+    "random": dict(selector="random"),
+}
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default="runs/data", help="comma list of data folders (data/prepare.py)")
+    p.add_argument("--runs", default="pharmacist,pharmacist-first-order,seal,loss,random",
+                   help=f"comma list of {', '.join(RUNS)}; NAME:field=value/field=value adds "
+                        "SelectConfig overrides (e.g. pharmacist:passes=1/outer_every=8)")
+    p.add_argument("--keep", type=float, default=160, help="rows kept (count or fraction)")
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast for selection and alignment")
+    p.add_argument("--align", action="store_true", help="also time SFT alignment, whole pool and subsets")
+    p.add_argument("--align-epochs", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="results/select")
+    return p.parse_args(argv)
+
+
+def run_spec(spec: str) -> tuple[str, dict]:
+    """'pharmacist:outer_every=8/selector_lr=0.2' -> (the same string, its SelectConfig overrides)."""
+    name, _, extra = spec.partition(":")
+    if name not in RUNS:
+        raise SystemExit(f"error: --runs {name!r}: choose from {', '.join(RUNS)}")
+    over = dict(RUNS[name])
+    fields = {f.name: f for f in dataclasses.fields(P.SelectConfig)}
+    for item in filter(None, extra.split("/")):
+        key, _, value = item.partition("=")
+        if key not in fields:
+            raise SystemExit(f"error: --runs {spec!r}: SelectConfig has no field {key!r}")
+        over[key] = train.flag_type(fields[key])(value)
+    return spec, over
+
+
+def precision_row(pool, scores, k: int) -> dict:
+    kind = np.array([s.category for s in pool])
+    _, kept = P.rank(scores, k)
+    return dict(precision=float((kind[kept] == "refusal").mean()),
+                kept={c: int((kind[kept] == c).sum()) for c in sorted(set(kind))})
+
+
+def time_alignment(model, tok, data, harmful, epochs: int, bf16: bool, seed: int) -> float:
+    """Seconds of the align stage's loop (SFT, a fresh LoRA) on `data`; the model comes back clean."""
+    cfg = train.Config(resume=False)
+    cfg.align = dataclasses.replace(cfg.align, epochs=epochs, bf16=bf16, seed=seed, save_every=10**9)
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        train.run_training(cfg, cfg.align, model, tok, next(model.parameters()).device, data, harmful,
+                           data, Path(tmp))
+        seconds = time.perf_counter() - t0
+    M.remove_lora(model)
+    model.requires_grad_(False)
+    return seconds
+
+
+def main(argv=None):
+    args = parse(argv)
+    torch.manual_seed(args.seed)
+    model, tok = M.load_pretrained(args.model)
+    rows, aligned = [], {}
+    for folder in args.data.split(","):
+        folder = Path(folder)
+        pool, validation, harmful = (load_jsonl(folder / f) for f in ("pool.jsonl", "validation.jsonl", "harmful.jsonl"))
+        k = P.keep_count(args.keep, len(pool))
+        for spec in args.runs.split(","):
+            name, over = run_spec(spec)
+            cfg = dataclasses.replace(P.SelectConfig(seed=args.seed, bf16=args.bf16, keep=args.keep), **over)
+            t0 = time.perf_counter()
+            sel = P.select(model, tok, pool, validation, harmful, cfg)
+            seconds = time.perf_counter() - t0
+            row = dict(data=folder.name, selector=name, k=k, seconds=seconds,
+                       forward=sel.stats.get("forward_passes", 0), backward=sel.stats.get("backward_passes", 0),
+                       distinct=P.score_stats(sel.scores)["distinct"], config=dataclasses.asdict(cfg),
+                       **precision_row(pool, sel.scores, k))
+            if args.align and folder == Path(args.data.split(",")[0]):
+                if "full" not in aligned:
+                    aligned["full"] = time_alignment(model, tok, pool, harmful, args.align_epochs, args.bf16, args.seed)
+                _, kept = P.rank(sel.scores, k)
+                subset = [s for s, keep in zip(pool, kept) if keep]
+                row["align_subset_s"] = time_alignment(model, tok, subset, harmful, args.align_epochs,
+                                                       args.bf16, args.seed)
+                row["align_full_s"] = aligned["full"]
+            rows.append(row)
+            print(json.dumps({k_: v for k_, v in row.items() if k_ != "config"}), flush=True)
+            write(rows, Path(args.out), args)
+    print(table(rows))
+
+
+def table(rows) -> str:
+    timed = any("align_subset_s" in r for r in rows)
+    head = "| data | selector | precision@k | kept by kind | distinct scores | fwd / bwd passes | select (s) |"
+    head += " align subset (s) | select + align subset vs align full (s) |" if timed else ""
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        kept = ", ".join(f"{c} {n}" for c, n in r["kept"].items())
+        line = (f"| {r['data']} | {r['selector']} | {r['precision']:.3f} | {kept} | {r['distinct']} | "
+                f"{r['forward']} / {r['backward']} | {r['seconds']:.0f} |")
+        if timed:
+            line += (f" {r['align_subset_s']:.0f} | {r['seconds'] + r['align_subset_s']:.0f} vs "
+                     f"{r['align_full_s']:.0f} |" if "align_subset_s" in r else " | |")
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+def write(rows, out: Path, args):
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cmd = "python bench/selection.py " + " ".join(sys.argv[1:])
+    Path(f"{out}.json").write_text(json.dumps(dict(command=cmd, rows=rows), indent=1) + "\n")
+    Path(f"{out}.md").write_text(f"`{cmd}`\n\n" + table(rows))
+
+
+if __name__ == "__main__":
+    main()
