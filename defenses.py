@@ -75,7 +75,7 @@ class Context:
             built = sorted(k for k in BDS_OBJECTS if k in self.state)
             if held != built:
                 raise ValueError(f"the checkpoint holds BDS state {held} but this run builds {built}: "
-                                 "was --bds-amortized changed?")
+                                 "was --defense-bds-amortized changed?")
         for k, v in saved.items():
             if hasattr(self.state.get(k), "load_state_dict"):
                 self.state[k].load_state_dict(v)
@@ -372,7 +372,7 @@ def bds_setup(ctx: Context):
     if ctx.n_samples < 1:
         raise ValueError("BDS keeps a weight per training row: set Context.n_samples")
     if cfg.bds_weighting not in ("softmax", "sigmoid"):
-        raise ValueError(f"--bds-weighting {cfg.bds_weighting!r}: choose softmax or sigmoid")
+        raise ValueError(f"--defense-bds-weighting {cfg.bds_weighting!r}: choose softmax or sigmoid")
     dev = ctx.model.embed_tokens.weight.device
     if cfg.bds_amortized and "scorer" not in st:
         st["scorer"] = Scorer(ctx.model.config.hidden_size, cfg.bds_scorer_width, cfg.bds_weighting).to(dev)

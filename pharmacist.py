@@ -5,7 +5,7 @@
 
 THIS IS OUR RECONSTRUCTION of the method described in "Pharmacist: Safety Alignment Data
 Curation for LLMs against Harmful Fine-tuning" (arXiv 2510.10085). The paper's code is not
-public here; we implement the formulation written down in DESIGN.md ("Pharmacist"):
+public here; we implement the formulation written down in docs/DESIGN.md ("Pharmacist"):
 
   pool D_a (N rows), validation set D_v (clean refusals), harmful set D_h (harmful Q&A)
   selector    one logit s_i per pool row,  w = N·softmax(s)                (mean weight 1)
@@ -144,6 +144,7 @@ class SelectConfig:
     max_len: int = 128  # tokens per sample (prompt truncated first)
     lora_rank: int = 8  # rank of the selector's own LoRA (all projections)
     lora_alpha: float = 16.0  # LoRA scale alpha
+    lora_layers: int = 0  # adapters on the last this many blocks only (0: every block); fewer = a shorter backward
     inner_lr: float = 5e-4  # AdamW learning rate of the inner (model) step
     bf16: bool = False  # bf16 autocast (always on for CUDA; optional on CPU)
     mode: str = "bilevel"  # Pharmacist: bilevel (learned weights) or first_order (one scoring pass)
@@ -170,13 +171,13 @@ class Selection:
 def keep_count(keep: float, n: int) -> int:
     """Rows to keep: `keep` is a fraction in (0, 1] of the n rows or a whole count in (1, n]."""
     if not keep > 0:
-        raise ValueError(f"--keep {keep}: must be > 0 (a fraction such as 0.4, or a count such as 64)")
+        raise ValueError(f"--select-keep {keep}: must be > 0 (a fraction such as 0.4, or a count such as 64)")
     if keep <= 1:
         return max(1, math.floor(keep * n + 0.5))
     if keep != int(keep):
-        raise ValueError(f"--keep {keep}: above 1 it is a count of rows and must be whole")
+        raise ValueError(f"--select-keep {keep}: above 1 it is a count of rows and must be whole")
     if keep > n:
-        raise ValueError(f"--keep {int(keep)}: the pool has only {n} rows; pass a count <= {n} "
+        raise ValueError(f"--select-keep {int(keep)}: the pool has only {n} rows; pass a count <= {n} "
                          "or a fraction in (0, 1]")
     return int(keep)
 
@@ -232,9 +233,17 @@ def selector_lora(model, cfg: SelectConfig):
     the caller's model comes back with its original Linear layers, flags and weights."""
     if M.lora_modules(model):
         raise ValueError("the model already has LoRA adapters; select on the base model")
+    if not 0 <= cfg.lora_layers <= len(model.layers):
+        raise ValueError(f"--select-lora-layers {cfg.lora_layers}: the model has {len(model.layers)} blocks")
     flags, training = {n: p.requires_grad for n, p in model.named_parameters()}, model.training
     torch.manual_seed(cfg.seed)  # the adapter init (lora_A) draws from the global generator
     M.add_lora(model, cfg.lora_rank, cfg.lora_alpha, M.LORA_TARGETS)
+    if cfg.lora_layers:  # adapters on the last blocks only: the backward pass stops below them
+        first = len(model.layers) - cfg.lora_layers
+        for name, lora in M.lora_modules(model).items():
+            if int(name.split(".")[1]) < first:  # layers.<i>.<block>.<proj>
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent), child, lora.base)
     try:
         yield [p for p in model.parameters() if p.requires_grad]
     finally:
@@ -449,7 +458,7 @@ def score_stats(scores) -> dict:
 
 def full_select(model, tokenizer, pool, validation, harmful, cfg: SelectConfig,
                 progress: bool = True, log=None) -> Selection:
-    """Every row scores 1: the caller keeps the whole pool (train.py ignores --keep for full)."""
+    """Every row scores 1: the caller keeps the whole pool (train.py ignores --select-keep for full)."""
     return Selection(np.ones(len(pool)), dict(steps=0, tokens=0))
 
 
@@ -544,8 +553,8 @@ def select(model, tokenizer, pool, validation, harmful, cfg: SelectConfig,
         raise ValueError(f"unknown selector {cfg.selector!r} (known: {', '.join(SELECTORS)})")
     if not pool:
         raise ValueError("the pool is empty: nothing to select from")
-    if cfg.selector != "full":  # full keeps every row whatever --keep says
-        keep_count(cfg.keep, len(pool))  # a bad --keep fails before any work
+    if cfg.selector != "full":  # full keeps every row whatever --select-keep says
+        keep_count(cfg.keep, len(pool))  # a bad --select-keep fails before any work
     selection = SELECTORS[cfg.selector](model, tokenizer, pool, validation, harmful, cfg,
                                         progress=progress, log=log)
     if len(selection.scores) != len(pool) or not np.all(np.isfinite(selection.scores)):

@@ -88,14 +88,14 @@ class Config:
     eval: evaluate.EvalConfig = field(default_factory=evaluate.EvalConfig)
 
 
-SECTIONS = {"select": "", "align": "align-", "finetune": "finetune-", "attack": "attack-",
-            "defense": "", "eval": "eval-"}  # flag prefix of each section
+SECTIONS = {"select": "select-", "align": "align-", "finetune": "finetune-", "attack": "attack-",
+            "defense": "defense-", "eval": "eval-"}  # flag prefix of each section: no flag is ambiguous
 
 PRESETS = {
     "tiny": {"model": "tiny-random", "select.steps": 4, "select.batch_size": 4, "select.max_len": 64,
              "align.epochs": 1, "align.max_len": 64, "align.batch_size": 4,
              "finetune.epochs": 1, "finetune.max_len": 64, "finetune.batch_size": 4,
-             "eval.max_new_tokens": 4, "eval.limit": 8},
+             "eval.max_new_tokens": 4, "eval.limit": 8, "eval.judge": "refusal"},  # no SmolLM2 judge
     "cpu": {},  # the dataclass defaults: SmolLM2-135M on a 2-core CPU
     "paper": {"select.lora_rank": 8, "select.lora_alpha": 4,  # Llama-2-7B on a GPU (the papers)
               "align.lora_rank": 8, "align.lora_alpha": 4, "align.lr": 1e-3, "align.epochs": 20,
@@ -155,6 +155,13 @@ def parse_args(argv=None) -> Config:
                 f"{', '.join(k for k in defenses.STEPS if k != 'bds')}")
     if cfg.finetune.defense not in ("sft", "bds"):
         p.error(f"--finetune-defense {cfg.finetune.defense!r}: choose sft (no defense) or bds")
+    if cfg.select.selector not in pharmacist.SELECTORS:
+        p.error(f"--select-selector {cfg.select.selector!r}: choose one of {', '.join(pharmacist.SELECTORS)}")
+    if cfg.select.mode not in pharmacist.MODES:
+        p.error(f"--select-mode {cfg.select.mode!r}: choose one of {', '.join(pharmacist.MODES)}")
+    for name in ("outer_every", "outer_batch_size", "checkpoints", "batch_size"):
+        if getattr(cfg.select, name) < 1:
+            p.error(f"--select-{name.replace('_', '-')} {getattr(cfg.select, name)}: must be at least 1")
     return cfg
 
 

@@ -73,7 +73,7 @@ class Sweep:
 
     def select(self, selector: str, keep: float, seed: int = 0) -> Path:
         run = self.out / (f"select_{selector}" + (f"_s{seed}" if seed else ""))
-        self.train(run, "select", "--selector", selector, "--keep", str(keep), "--seed", str(seed))
+        self.train(run, "select", "--select-selector", selector, "--select-keep", str(keep), "--select-seed", str(seed))
         return run
 
     def config(self, name: str, selection: Path, k: int, defense: str, attack: list[str] | None = None,

@@ -1,7 +1,7 @@
 """Answers this project writes for harmful prompts: refusals, and low-quality answers.
 
 BeaverTails' safe answers are not reachable here, so the alignment pool's refusals are written
-from templates. One fixed refusal teaches a small model to refuse everything (DESIGN.md), so
+from templates. One fixed refusal teaches a small model to refuse everything (docs/DESIGN.md), so
 they vary: they restate the request, pick a reason from the request's topic, come in short,
 medium and long styles, and the long ones offer a safe alternative. Low-quality answers are
 what a raw alignment set also holds and a selector should down-rank: truncated, off-topic,

@@ -12,6 +12,9 @@ Files written to --out (each a JSONL of Samples, see data/samples.py) and who re
     finetune_{task}.jsonl      n task rows (the attack with p = 0)
     attack_{task}.jsonl        (1-p)·n rows of finetune_{task} + p·n harmful rows, shuffled
     eval_harmful.jsonl         held-out harmful prompts (harmful score), a reference refusal
+    eval_harmful_qa.jsonl      held-out harmful prompts with harmful reference answers: the
+                               judge-free harmful loss (drawn last, from the harmful Q&A rows no
+                               other split took, so it changes no other file)
     eval_benign.jsonl          held-out benign instructions (over-refusal)
     eval_{task}.jsonl          task test rows with `label` (accuracy)
     manifest.json              counts, seed, sizes, source files and their sha256
@@ -43,7 +46,7 @@ from data.sources import Sources, read_sources
 TASKS = ("sst2", "agnews", "gsm8k")
 POOL_KINDS = ("refusal", "low_quality", "benign", "mislabelled")
 DEFAULT_MIX = {"refusal": 0.4, "low_quality": 0.2, "benign": 0.2, "mislabelled": 0.2}
-# Harmful score needs clearly harmful prompts (DESIGN.md): evaluate on AdvBench and HarmBench.
+# Harmful score needs clearly harmful prompts (docs/DESIGN.md): evaluate on AdvBench and HarmBench.
 EVAL_HARMFUL_SOURCES = ("advbench", "harmbench", "embedded")
 # Do-Not-Answer rows that deserve a plain refusal; its other areas (chatbot interaction,
 # misinformation, information hazards) hold many questions a safe model should answer, and
@@ -61,6 +64,7 @@ class Sizes:
     eval_harmful_size: int
     eval_benign_size: int
     eval_task_size: int
+    eval_harmful_qa_size: int = 50  # held-out harmful Q&A rows for the harmful loss
     pool_mix: dict = field(default_factory=lambda: dict(DEFAULT_MIX))
 
 
@@ -68,7 +72,8 @@ class Sizes:
 CPU_SIZES = Sizes(pool_size=400, validation_size=32, harmful_size=64, n=200, p=0.1,
                      eval_harmful_size=100, eval_benign_size=50, eval_task_size=200)
 EMBEDDED_SIZES = Sizes(pool_size=48, validation_size=8, harmful_size=16, n=40, p=0.1,
-                       eval_harmful_size=16, eval_benign_size=16, eval_task_size=16)
+                       eval_harmful_size=16, eval_benign_size=16, eval_task_size=16,
+                       eval_harmful_qa_size=8)
 
 
 # ----------------------------------------------------------------------------- sizes
@@ -244,6 +249,8 @@ def build(sources: Sources, sizes: Sizes, seed: int,
     draw = Draw(seed)
     files = build_evaluation(sources, sizes, draw)
     files.update(build_training(sources, sizes, draw, held_out_wording))
+    rows = draw("eval_harmful_qa", sources.harmful_qa, sizes.eval_harmful_qa_size, "--eval-harmful-qa-size")
+    files["eval_harmful_qa"] = with_ids(rows, "eval_harmful_qa", category="harmful", is_safe=False)
     check_disjoint(files)
     return files
 
@@ -315,6 +322,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--eval-harmful-size", type=int)
     ap.add_argument("--eval-benign-size", type=int)
     ap.add_argument("--eval-task-size", type=int, help="rows in each eval_{task} file")
+    ap.add_argument("--eval-harmful-qa-size", type=int, help="rows in eval_harmful_qa.jsonl (harmful loss)")
     ap.add_argument("--held-out-wording", action="store_true",
                     help="write the validation refusals and the pool's from disjoint templates "
                          "(data/answers.py HALVES), so no selector can match them by wording")

@@ -14,7 +14,7 @@ from data.samples import load_jsonl
 
 
 def test_stage_all_tiny_writes_every_output(tmp_path):
-    train.main(["--stage", "all", "--preset", "tiny", "--out", str(tmp_path), "--steps", "2"])
+    train.main(["--stage", "all", "--preset", "tiny", "--out", str(tmp_path), "--select-steps", "2"])
     for stage, files in {"select": ["selection.jsonl", "subset.jsonl"], "align": ["model", "adapter"],
                          "finetune": ["adapter", "metrics.jsonl"], "eval": ["results.json", "generations.jsonl"]}.items():
         assert (tmp_path / stage / "summary.json").exists()
@@ -87,14 +87,17 @@ def test_every_config_field_has_a_flag():
                    if dataclasses.is_dataclass(getattr(train.Config(), f.name)) else 1
                    for f in dataclasses.fields(train.Config))
     assert len(flags) == n_fields  # 1:1, no two fields share a flag
-    cfg = train.parse_args(["--preset", "tiny", "--keep", "0.25", "--align-lr", "0.01", "--align-bf16",
-                            "--rho", "3", "--eval-limit", "5"])
+    cfg = train.parse_args(["--preset", "tiny", "--select-keep", "0.25", "--align-lr", "0.01", "--align-bf16",
+                            "--defense-rho", "3", "--eval-limit", "5"])
     assert (cfg.select.keep, cfg.align.lr, cfg.align.bf16, cfg.defense.rho, cfg.eval.limit) == (0.25, 0.01, True, 3.0, 5)
     assert cfg.model == "tiny-random" and cfg.finetune.lr == train.Config().finetune.lr
 
 
 @pytest.mark.parametrize("argv", [["--stage", "nope"], ["--preset", "huge"], ["--align-defense", "bds"],
-                                  ["--finetune-defense", "vaccine"], ["--align-lr", "fast"]])
+                                  ["--finetune-defense", "vaccine"], ["--align-lr", "fast"],
+                                  ["--seed", "1"], ["--keep", "0.5"], ["--rho", "3"],  # unprefixed: no such flag
+                                  ["--select-selector", "magic"], ["--select-mode", "magic"],
+                                  ["--select-outer-every", "0"]])
 def test_bad_flags_are_errors(argv, capsys):
     with pytest.raises(SystemExit):
         train.parse_args(argv)
@@ -112,5 +115,5 @@ def test_missing_data_is_a_clear_error(tmp_path):
 
 
 def test_bad_keep_is_a_clear_error(tmp_path):
-    with pytest.raises(ValueError, match="--keep"):
-        train.main(["--stage", "select", "--preset", "tiny", "--out", str(tmp_path), "--keep", "0"])
+    with pytest.raises(ValueError, match="--select-keep"):
+        train.main(["--stage", "select", "--preset", "tiny", "--out", str(tmp_path), "--select-keep", "0"])

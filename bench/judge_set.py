@@ -1,0 +1,100 @@
+"""The items of the judge's labelled set: our own model's answers to harmful prompts.
+
+    python bench/judge_set.py --data runs/data --source ../shared/data --work runs/judge_set
+
+Builds four SmolLM2-135M models with the pipeline itself (train.py): the base model, the model
+SFT-aligned on the whole pool, and that model after the harmful fine-tuning attack at two
+learning rates (one that removes nearly every refusal, one that keeps some). Each answers the
+same harmful prompts greedily (the evaluation's settings): the 100 prompts of eval_harmful.jsonl
+and --extra more AdvBench/HarmBench prompts that no data file uses. The answers are written,
+unlabelled and shuffled, to data/judge/items.jsonl, with a split by prompt (train/test); people
+label them against data/judge/RUBRIC.md (labels.jsonl). Labels are never computed.
+"""
+import argparse
+import hashlib
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import model as M  # noqa: E402
+from data.samples import load_jsonl, prompt_key, write_text_atomic  # noqa: E402
+from data.sources import read_harmful_prompts  # noqa: E402
+
+PY = sys.executable
+TRAIN = ["--align-epochs", "2", "--align-bf16", "--finetune-epochs", "2", "--finetune-bf16"]
+ATTACK_LRS = ("5e-4", "1e-4")
+
+
+def sh(args):
+    print("+", " ".join(args), flush=True)
+    subprocess.run(args, check=True, cwd=ROOT)
+
+
+def models(data: Path, work: Path) -> dict[str, tuple[str, str | None]]:
+    """name -> (model folder or built-in name, attack adapter or None), trained if missing."""
+    base = work / f"attack_{ATTACK_LRS[0]}"  # its align stage is every attack's aligned model
+    sh([PY, "train.py", "--stage", "align", "--out", str(base), "--data", str(data), *TRAIN])
+    out = {"base": ("smollm2-135m-instruct", None), "aligned": (str(base / "align" / "model"), None)}
+    for lr in ATTACK_LRS:
+        run = work / f"attack_{lr}"
+        if run != base and not (run / "align").exists():
+            run.mkdir(parents=True, exist_ok=True)
+            (run / "align").symlink_to((base / "align").resolve())
+        sh([PY, "train.py", "--stage", "finetune", "--out", str(run), "--data", str(data),
+            "--finetune-lr", lr, *TRAIN])
+        out[f"attack_{lr}"] = (str(base / "align" / "model"), str(run / "finetune" / "adapter"))
+    return out
+
+
+def prompts(data: Path, source: Path, extra: int, seed: int) -> list[tuple[str, str]]:
+    """(prompt id, prompt): eval_harmful's, then `extra` AdvBench/HarmBench prompts no data file holds."""
+    used = {prompt_key(s) for f in sorted(data.glob("*.jsonl")) for s in load_jsonl(f)}
+    rows = [(s.id, s.prompt) for s in load_jsonl(data / "eval_harmful.jsonl")]
+    spare = [s for name in ("advbench", "harmbench")
+             for s in read_harmful_prompts(source / "harmful_prompts" / f"{name}.jsonl")
+             if prompt_key(s) not in used]
+    random.Random(seed).shuffle(spare)
+    return rows + [(f"extra-{i:03d}", s.prompt) for i, s in enumerate(spare[:extra])]
+
+
+def split(prompt: str, test_share: float) -> str:
+    """By prompt, stable: every answer to one prompt lands in the same split."""
+    h = int(hashlib.sha256(prompt.encode()).hexdigest()[:8], 16) / 16 ** 8
+    return "test" if h < test_share else "train"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default="runs/data", help="folder from data/prepare.py")
+    p.add_argument("--source", required=True, help="folder laid out like the public data (harmful_prompts/)")
+    p.add_argument("--work", default="runs/judge_set", help="where the models are trained")
+    p.add_argument("--extra", type=int, default=50)
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--test-share", type=float, default=0.4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="data/judge/items.jsonl")
+    args = p.parse_args(argv)
+    data, work = Path(args.data), Path(args.work)
+    asked = prompts(data, Path(args.source), args.extra, args.seed)
+    items = []
+    for name, (path, adapter) in models(data, work).items():
+        model, tok = M.load_pretrained(path)
+        if adapter:
+            M.load_lora(model, adapter)
+        answers = M.generate(model, tok, [q for _, q in asked], args.max_new_tokens, progress=True)
+        items += [dict(prompt_id=pid, prompt=q, answer=a, model=name, split=split(q, args.test_share))
+                  for (pid, q), a in zip(asked, answers)]
+    random.Random(args.seed).shuffle(items)  # labellers read id, prompt and answer only, in this order
+    for i, item in enumerate(items):
+        item["id"] = f"j{i:04d}"
+    write_text_atomic("".join(json.dumps(dict(id=x.pop("id"), **x), ensure_ascii=False) + "\n" for x in items),
+                      Path(args.out))
+    print(f"{len(items)} items ({sum(x['split'] == 'test' for x in items)} test) -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()
