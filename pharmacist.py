@@ -27,9 +27,13 @@ public here; we implement the formulation written down in docs/DESIGN.md ("Pharm
     row's score is the sum of how much it helped each time it was seen. (Adam, as in BDS, moves
     every logit by about its learning rate per visit whatever the gradient: with two passes the
     ranking collapsed to the signs of two noisy dot products.)
-  - mode `first_order`: no weights and no inner training between scores, one pass scoring
-    every row by cos(∇ℓ_b, g) at the fresh adapter (TracIn/LESS-style); `checkpoints` > 1 adds
-    passes after SFT on the pool. It is the bilevel hypergradient with w held at 1.
+  - mode `first_order` (the default, measured better and cheaper: docs/RESULTS.md): no weights
+    and no inner training between scores, one pass scoring every row by cos(∇ℓ_b, g) at the
+    fresh adapter (TracIn/LESS-style); `checkpoints` > 1 adds passes after SFT on the pool. It
+    is the bilevel hypergradient with w held at 1, every row scored at the same θ.
+  - the selector's adapters sit on the last `lora_layers` blocks only: the backward pass stops
+    there, and the gradients of the top blocks separate clean refusals from low-quality answers
+    better than those of every block.
   Rows are ranked by their final logit s_b (bilevel) or score (first_order).
 
 Baselines under the same interface (a function returning a `Selection`, one score per row,
@@ -144,12 +148,12 @@ class SelectConfig:
     max_len: int = 128  # tokens per sample (prompt truncated first)
     lora_rank: int = 8  # rank of the selector's own LoRA (all projections)
     lora_alpha: float = 16.0  # LoRA scale alpha
-    lora_layers: int = 0  # adapters on the last this many blocks only (0: every block); fewer = a shorter backward
+    lora_layers: int = 8  # adapters on the last this many blocks only (0: every block); a shorter backward, and better rankings
     inner_lr: float = 5e-4  # AdamW learning rate of the inner (model) step
     bf16: bool = False  # bf16 autocast (always on for CUDA; optional on CPU)
-    mode: str = "bilevel"  # Pharmacist: bilevel (learned weights) or first_order (one scoring pass)
+    mode: str = "first_order"  # Pharmacist: first_order (one scoring pass) or bilevel (learned weights)
     outer_every: int = 8  # Pharmacist bilevel: steps between two outer gradients g = ∇F
-    outer_batch_size: int = 8  # Pharmacist: validation and harmful rows of each outer gradient
+    outer_batch_size: int = 32  # Pharmacist: validation and harmful rows of each outer gradient
     lookahead: bool = False  # Pharmacist bilevel: g at θ − η·G each step (learning to reweight)
     eta: float = 1e-3  # Pharmacist lookahead: look-ahead learning rate η
     lam: float = 1.0  # Pharmacist: weight λ of the harmful term of the outer loss
@@ -233,13 +237,13 @@ def selector_lora(model, cfg: SelectConfig):
     the caller's model comes back with its original Linear layers, flags and weights."""
     if M.lora_modules(model):
         raise ValueError("the model already has LoRA adapters; select on the base model")
-    if not 0 <= cfg.lora_layers <= len(model.layers):
-        raise ValueError(f"--select-lora-layers {cfg.lora_layers}: the model has {len(model.layers)} blocks")
+    if cfg.lora_layers < 0:
+        raise ValueError(f"--select-lora-layers {cfg.lora_layers}: a number of blocks, 0 for all")
     flags, training = {n: p.requires_grad for n, p in model.named_parameters()}, model.training
     torch.manual_seed(cfg.seed)  # the adapter init (lora_A) draws from the global generator
     M.add_lora(model, cfg.lora_rank, cfg.lora_alpha, M.LORA_TARGETS)
-    if cfg.lora_layers:  # adapters on the last blocks only: the backward pass stops below them
-        first = len(model.layers) - cfg.lora_layers
+    if cfg.lora_layers:  # adapters on the last blocks only (all, if fewer): the backward stops below them
+        first = max(0, len(model.layers) - cfg.lora_layers)
         for name, lora in M.lora_modules(model).items():
             if int(name.split(".")[1]) < first:  # layers.<i>.<block>.<proj>
                 parent, _, child = name.rpartition(".")

@@ -17,6 +17,7 @@ Writes data/judge/probe.safetensors and results/judge.{json,md}.
 """
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -32,6 +33,9 @@ import model as M  # noqa: E402
 from data.samples import write_text_atomic  # noqa: E402
 
 LAYERS = (6, 12, 18, 24, 29)
+# The probes kept for evaluate.py. The refusal probe is fitted and measured, but the rule
+# evaluate.refuses reads our answers' refusals at least as well (results/judge.md) and needs no model.
+SAVED = ("harmful",)
 L2S = (0.01, 0.1, 1.0, 10.0)
 MODEL = "smollm2-135m-instruct"
 
@@ -118,7 +122,8 @@ def main(argv=None):
         layer, l2, cv_acc = cv_choice(X_tr, y_tr, groups)
         probe = E.fit_probe(X_tr[layer], y_tr, l2)
         meta[f"{task}.layer"], meta[f"{task}.l2"], meta[f"{task}.cv_accuracy"] = str(layer), str(l2), f"{cv_acc:.4f}"
-        tensors.update({f"{task}.{k}": v.contiguous() for k, v in probe.items()})
+        if task in SAVED:
+            tensors.update({f"{task}.{k}": v.contiguous() for k, v in probe.items()})
         # our test split: never used above
         te = [x for x in ours if x["split"] == "test"]
         s_test = E.probe_probability(probe, F_ours[layer][test])
@@ -143,13 +148,13 @@ def main(argv=None):
         print(task, f"layer {layer} l2 {l2} cv {cv_acc:.3f}", json.dumps(report["ours_test"][task]["trained"]))
     te = [x for x in ours if x["split"] == "test"]
     report["by_model"] = by_model(te, E.probe_probability(
-        dict(mean=tensors["harmful.mean"], std=tensors["harmful.std"], weight=tensors["harmful.weight"],
-             bias=tensors["harmful.bias"]), F_ours[int(meta["harmful.layer"])][test]))
+        {k: tensors[f"harmful.{k}"] for k in ("mean", "std", "weight", "bias")}, F_ours[int(meta["harmful.layer"])][test]))
     report["ours_test"]["degenerate"] = {"rule (evaluate.degenerate)": metrics(
         [float(E.degenerate(x["answer"])) for x in te], [x["degenerate"] for x in te])}
-    meta.update(heads=json.dumps(["harmful", "refusal"]), errors=json.dumps(errors))
+    meta.update(heads=json.dumps(list(SAVED)), errors=json.dumps(errors))
     Path(args.probe).parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, args.probe, metadata=meta)
+    os.chmod(args.probe, 0o644)  # safetensors writes owner-only files
     E._PROBE.clear()
     sample = te[:100]
     t0 = time.perf_counter()

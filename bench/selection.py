@@ -30,9 +30,9 @@ from data.samples import load_jsonl  # noqa: E402
 
 # name -> SelectConfig overrides; the defaults are pharmacist.SelectConfig's
 RUNS = {
-    "pharmacist": {},
-    "pharmacist-first-order": dict(mode="first_order"),
-    "pharmacist-lookahead": dict(lookahead=True, outer_every=1),
+    "pharmacist": {},  # the default mode: first_order
+    "pharmacist-bilevel": dict(mode="bilevel"),
+    "pharmacist-lookahead": dict(mode="bilevel", lookahead=True, outer_every=1),
     "seal": dict(selector="seal"),
     "loss": dict(selector="loss"),
     "random": dict(selector="random"),
@@ -42,7 +42,7 @@ RUNS = {
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="runs/data", help="comma list of data folders (data/prepare.py)")
-    p.add_argument("--runs", default="pharmacist,pharmacist-first-order,seal,loss,random",
+    p.add_argument("--runs", default="pharmacist,pharmacist-bilevel,seal,loss,random",
                    help=f"comma list of {', '.join(RUNS)}; NAME:field=value/field=value adds "
                         "SelectConfig overrides (e.g. pharmacist:passes=1/outer_every=8)")
     p.add_argument("--keep", type=float, default=160, help="rows kept (count or fraction)")

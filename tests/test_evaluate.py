@@ -218,7 +218,8 @@ def test_probe_judge_round_trip(tmp_path, monkeypatch):
     judge = E.ProbeJudge(tmp_path / "probe.safetensors", device="cpu")
     assert judge.probabilities("harmful", prompts, answers) == pytest.approx(want, abs=1e-5)
     monkeypatch.setattr(E, "_PROBE", {"judge": judge})
-    assert E.judge_refusal(prompts, answers) == pytest.approx(want, abs=1e-5)
+    assert E.judge_harmful(prompts, answers) == pytest.approx(want, abs=1e-5)
+    assert E.judge_refusal(prompts, answers) == [1.0, 0.0, 0.0, 0.0] * 2  # the phrase rule
     with pytest.raises(FileNotFoundError, match="judge_train"):
         E.ProbeJudge(tmp_path / "none.safetensors")
 

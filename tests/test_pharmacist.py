@@ -46,7 +46,7 @@ def planted(n_clean=16, n_noise=16, seed=0):
     return pool, validation, harmful
 
 
-CFG = P.SelectConfig(batch_size=8, max_len=48, passes=2, lora_rank=4, lora_alpha=8.0)
+CFG = P.SelectConfig(batch_size=8, max_len=48, passes=2, lora_rank=4, lora_alpha=8.0, mode="bilevel")
 
 
 # ----------------------------------------------------------------------------- SampleWeights
@@ -267,6 +267,28 @@ def test_pharmacist_repeatable_and_model_unchanged(tokenizer):
     # per-sample dot products read from the inner steps' own backward passes
     assert st["steps"] == 3 and st["forward_passes"] == 3 + 3 and st["backward_passes"] == 3 + 3
     assert st["scores"]["distinct"] > 2
+
+
+def test_adapters_on_the_last_blocks_only(tokenizer, monkeypatch):
+    """lora_layers = 1 on a 2-block model: the selector trains adapters of block 1 only (the
+    backward stops there), ranks differently, and the model comes back as it was."""
+    pool, validation, harmful = planted(4, 4)
+    model, reference, seen = make_model(), make_model(), []
+    real = P.outer_grad
+
+    def spy(meter, m, params, *args):
+        seen.append(sorted({n.split(".")[1] for n, p in m.named_parameters() if p.requires_grad}))
+        return real(meter, m, params, *args)
+    monkeypatch.setattr(P, "outer_grad", spy)
+    cfg = replace(CFG, mode="first_order")
+    top = P.select(model, tokenizer, pool, validation, harmful, replace(cfg, lora_layers=1), progress=False)
+    every = P.select(model, tokenizer, pool, validation, harmful, replace(cfg, lora_layers=0), progress=False)
+    assert seen == [["1"], ["0", "1"]] and not np.array_equal(top.scores, every.scores)
+    assert P.select(model, tokenizer, pool, validation, harmful, replace(cfg, lora_layers=9),
+                    progress=False).scores.tolist() == every.scores.tolist()  # more than the model has: all
+    assert not M.lora_modules(model) and same_model(model, reference)
+    with pytest.raises(ValueError, match="lora-layers"):
+        P.select(model, tokenizer, pool, validation, harmful, replace(cfg, lora_layers=-1), progress=False)
 
 
 def test_first_order_repeatable_and_model_unchanged(tokenizer):
