@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 from data.samples import load_jsonl, save_jsonl  # noqa: E402
 
 PY = sys.executable
-EVAL = ["--eval-tasks", "harmful,benign,sst2", "--eval-max-new-tokens", "48", "--eval-limit", "100"]
+EVAL = ["--eval-tasks", "harmful,harmful_qa,benign,sst2", "--eval-max-new-tokens", "48", "--eval-limit", "100"]
 
 
 class RunFailed(RuntimeError):
