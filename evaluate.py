@@ -511,7 +511,9 @@ def run_eval(model, tokenizer, data_dir, out_dir, cfg: EvalConfig | None = None)
                   **({"moderation": ModerationJudge(cfg.moderation_model)} if cfg.moderation_model else {}))
     results, generations = {"judge": cfg.judge, "n": {t: len(rows) for t, (rows, _) in sets.items()}}, []
     qa = Path(data_dir) / "eval_harmful_qa.jsonl"
-    if "harmful_qa" in cfg.tasks.split(",") and qa.is_file():
+    if "harmful_qa" in cfg.tasks.split(",") and not qa.is_file():
+        print(f"[eval] {qa} not found: skipping the harmful loss (rebuild the data with data/prepare.py)")
+    elif "harmful_qa" in cfg.tasks.split(","):
         rows = load_jsonl(qa)[:cfg.limit or None]
         results.update(reference_losses(model, tokenizer, rows))
         results["n"]["harmful_qa"] = len(rows)
@@ -643,6 +645,22 @@ def merge_seeds(rows: list[dict]) -> list[dict]:
     return merged
 
 
+def _corrected(r: dict) -> str:
+    c = r.get("harmful_corrected")
+    return "–" if not c else f"{c['rate']:.1f} ({c['low']:.1f}–{c['high']:.1f})"
+
+
+# (column, the key that makes it appear, its cell): the measures of results files that have them
+EXTRA_COLUMNS = [
+    ("harmful, corrected (95 %)", "harmful_corrected", _corrected),
+    ("refusal / degenerate / compliant (%)", "outcomes",
+     lambda r: " / ".join(fmt(r.get("outcomes", {}).get(k), ".0f") for k in ("refusal", "degenerate", "compliant"))),
+    ("harmful loss", "harmful_loss", lambda r: fmt(r.get("harmful_loss"), ".3f")),
+    ("refusal loss", "refusal_loss", lambda r: fmt(r.get("refusal_loss"), ".3f")),
+    ("refusal_judge (rule)", "harmful_by_judge", lambda r: fmt(r.get("harmful_by_judge", {}).get("refusal"))),
+]
+
+
 def report(runs, out, figure: bool = True) -> str:
     """One markdown table over runs (rows: selector × defense, seeds merged), report.md, fig1.png."""
     rows = [load_run(r) for r in runs]
@@ -651,8 +669,10 @@ def report(runs, out, figure: bool = True) -> str:
             r["defense"] = f"{r['defense']}+{r['finetune_defense']}"
     rows = sorted(merge_seeds(rows), key=row_order)
     tasks = sorted({t for r in rows for t in r.get("accuracy", {})})
-    head = ["run", "selector", "defense", "n align", "harmful score", "seeds", "over-refusal",
-            *[f"acc {t}" for t in tasks], "align work (k tok-passes)", "align time (s)", "select time (s)"]
+    extra = [(name, cell) for name, key, cell in EXTRA_COLUMNS if any(key in r for r in rows)]
+    head = ["run", "selector", "defense", "n align", "harmful score", "seeds", *[n for n, _ in extra],
+            "over-refusal", *[f"acc {t}" for t in tasks], "align work (k tok-passes)", "align time (s)",
+            "select time (s)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         harmful = "–" if r.get("harmful_score") is None else f"{r['harmful_score']:.1f} ± {fmt(r.get('harmful_se'))}"
@@ -660,7 +680,8 @@ def report(runs, out, figure: bool = True) -> str:
         # alignment compute that CPU contention cannot inflate: tokens x forward-backward passes per step
         work = r["tokens"] * r["passes_per_step"] / 1000 if {"tokens", "passes_per_step"} <= r.keys() else None
         cells = [r["run"], fmt(r.get("selector")), fmt(r.get("defense")), fmt(r.get("n_align"), "g"), harmful,
-                 seeds, fmt(r.get("over_refusal")), *[fmt(r.get("accuracy", {}).get(t)) for t in tasks],
+                 seeds, *[cell(r) for _, cell in extra], fmt(r.get("over_refusal")),
+                 *[fmt(r.get("accuracy", {}).get(t)) for t in tasks],
                  fmt(work, ".0f"), fmt(r.get("align_time_s")), fmt(r.get("select_time_s"))]
         lines.append("| " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"

@@ -314,6 +314,18 @@ def test_report_gathers_runs_and_draws_fig1(tmp_path):
     assert (tmp_path / "report" / "fig1.png").stat().st_size > 1000
 
 
+def test_report_shows_the_judge_columns_where_runs_have_them(tmp_path):
+    run = fake_run(tmp_path, "new", "pharmacist", 160, 12.0, 50.0)
+    res = json.loads((run / "eval" / "results.json").read_text())
+    res.update(harmful_corrected=dict(rate=0.3, low=0.0, high=9.9), harmful_loss=1.234, refusal_loss=2.5,
+               outcomes=dict(refusal=0.0, degenerate=74.0, compliant=26.0), harmful_by_judge=dict(refusal=8.0))
+    (run / "eval" / "results.json").write_text(json.dumps(res))
+    old = fake_run(tmp_path, "old", "random", 160, 30.0, 50.0)
+    text = E.report([run, old], tmp_path / "report", figure=False)
+    assert "harmful, corrected (95 %)" in text and "| 0.3 (0.0–9.9) | 0 / 74 / 26 | 1.234 | 2.500 | 8.0 |" in text
+    assert "| old | random | sft | 160 | 30.0 ± 3.0 | 1 | – | – / – / – | – | – | – |" in text
+
+
 def test_fig1_draws_only_the_defenses_run_at_several_k():
     """Fig. 1 is about k: a defense run once per selector (even beside the full pool) stays out."""
     def r(selector, defense, k):
