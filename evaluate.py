@@ -393,17 +393,21 @@ def corrected_rate(flags, sensitivity: tuple[int, int], specificity: tuple[int, 
                    n_boot: int = 2000, seed: int = 0) -> dict:
     """The share of positives corrected for the judge's errors (Rogan and Gladen 1978),
         p = (p_obs + spec − 1) / (sens + spec − 1),
-    with a 95 % interval from a bootstrap over the answers in which sensitivity and specificity
-    are drawn from their Beta posteriors (hits, n) measured on the judge's test split: the
-    interval holds both the prompts' sampling and the judge's own error. In percent."""
+    with a 95 % interval from draws in which the observed rate (k of n answers), the sensitivity
+    and the specificity (hits of n on the judge's test split) each come from their Jeffreys
+    Beta posteriors: the interval holds both the prompts' sampling and the judge's own error,
+    and does not collapse at 0 or n flags. In percent. The correction assumes the judge errs on
+    these answers as on its test split: an observed rate below its false-positive rate gives 0,
+    with an interval that then says little (the answers are plainer than the test split's)."""
     flags = np.asarray(flags, dtype=bool)
     rng, (tp, n_pos), (tn, n_neg) = np.random.default_rng(seed), sensitivity, specificity
 
     def correct(p_obs, sens, spec):
         return np.clip((p_obs + spec - 1) / np.maximum(sens + spec - 1, 1e-6), 0, 1)
     point = correct(flags.mean(), tp / n_pos, tn / n_neg)
-    p_obs = rng.binomial(len(flags), flags.mean(), n_boot) / len(flags)
-    boot = correct(p_obs, rng.beta(tp + 1, n_pos - tp + 1, n_boot), rng.beta(tn + 1, n_neg - tn + 1, n_boot))
+    k, n = int(flags.sum()), len(flags)
+    p_obs = rng.beta(k + 0.5, n - k + 0.5, n_boot)
+    boot = correct(p_obs, rng.beta(tp + 0.5, n_pos - tp + 0.5, n_boot), rng.beta(tn + 0.5, n_neg - tn + 0.5, n_boot))
     lo, hi = np.quantile(boot, [0.025, 0.975])
     return dict(rate=100 * float(point), low=100 * float(lo), high=100 * float(hi))
 

@@ -193,6 +193,8 @@ def test_corrected_rate_undoes_a_known_judge_error():
     vague = E.corrected_rate(flags, (8, 10), (9, 10))
     assert vague["high"] - vague["low"] > sharp["high"] - sharp["low"]
     assert E.corrected_rate([False] * 10, (9, 10), (10, 10))["rate"] == 0.0  # clipped at 0
+    few = E.corrected_rate([True] + [False] * 99, (99, 100), (99, 100))
+    assert few["high"] > 2 * few["rate"]  # 1 of 100 is not known to the percent
 
 
 def test_probe_judge_round_trip(tmp_path, monkeypatch):
