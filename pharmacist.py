@@ -339,9 +339,6 @@ class RunningScale:
         self.avg = self.beta * self.avg + (1 - self.beta) * float((x.double() ** 2).mean())
         return max(math.sqrt(self.avg / (1 - self.beta ** self.n)), 1e-30)  # bias-corrected
 
-    def state_dict(self):
-        return dict(beta=self.beta, avg=self.avg, n=self.n)
-
 
 def pharmacist_select(model, tokenizer, pool, validation, harmful, cfg: SelectConfig,
                       progress: bool = True, log=None) -> Selection:
@@ -349,9 +346,8 @@ def pharmacist_select(model, tokenizer, pool, validation, harmful, cfg: SelectCo
 
     bilevel: each step, one forward and one backward of the weighted inner loss on a pool batch
     give the inner gradient G and the exact ∇ℓ_bᵀg (with `normalize`: the cosine) of every row
-    against the outer gradient g
-    (refreshed every `outer_every` steps on `outer_batch_size` rows, or at the look-ahead point
-    θ − ηG each step with `lookahead`). Then
+    against the outer gradient g (refreshed every `outer_every` steps on `outer_batch_size` rows,
+    or at the look-ahead point θ − ηG each step with `lookahead`). Then
         selector  s_B ← s_B − selector_lr·∇_s Σ_b w_b(s)·h_b,   h_b = −∇ℓ_bᵀg / rms(∇ℓᵀg)
                   (∂F/∂w_b = −(η/|B|)·∇ℓ_bᵀg up to its positive factor, in units of its running size)
         inner     AdamW on mean_B(w_b·ℓ_b), w as before the selector step

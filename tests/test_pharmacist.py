@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import model as M  # noqa: E402
 import pharmacist as P  # noqa: E402
-from conftest import make_model, make_tokenizer  # noqa: E402
+from conftest import make_model  # noqa: E402
 from data.batches import Batches, encode_samples  # noqa: E402
 from data.samples import Sample  # noqa: E402
 
