@@ -356,7 +356,8 @@ def save_tiny_random(out, seed: int = 0, **overrides):
     Nothing is trained or downloaded, so every stage runs in seconds anywhere (CI)."""
     from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    vocab = {t: i for i, t in enumerate(specials + pre_tokenizers.ByteLevel.alphabet())}
+    # sorted: ByteLevel.alphabet() comes back in a different order in each process
+    vocab = {t: i for i, t in enumerate(specials + sorted(pre_tokenizers.ByteLevel.alphabet()))}
     tok = HFTokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

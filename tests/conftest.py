@@ -29,7 +29,7 @@ def make_tokenizer(prompt_format="chatml") -> "M.Tokenizer":
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=400, show_progress=False,
                                   special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+                                  initial_alphabet=sorted(pre_tokenizers.ByteLevel.alphabet()))
     tok.train_from_iterator(CORPUS, trainer)
     return M.Tokenizer(tok, bos_id=0, eos_id=2, pad_id=0, prompt_format=prompt_format)
 

@@ -1,5 +1,6 @@
 """model.py against transformers/peft on tiny random models: logits, loading, LoRA, generation."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -224,3 +225,17 @@ def test_sampling_is_seeded():
 def test_default_model_knows_paris():
     m, tok = M.load_pretrained("smollm2-135m-instruct", device="cpu")
     assert "Paris" in M.generate(m, tok, ["What is the capital of France?"], 20)[0]
+
+
+def test_tiny_random_tokenizer_is_the_same_in_every_process(tmp_path):
+    """The tiny preset's ids do not depend on the process: ByteLevel.alphabet() comes back in a
+    different order each time, so the vocabulary is built from it sorted (two processes agree)."""
+    import subprocess
+    import sys
+    code = ("import sys, json; sys.path.insert(0, {root!r}); import model as M; "
+            "M.save_tiny_random({out!r}); t = json.load(open({out!r} + '/tokenizer.json')); "
+            "print(json.dumps(t['model']['vocab'], sort_keys=False))")
+    vocabs = [subprocess.run([sys.executable, "-c", code.format(root=str(Path(__file__).resolve().parents[1]),
+                                                                out=str(tmp_path / f"t{i}"))],
+                             capture_output=True, text=True, check=True).stdout for i in range(2)]
+    assert vocabs[0] == vocabs[1]
