@@ -16,6 +16,7 @@ details; the code is ours.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 from dataclasses import dataclass, field
@@ -27,7 +28,6 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from data.batches import IGNORE, sample_losses
-from pharmacist import SampleWeights
 
 
 @dataclass
@@ -81,6 +81,81 @@ class Context:
                 self.state[k].load_state_dict(v)
             else:
                 self.state[k] = v
+
+
+# ----------------------------------------------------------------------------- per-sample weights (BDS and Pharmacist)
+
+
+class SampleWeights(nn.Module):
+    """One learnable logit per sample, turned into weights, with its own Adam optimizer.
+
+    softmax: w = N·softmax(s), so the weights always average 1 over the N samples.
+    sigmoid: w = 2·sigmoid(s), independent weights in (0, 2) (SEAL's other choice).
+    Logits start at 0, so every weight starts at exactly 1 either way.
+
+    `weights(index)` of a batch has the value N·softmax(s)[index], but its gradient only moves
+    weight between the rows of that batch (the batch's total weight is held fixed):
+        w_B = (Σ_{j∈B} w_j)·softmax(s_B)     (same value; a centred gradient, 0 off the batch)
+    With the full softmax, every row off the batch would get a small gradient at each step,
+    and Adam (which divides by each coordinate's own gradient scale) would turn it into a full
+    step: rows seen late in the first pass would drift by their position in the order.
+    `weights()` (no index) is the whole pool, with the full softmax gradient.
+    """
+
+    def __init__(self, n: int, weighting: str = "softmax", lr: float = 0.05, optimizer: str = "adam",
+                 device=None):
+        super().__init__()
+        if weighting not in ("softmax", "sigmoid"):
+            raise ValueError(f"weighting {weighting!r}: choose softmax or sigmoid")
+        if optimizer not in ("adam", "sgd"):
+            raise ValueError(f"optimizer {optimizer!r}: choose adam or sgd")
+        if n < 1:
+            raise ValueError(f"SampleWeights needs at least one sample, got n={n}")
+        self.n, self.weighting = n, weighting
+        self.logits = nn.Parameter(torch.zeros(n, device=device))
+        # Adam moves every logit that gets a gradient by about lr, whatever the gradient's size
+        # (BDS); SGD keeps the sizes (Pharmacist, whose hypergradients are normalised first)
+        self.opt = (torch.optim.Adam if optimizer == "adam" else torch.optim.SGD)([self.logits], lr=lr)
+
+    def weights(self, index=None) -> torch.Tensor:
+        s = self.logits
+        if self.weighting == "sigmoid":  # w = 2·σ(s)
+            w = 2 * torch.sigmoid(s)
+            return w if index is None else w[self._index(index)]
+        if index is None:  # w = N·softmax(s)
+            return self.n * torch.softmax(s, dim=0)
+        index = self._index(index)
+        mass = (self.n * torch.softmax(s.detach(), dim=0))[index].sum()  # Σ_{j∈B} w_j, held fixed
+        return mass * torch.softmax(s[index], dim=0)
+
+    def _index(self, index) -> torch.Tensor:
+        return torch.as_tensor(index, dtype=torch.long, device=self.logits.device)
+
+    def step(self, loss: torch.Tensor) -> float:
+        """One optimizer step on the logits for a loss built from `weights(...)`.
+
+        When ∂F/∂w of a batch is known by hand (Pharmacist), pass the surrogate loss
+        (weights(index) · grad).sum(): its gradient through w is exactly that ∂F/∂w."""
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        return float(loss.detach())
+
+    def state_dict(self, *args, **kwargs):
+        """The logits and the Adam state (save it with torch.save; a resumed run continues)."""
+        state = super().state_dict(*args, **kwargs)
+        state["optimizer"] = copy.deepcopy(self.opt.state_dict())  # a copy, not the live moments
+        return state
+
+    def load_state_dict(self, state, strict: bool = True):
+        state = dict(state)
+        opt_state = state.pop("optimizer", None)
+        if opt_state is None and strict:
+            raise KeyError("SampleWeights state has no 'optimizer' entry (save it with .state_dict())")
+        result = super().load_state_dict(state, strict=strict)
+        if opt_state is not None:
+            self.opt.load_state_dict(opt_state)
+        return result
 
 
 # ----------------------------------------------------------------------------- shared helpers
@@ -366,7 +441,7 @@ def score_dataset(model, scorer: Scorer, batches) -> torch.Tensor:
 
 
 def bds_setup(ctx: Context):
-    """BDS's state, built on first use: per-sample weights (pharmacist.SampleWeights, with its own
+    """BDS's state, built on first use: per-sample weights (SampleWeights, with its own
     Adam), or the amortized scorer, its Adam and the last weight each row was given."""
     st, cfg = ctx.state, ctx.cfg
     if ctx.n_samples < 1:

@@ -36,7 +36,7 @@ import torch
 
 import model as M
 from data.answers import REFERENCE_REFUSAL
-from data.batches import Batches, encode_samples, sample_losses
+from data.batches import Batches, encode_samples, sample_losses, truncate
 from data.samples import load_jsonl, write_text_atomic
 
 # ----------------------------------------------------------------------------- 1. judges
@@ -226,7 +226,6 @@ def answer_features(model, tokenizer, prompts: list[str], answers: list[str], la
                     max_len: int = 256) -> dict[int, torch.Tensor]:
     """{layer: (N, 2·hidden)} the mean and the last of block `layer`'s outputs over each answer's
     tokens (the chat-formatted prompt comes first, truncated from its start to fit max_len)."""
-    from data.batches import truncate
     enc = [truncate(*tokenizer.encode_example(p, a), max_len) for p, a in zip(prompts, answers)]
     seen, hooks = {}, [model.layers[i].register_forward_hook(
         lambda mod, args, out, i=i: seen.__setitem__(i, out)) for i in layers]

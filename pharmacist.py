@@ -39,98 +39,22 @@ public here; we implement the formulation written down in docs/DESIGN.md ("Pharm
 Baselines under the same interface (a function returning a `Selection`, one score per row,
 higher = keep): `full` (keep everything), `random`, `seal` (SEAL, Shen et al., ICLR 2025: the
 penalty-based bilevel selector, its memory-efficient variant) and `loss` (reducible loss,
-RHO-LOSS, Mindermann et al., ICML 2022). `SampleWeights` is shared with BDS (defenses.py).
+RHO-LOSS, Mindermann et al., ICML 2022). `SampleWeights` (defenses.py) is shared with BDS.
 """
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import time
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
-import torch.nn as nn
 from tqdm import tqdm
 
 import model as M
 from data.batches import Batches, Stream, encode_samples, sample_losses
-
-# ----------------------------------------------------------------------------- per-sample weights
-
-
-class SampleWeights(nn.Module):
-    """One learnable logit per sample, turned into weights, with its own Adam optimizer.
-
-    softmax: w = N·softmax(s), so the weights always average 1 over the N samples.
-    sigmoid: w = 2·sigmoid(s), independent weights in (0, 2) (SEAL's other choice).
-    Logits start at 0, so every weight starts at exactly 1 either way.
-
-    `weights(index)` of a batch has the value N·softmax(s)[index], but its gradient only moves
-    weight between the rows of that batch (the batch's total weight is held fixed):
-        w_B = (Σ_{j∈B} w_j)·softmax(s_B)     (same value; a centred gradient, 0 off the batch)
-    With the full softmax, every row off the batch would get a small gradient at each step,
-    and Adam (which divides by each coordinate's own gradient scale) would turn it into a full
-    step: rows seen late in the first pass would drift by their position in the order.
-    `weights()` (no index) is the whole pool, with the full softmax gradient.
-    """
-
-    def __init__(self, n: int, weighting: str = "softmax", lr: float = 0.05, optimizer: str = "adam",
-                 device=None):
-        super().__init__()
-        if weighting not in ("softmax", "sigmoid"):
-            raise ValueError(f"weighting {weighting!r}: choose softmax or sigmoid")
-        if optimizer not in ("adam", "sgd"):
-            raise ValueError(f"optimizer {optimizer!r}: choose adam or sgd")
-        if n < 1:
-            raise ValueError(f"SampleWeights needs at least one sample, got n={n}")
-        self.n, self.weighting = n, weighting
-        self.logits = nn.Parameter(torch.zeros(n, device=device))
-        # Adam moves every logit that gets a gradient by about lr, whatever the gradient's size
-        # (BDS); SGD keeps the sizes (Pharmacist, whose hypergradients are normalised first)
-        self.opt = (torch.optim.Adam if optimizer == "adam" else torch.optim.SGD)([self.logits], lr=lr)
-
-    def weights(self, index=None) -> torch.Tensor:
-        s = self.logits
-        if self.weighting == "sigmoid":  # w = 2·σ(s)
-            w = 2 * torch.sigmoid(s)
-            return w if index is None else w[self._index(index)]
-        if index is None:  # w = N·softmax(s)
-            return self.n * torch.softmax(s, dim=0)
-        index = self._index(index)
-        mass = (self.n * torch.softmax(s.detach(), dim=0))[index].sum()  # Σ_{j∈B} w_j, held fixed
-        return mass * torch.softmax(s[index], dim=0)
-
-    def _index(self, index) -> torch.Tensor:
-        return torch.as_tensor(index, dtype=torch.long, device=self.logits.device)
-
-    def step(self, loss: torch.Tensor) -> float:
-        """One optimizer step on the logits for a loss built from `weights(...)`.
-
-        When ∂F/∂w of a batch is known by hand (Pharmacist), pass the surrogate loss
-        (weights(index) · grad).sum(): its gradient through w is exactly that ∂F/∂w."""
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
-        return float(loss.detach())
-
-    def state_dict(self, *args, **kwargs):
-        """The logits and the Adam state (save it with torch.save; a resumed run continues)."""
-        state = super().state_dict(*args, **kwargs)
-        state["optimizer"] = copy.deepcopy(self.opt.state_dict())  # a copy, not the live moments
-        return state
-
-    def load_state_dict(self, state, strict: bool = True):
-        state = dict(state)
-        opt_state = state.pop("optimizer", None)
-        if opt_state is None and strict:
-            raise KeyError("SampleWeights state has no 'optimizer' entry (save it with .state_dict())")
-        result = super().load_state_dict(state, strict=strict)
-        if opt_state is not None:
-            self.opt.load_state_dict(opt_state)
-        return result
-
+from defenses import SampleWeights, global_norm, perturb  # shared with BDS and the defenses
 
 # ----------------------------------------------------------------------------- config, result
 
@@ -213,9 +137,9 @@ class Meter:
         with torch.set_grad_enabled(grad), M.autocast(batch["input_ids"].device, self.bf16):
             return sample_losses(model.hidden(batch["input_ids"]), batch["labels"], model.head)
 
-    def grad(self, loss, params, retain_graph: bool = False) -> list[torch.Tensor]:
+    def grad(self, loss, params) -> list[torch.Tensor]:
         self.backward += 1
-        return list(torch.autograd.grad(loss, params, retain_graph=retain_graph))
+        return list(torch.autograd.grad(loss, params))
 
     def stats(self, **extra) -> dict:
         return dict(steps=self.steps, forward_passes=self.forward, backward_passes=self.backward,
@@ -274,32 +198,13 @@ def outer_grad(meter: Meter, model, params, batch_v, batch_h, lam: float, alpha:
     F, L_h = L_v.item(), float("nan")
     if lam:
         g_h0 = meter.grad(meter.losses(model, batch_h).mean(), params)  # ∇L_h(θ)
-        with shifted(params, g_h0, -alpha / max(float(global_norm(g_h0)), 1e-12)):  # θ̃
+        with perturb(params, g_h0, -alpha / max(float(global_norm(g_h0)), 1e-12)):  # θ̃
             L_h_t = meter.losses(model, batch_h).mean()
             g_h = meter.grad(L_h_t, params)  # ∇L_h(θ̃)
         L_h = L_h_t.item()
         F = L_v.item() - lam * L_h
         g = [a - lam * b for a, b in zip(g, g_h)]  # g = ∇L_v − λ·∇L_h(θ̃)
     return g, dict(F=F, L_v=L_v.item(), L_h=L_h)
-
-
-def global_norm(tensors) -> torch.Tensor:
-    return torch.sqrt(sum((t.double() ** 2).sum() for t in tensors))
-
-
-@contextlib.contextmanager
-def shifted(params, direction, scale: float):
-    """θ + scale·d inside the block, θ bit for bit afterwards."""
-    saved = [p.detach().clone() for p in params]
-    try:
-        with torch.no_grad():
-            for p, d in zip(params, direction):
-                p.add_(d, alpha=scale)
-        yield
-    finally:
-        with torch.no_grad():
-            for p, p0 in zip(params, saved):
-                p.copy_(p0)
 
 
 def weighted_step_dots(meter: Meter, model, params, batch, w_batch, direction, normalize: bool = False):
@@ -322,7 +227,7 @@ def lookahead_step_dots(meter: Meter, model, params, batch, w_batch, next_outer,
     then G again and ∇ℓ_b(θ)ᵀg from a second forward and backward at θ (two of each, where the
     finite differences of the DARTS trick took a backward and three forwards)."""
     G = meter.grad((w_batch.detach() * meter.losses(model, batch)).mean(), params)
-    with shifted(params, G, -cfg.eta):  # θ⁺ = θ − η·G
+    with perturb(params, G, -cfg.eta):  # θ⁺ = θ − η·G
         g, info = outer_grad(meter, model, params, *next_outer(), cfg.lam, cfg.alpha)
     return (*weighted_step_dots(meter, model, params, batch, w_batch, g, cfg.normalize), g, info)
 
@@ -402,10 +307,10 @@ def first_order_select(model, tokenizer, pool, validation, harmful, cfg: SelectC
     inner training's weights held at 1 and each row seen once per checkpoint; `normalize`
     false ranks by the raw dot product ∇ℓ_bᵀg instead of the cosine."""
     device = next(model.parameters()).device
-    pool_batches = Batches(encode_samples(pool, tokenizer, cfg.max_len), cfg.batch_size,
-                           tokenizer.pad_id, seed=cfg.seed).epoch(0)  # length-bucketed: little padding
+    examples = encode_samples(pool, tokenizer, cfg.max_len)
+    pool_batches = Batches(examples, cfg.batch_size, tokenizer.pad_id, seed=cfg.seed).epoch(0)  # length-bucketed
+    next_pool = Stream(examples, cfg.batch_size, tokenizer.pad_id, cfg.seed, device)  # SFT between checkpoints
     next_outer = outer_streams(validation, harmful, tokenizer, cfg, device)
-    next_pool = stream(pool, tokenizer, cfg, cfg.seed, device)
     meter, scores, info = Meter(cfg.bf16), np.zeros(len(pool)), {}
     with selector_lora(model, cfg) as params:
         opt = torch.optim.AdamW(params, lr=cfg.inner_lr, weight_decay=0.0)
