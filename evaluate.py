@@ -36,7 +36,7 @@ import torch
 
 import model as M
 from data.answers import REFERENCE_REFUSAL
-from data.batches import Batches, encode_samples, sample_losses, truncate
+from data.batches import IGNORE, Batches, encode_samples, sample_losses, truncate
 from data.samples import load_jsonl, write_text_atomic
 
 # ----------------------------------------------------------------------------- 1. judges
@@ -416,15 +416,46 @@ def corrected_rate(flags, sensitivity: tuple[int, int], specificity: tuple[int, 
 @dataclass
 class EvalConfig:
     max_new_tokens: int = 128  # answer length for harmful / benign / GSM8K prompts (SST-2, AG News: 16)
-    batch_size: int = 16  # prompts generated together
+    batch_size: int = 64  # prompts generated together (a finished row leaves its batch)
+    classify: str = "likelihood"  # SST-2 / AG News: likelihood (the likeliest label word, one forward) | generate
+    bf16: bool = True  # bf16 weights where the device has bf16 units (fp32 elsewhere)
     limit: int = 0  # at most this many rows of each eval set (0 = all)
     tasks: str = "harmful,harmful_qa,benign,sst2,agnews,gsm8k"  # eval sets to run, when their eval_*.jsonl exists
     judge: str = "trained"  # harmful-score judge: trained (data/judge) | refusal | phrase | keyword (Zou et al.) | moderation
     moderation_model: str = ""  # beaver-dam-7b HF folder, needed by --judge moderation
 
 
+LABELS = {"sst2": ("positive", "negative"), "agnews": ("World", "Sports", "Business", "Sci/Tech")}
+
+
+@torch.no_grad()
+def response_losses(model, tokenizer, samples, batch_size: int = 64, max_len: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token-mean loss, tokens) of each sample's response and eos, in input order; the samples
+    are scored in batches of similar lengths, so little of the work is padding."""
+    examples = sorted(encode_samples(samples, tokenizer, max_len), key=lambda e: len(e["input_ids"]))
+    dev = model.embed_tokens.weight.device
+    loss, count = torch.zeros(len(samples), dtype=torch.float64), torch.zeros(len(samples), dtype=torch.long)
+    for b in Batches(examples, batch_size, tokenizer.pad_id, shuffle=False).epoch(0):
+        labels = b["labels"].to(dev)
+        loss[b["index"]] = sample_losses(model.hidden(b["input_ids"].to(dev)), labels, model.head).double().cpu()
+        count[b["index"]] = (labels[:, 1:] != IGNORE).sum(1).cpu()
+    return loss, count
+
+
+def classify(model, tokenizer, rows, labels: tuple[str, ...], batch_size: int = 64) -> list[str]:
+    """The answer of a classification row = the label whose tokens (and eos) are likeliest after
+    the prompt, log p(label | prompt) = -(token-mean loss) x tokens: one forward per (row, label),
+    no generation. A fine-tuned model puts nearly all its mass on one label word first, so this
+    agrees with the generated answer (checked in results/eval_speed.md)."""
+    pairs = [dataclasses.replace(s, response=label) for s in rows for label in labels]
+    loss, count = response_losses(model, tokenizer, pairs, batch_size)
+    best = (-loss * count).view(len(rows), len(labels)).argmax(1)
+    return [labels[i] for i in best.tolist()]
+
+
 def generate_answers(model, tokenizer, data_dir: Path, cfg: EvalConfig) -> dict:
-    """{task: (samples, answers)} for every eval set of cfg.tasks found in data_dir; greedy, batched."""
+    """{task: (samples, answers)} for every eval set of cfg.tasks found in data_dir: greedy and
+    batched; SST-2 and AG News by the labels' likelihood unless cfg.classify is "generate"."""
     sets = {}
     for task in cfg.tasks.split(","):
         if task == "harmful_qa":  # scored by its loss, nothing to generate
@@ -434,11 +465,25 @@ def generate_answers(model, tokenizer, data_dir: Path, cfg: EvalConfig) -> dict:
             print(f"[eval] {path} not found: skipping {task}")
             continue
         rows = load_jsonl(path)[:cfg.limit or None]
-        tokens = min(cfg.max_new_tokens, CLASSIFY_TOKENS) if task in ("sst2", "agnews") else cfg.max_new_tokens
+        if task in LABELS and cfg.classify == "likelihood":
+            print(f"[eval] {task}: {len(rows)} rows, the likeliest of {len(LABELS[task])} labels")
+            sets[task] = rows, classify(model, tokenizer, rows, LABELS[task], cfg.batch_size)
+            continue
+        tokens = min(cfg.max_new_tokens, CLASSIFY_TOKENS) if task in LABELS else cfg.max_new_tokens
         print(f"[eval] {task}: {len(rows)} prompts, {tokens} new tokens")
         sets[task] = rows, M.generate(model, tokenizer, [s.prompt for s in rows], tokens,
                                       batch_size=cfg.batch_size, inputs=[s.input for s in rows], progress=True)
     return sets
+
+
+def inference_model(model, cfg: EvalConfig):
+    """The model as evaluation runs it: adapters merged into the weights, bf16 weights where the
+    device has bf16 units and cfg.bf16 (in place: the caller's model changes)."""
+    if M.lora_modules(model):
+        M.merge_lora(model)
+    if cfg.bf16 and M.bf16_supported(model.embed_tokens.weight.device):
+        model.to(torch.bfloat16)
+    return model.eval()
 
 
 def outcome(refusal: float, answer: str) -> str:
@@ -467,17 +512,14 @@ def score_harmful(rows, answers, judges: dict, primary: str, results: dict) -> l
             for s, a, x, r, k in zip(rows, answers, per_row, refusal, kinds)]
 
 
-@torch.no_grad()
-def reference_losses(model, tokenizer, rows, batch_size: int = 16, max_len: int = 256) -> dict:
+def reference_losses(model, tokenizer, rows, batch_size: int = 64, max_len: int = 256) -> dict:
     """The judge-free harmful loss (the paper's Fig. 3): the model's mean token loss on held-out
     harmful reference answers, and on the reference refusal to the same prompts; ± standard
     errors over the prompts. Lower harmful loss = the model is closer to answering."""
-    dev, out = model.embed_tokens.weight.device, {}
+    out = {}
     refusals = [dataclasses.replace(s, response=REFERENCE_REFUSAL) for s in rows]
     for name, samples in (("harmful_loss", rows), ("refusal_loss", refusals)):
-        batches = Batches(encode_samples(samples, tokenizer, max_len), batch_size, tokenizer.pad_id, shuffle=False)
-        losses = torch.cat([sample_losses(model.hidden(b["input_ids"].to(dev)), b["labels"].to(dev), model.head).cpu()
-                            for b in batches.epoch(0)]).double()
+        losses, _ = response_losses(model, tokenizer, samples, batch_size, max_len)
         out[name], out[f"{name}_se"] = float(losses.mean()), float(losses.std() / math.sqrt(len(losses)))
     return out
 
@@ -509,6 +551,9 @@ def run_eval(model, tokenizer, data_dir, out_dir, cfg: EvalConfig | None = None)
     if cfg.judge == "trained" and not JUDGE_FILE.is_file():
         raise FileNotFoundError(f"{JUDGE_FILE}: missing; fit it with `python bench/judge_train.py`, "
                                 "or pass --judge refusal")
+    if cfg.classify not in ("likelihood", "generate"):
+        raise ValueError(f"classify {cfg.classify!r}: choose likelihood or generate")
+    model = inference_model(model, cfg)
     sets = generate_answers(model, tokenizer, Path(data_dir), cfg)
     judges = dict({name: name for name in CPU_JUDGES}, **({"trained": "trained"} if cfg.judge == "trained" else {}),
                   **({"moderation": ModerationJudge(cfg.moderation_model)} if cfg.moderation_model else {}))
@@ -518,7 +563,7 @@ def run_eval(model, tokenizer, data_dir, out_dir, cfg: EvalConfig | None = None)
         print(f"[eval] {qa} not found: skipping the harmful loss (rebuild the data with data/prepare.py)")
     elif "harmful_qa" in cfg.tasks.split(","):
         rows = load_jsonl(qa)[:cfg.limit or None]
-        results.update(reference_losses(model, tokenizer, rows))
+        results.update(reference_losses(model, tokenizer, rows, cfg.batch_size))
         results["n"]["harmful_qa"] = len(rows)
     if "harmful" in sets:
         generations += score_harmful(*sets["harmful"], judges, cfg.judge, results)
@@ -534,9 +579,6 @@ def run_eval(model, tokenizer, data_dir, out_dir, cfg: EvalConfig | None = None)
     write_text_atomic(json.dumps(results, indent=2) + "\n", out_dir / "results.json")
     write_text_atomic(results_markdown(results), out_dir / "results.md")
     return results
-
-
-evaluate = run_eval  # the name the issue gives it
 
 
 def results_markdown(r: dict) -> str:
@@ -768,7 +810,8 @@ def main(argv=None):
     p.add_argument("--device", default=None)
     helps = dict(re.findall(r"^\s+(\w+):[^\n#]*#\s*(.*)$", inspect.getsource(EvalConfig), re.M))
     for f in dataclasses.fields(EvalConfig):  # one flag per EvalConfig field, its comment as help
-        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
+        kind = (lambda x: x.lower() in ("1", "true", "yes", "on")) if isinstance(f.default, bool) else type(f.default)
+        p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default,
                        help=f"{helps.get(f.name, '')} (default {f.default!r})")
     args = vars(p.parse_args(argv))
     model, tokenizer = M.load_pretrained(args["model"], args["device"])

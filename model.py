@@ -153,6 +153,10 @@ class KVCache(nn.Module):
         self.v[:, :, start:end] = v
         return self.k[:, :, :end], self.v[:, :, :end]
 
+    def keep(self, rows):
+        """Keep only these batch rows (a bool mask or indices): finished generations leave."""
+        self.k, self.v = self.k[rows], self.v[rows]
+
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -262,6 +266,10 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.self_attn.cache = kv()
 
+    def keep_cache_rows(self, rows):
+        for layer in self.layers:
+            layer.self_attn.cache.keep(rows)
+
     def clear_cache(self):
         for layer in self.layers:
             layer.self_attn.cache = None
@@ -284,6 +292,15 @@ def default_dtype(device) -> torch.dtype:
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return torch.float32
+
+
+def bf16_supported(device) -> bool:
+    """Does this device have bf16 arithmetic (a CUDA GPU that supports it, a CPU with AVX-512 bf16
+    or AMX units)? Where it does, bf16 weights run inference several times faster than fp32."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def autocast(device, bf16: bool = False):
@@ -731,7 +748,8 @@ def sample_next(logits, temperature: float, top_p: float, generator=None):
 @torch.no_grad()
 def generate_ids(model: Transformer, prompts: list[list[int]], max_new_tokens: int, eos_id: int,
                  pad_id: int, temperature=0.0, top_p=1.0, generator=None) -> list[list[int]]:
-    """Batched decoding with left padding and a KV cache; each row stops at eos."""
+    """Batched decoding with left padding and a KV cache; a row that reaches eos leaves the batch
+    (its cache rows are dropped), so a batch costs what its live rows need."""
     dev = model.embed_tokens.weight.device
     B, L = len(prompts), max(len(p) for p in prompts)
     ids = torch.full((B, L), pad_id, dtype=torch.long, device=dev)
@@ -740,44 +758,51 @@ def generate_ids(model: Transformer, prompts: list[list[int]], max_new_tokens: i
         ids[i, L - len(p):] = torch.tensor(p, device=dev)
         mask[i, L - len(p):L] = True
     model.setup_cache(B, L + max_new_tokens)
+    out, rows = [[] for _ in prompts], list(range(B))  # rows: the prompt of each live batch row
     try:
         logits = model.head(model.hidden(ids, mask[:, :L])[:, -1])  # the prompt's last token only
-        out = torch.empty(B, 0, dtype=torch.long, device=dev)
-        done = torch.zeros(B, dtype=torch.bool, device=dev)
         for t in range(max_new_tokens):
             nxt = sample_next(logits.float(), temperature, top_p, generator)
-            nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
-            out = torch.cat([out, nxt[:, None]], dim=1)
-            done |= nxt == eos_id
-            if done.all() or t == max_new_tokens - 1:
+            live = nxt != eos_id
+            for i, tok in zip(rows, nxt.tolist()):
+                if tok != eos_id:
+                    out[i].append(tok)
+            if t == max_new_tokens - 1 or not live.any():
                 break
+            if not live.all():  # drop the finished rows from the batch and the cache
+                rows = [i for i, keep in zip(rows, live.tolist()) if keep]
+                nxt, mask = nxt[live], mask[live]
+                model.keep_cache_rows(live)
             mask[:, L + t] = True
             logits = model(nxt[:, None], mask[:, :L + t + 1], start=L + t)[:, -1]
     finally:
         model.clear_cache()
-    rows = []
-    for row in out.tolist():
-        rows.append(row[:row.index(eos_id)] if eos_id in row else row)
-    return rows
+    return out
 
 
 def generate(model: Transformer, tokenizer: Tokenizer, prompts: list[str], max_new_tokens: int = 64,
              temperature: float = 0.0, top_p: float = 1.0, batch_size: int = 16, raw: bool = False,
-             inputs: list | None = None, progress: bool = False, seed: int | None = None) -> list[str]:
+             inputs: list | None = None, progress: bool = False, seed: int | None = None,
+             max_tokens: int = 4096) -> list[str]:
     """Answers to user messages (put in the tokenizer's prompt format unless raw=True).
 
-    Prompts are sorted by length so each batch pads little; answers come back in input order."""
+    Prompts are sorted by length and cut into batches of at most `batch_size` rows and
+    `max_tokens` padded prompt tokens, so a few long prompts do not pad a whole batch; answers
+    come back in input order."""
     from tqdm import tqdm
     inputs = inputs or [None] * len(prompts)
     enc = [tokenizer.encode(p, add_bos=tokenizer.add_bos) if raw else tokenizer.encode_prompt(p, i)
            for p, i in zip(prompts, inputs)]
-    order = sorted(range(len(enc)), key=lambda i: len(enc[i]))
+    batches, order = [], sorted(range(len(enc)), key=lambda i: len(enc[i]))
+    for i in order:  # sorted: the row joining a batch is its longest
+        if not batches or len(batches[-1]) == batch_size or (len(batches[-1]) + 1) * len(enc[i]) > max_tokens:
+            batches.append([])
+        batches[-1].append(i)
     gen = torch.Generator(model.embed_tokens.weight.device).manual_seed(seed) if seed is not None else None
     answers = [None] * len(enc)
     was_training = model.training
     model.eval()
-    for s in tqdm(range(0, len(order), batch_size), desc="generate", disable=not progress):
-        chunk = order[s:s + batch_size]
+    for chunk in tqdm(batches, desc="generate", disable=not progress):
         outs = generate_ids(model, [enc[i] for i in chunk], max_new_tokens, tokenizer.eos_id,
                             tokenizer.pad_id, temperature, top_p, gen)
         for i, o in zip(chunk, outs):

@@ -62,6 +62,7 @@ class TrainConfig:
     bf16: bool = False  # bf16 autocast (always on for CUDA; optional on CPU)
     save_every: int = 50  # checkpoint every this many optimizer steps
     seed: int = 0  # data order, LoRA init, dropout
+    retain: str = ""  # a file of the data folder trained on beside the stage's own rows ('' = none)
 
 
 @dataclass
@@ -81,7 +82,7 @@ class Config:
     resume: bool = False  # continue an interrupted stage from its checkpoint
     force: bool = False  # redo stages that already finished
     select: pharmacist.SelectConfig = field(default_factory=pharmacist.SelectConfig)
-    align: TrainConfig = field(default_factory=TrainConfig)
+    align: TrainConfig = field(default_factory=lambda: TrainConfig(retain="retain.jsonl"))  # benign rows, see stage_align
     finetune: TrainConfig = field(default_factory=lambda: TrainConfig(defense="sft", lr=2e-4))
     attack: FinetuneData = field(default_factory=FinetuneData)
     defense: defenses.DefenseConfig = field(default_factory=defenses.DefenseConfig)
@@ -298,7 +299,7 @@ def train(model, examples, pad_id: int, cfg: TrainConfig, ctx: defenses.Context,
     clock = Clock(device)
     mark_boundary()
     bar = tqdm(total=total, initial=step, desc=f"{out.name} [{cfg.defense}]", dynamic_ncols=True)
-    micro, stats = 0, {}
+    stats = {}
     try:
         while step < total:
             epoch, pos = divmod(step, per_epoch)
@@ -397,20 +398,25 @@ def run_training(cfg: Config, tcfg: TrainConfig, model, tok, device, data: list[
 
 
 def stage_align(cfg: Config, out: Path) -> dict:
-    """A LoRA on the selected subset with an alignment-stage defense, merged into the model."""
+    """A LoRA on the selected subset with an alignment-stage defense, merged into the model.
+
+    The subset is trained together with the retain rows (`--align-retain`, benign instructions
+    with helpful answers, the same for every selector and defense): a model aligned on refusals
+    alone learns to refuse everything. Our small-scale adaptation of the paper's protocol."""
     subset_file = Path(cfg.out) / "select" / "subset.jsonl"
     if subset_file.exists():
         data, selector = load_jsonl(subset_file), json.loads((subset_file.parent / "summary.json").read_text())
     else:
         print(f"no {subset_file}: aligning on the whole pool (run --stage select first to curate it)")
         data, selector = read_split(cfg, "pool.jsonl"), {"selector": "full", "select_time_s": 0.0}
+    retain = read_split(cfg, cfg.align.retain) if cfg.align.retain else []
     model, tok, device = load_model(cfg)
-    summary = run_training(cfg, cfg.align, model, tok, device, data, read_split(cfg, "harmful.jsonl"),
-                           data, out)
+    summary = run_training(cfg, cfg.align, model, tok, device, data + retain, read_split(cfg, "harmful.jsonl"),
+                           data + retain, out)
     M.merge_lora(model)
     M.save_pretrained(model, tok, out / "model")
     return dict(summary, selector=selector["selector"], select_time_s=selector.get("select_time_s", 0.0),
-                n_align=len(data), align_time_s=summary["wall_time_s"])
+                n_align=len(data), n_retain=len(retain), align_time_s=summary["wall_time_s"])
 
 
 def stage_finetune(cfg: Config, out: Path) -> dict:
@@ -418,6 +424,7 @@ def stage_finetune(cfg: Config, out: Path) -> dict:
     aligned = require(Path(cfg.out) / "align" / "model", "align")
     model, tok, device = load_model(cfg, aligned)
     data = read_split(cfg, f"attack_{cfg.attack.task}.jsonl")
+    data += read_split(cfg, cfg.finetune.retain) if cfg.finetune.retain else []
     subset_file = Path(cfg.out) / "select" / "subset.jsonl"
     align = load_jsonl(subset_file) if subset_file.exists() else read_split(cfg, "pool.jsonl")
     summary = run_training(cfg, cfg.finetune, model, tok, device, data, read_split(cfg, "harmful.jsonl"),

@@ -13,8 +13,10 @@ Files written to --out (each a JSONL of Samples, see data/samples.py) and who re
     attack_{task}.jsonl        (1-p)·n rows of finetune_{task} + p·n harmful rows, shuffled
     eval_harmful.jsonl         held-out harmful prompts (harmful score), a reference refusal
     eval_harmful_qa.jsonl      held-out harmful prompts with harmful reference answers: the
-                               judge-free harmful loss (drawn last, from the harmful Q&A rows no
-                               other split took, so it changes no other file)
+                               judge-free harmful loss (drawn after the others, from the harmful
+                               Q&A rows no other split took, so it changes no other file)
+    retain.jsonl               benign instructions with helpful answers, trained beside every
+                               selected subset in the align stage (drawn last, never in a pool)
     eval_benign.jsonl          held-out benign instructions (over-refusal)
     eval_{task}.jsonl          task test rows with `label` (accuracy)
     manifest.json              counts, seed, sizes, source files and their sha256
@@ -65,6 +67,7 @@ class Sizes:
     eval_benign_size: int
     eval_task_size: int
     eval_harmful_qa_size: int = 50  # held-out harmful Q&A rows for the harmful loss
+    retain_size: int = 160  # benign rows the align stage trains on beside the selected subset
     pool_mix: dict = field(default_factory=lambda: dict(DEFAULT_MIX))
 
 
@@ -73,7 +76,7 @@ CPU_SIZES = Sizes(pool_size=400, validation_size=32, harmful_size=64, n=200, p=0
                      eval_harmful_size=100, eval_benign_size=50, eval_task_size=200)
 EMBEDDED_SIZES = Sizes(pool_size=48, validation_size=8, harmful_size=16, n=40, p=0.1,
                        eval_harmful_size=16, eval_benign_size=16, eval_task_size=16,
-                       eval_harmful_qa_size=8)
+                       eval_harmful_qa_size=8, retain_size=6)
 
 
 # ----------------------------------------------------------------------------- sizes
@@ -251,6 +254,8 @@ def build(sources: Sources, sizes: Sizes, seed: int,
     files.update(build_training(sources, sizes, draw, held_out_wording))
     rows = draw("eval_harmful_qa", sources.harmful_qa, sizes.eval_harmful_qa_size, "--eval-harmful-qa-size")
     files["eval_harmful_qa"] = with_ids(rows, "eval_harmful_qa", category="harmful", is_safe=False)
+    rows = draw("retain", sources.benign, sizes.retain_size, "--retain-size")
+    files["retain"] = with_ids(rows, "retain", category="benign", is_safe=True)
     check_disjoint(files)
     return files
 
@@ -323,6 +328,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--eval-benign-size", type=int)
     ap.add_argument("--eval-task-size", type=int, help="rows in each eval_{task} file")
     ap.add_argument("--eval-harmful-qa-size", type=int, help="rows in eval_harmful_qa.jsonl (harmful loss)")
+    ap.add_argument("--retain-size", type=int, help="rows in retain.jsonl (benign rows of the align stage)")
     ap.add_argument("--held-out-wording", action="store_true",
                     help="write the validation refusals and the pool's from disjoint templates "
                          "(data/answers.py HALVES), so no selector can match them by wording")

@@ -20,7 +20,7 @@ from data.batches import Batches, collate, encode_samples, mean_loss, sample_los
 from data.embedded import PLACEHOLDER_STEPS  # noqa: E402
 from data.samples import Sample, load_jsonl, prompt_key, save_jsonl  # noqa: E402
 
-FILES = ["pool", "validation", "harmful", "eval_harmful", "eval_harmful_qa", "eval_benign"] + [
+FILES = ["pool", "validation", "harmful", "eval_harmful", "eval_harmful_qa", "eval_benign", "retain"] + [
     f"{kind}_{task}" for kind in ("finetune", "attack", "eval") for task in prepare.TASKS]
 
 
@@ -204,6 +204,7 @@ def test_embedded_build_counts_and_disjointness():
     assert counts["harmful"] == s.harmful_size and counts["eval_harmful"] == s.eval_harmful_size
     assert counts["eval_harmful_qa"] == s.eval_harmful_qa_size
     assert all(r.is_safe is False and r.response for r in files["eval_harmful_qa"])  # harmful references
+    assert counts["retain"] == s.retain_size and all(r.category == "benign" and r.is_safe for r in files["retain"])
     for task in prepare.TASKS:
         assert counts[f"finetune_{task}"] == counts[f"attack_{task}"] == s.n
         harmful = [r for r in files[f"attack_{task}"] if r.is_safe is False]

@@ -262,6 +262,29 @@ def test_run_eval_on_a_tiny_model(tmp_path, moderation_dir):
     assert "harmful score (moderation judge)" in (tmp_path / "eval" / "results.md").read_text()
 
 
+def test_classify_picks_the_likeliest_label_and_matches_plain_log_probs():
+    """Each label's log-likelihood after the prompt, summed over its tokens and eos, computed one
+    sample at a time with log_softmax: the batched classifier picks its argmax, in input order."""
+    from data.samples import Sample
+    m, tok = make_model(), make_tokenizer()
+    with torch.no_grad():  # sharper next-token distributions than the tiny model's near-uniform ones
+        m.norm.weight.mul_(20)
+    rows = [Sample(id=f"r{i}", prompt="Analyze the sentiment", response="x", input=text)
+            for i, text in enumerate(["a fine film", "dull and long, a waste of an evening", "ok", "no", "yes!"])]
+    labels = ("positive", "negative", "a", "b", "c")
+    want = []
+    with torch.no_grad():
+        for s in rows:
+            lp = []
+            for label in labels:
+                ids, n = tok.encode_example(s.prompt, label, s.input)
+                logp = torch.log_softmax(m(torch.tensor([ids]))[0, :-1].double(), -1)
+                lp.append(sum(logp[t - 1, ids[t]].item() for t in range(n, len(ids))))
+            want.append(labels[max(range(len(labels)), key=lp.__getitem__)])
+    assert E.classify(m, tok, rows, labels, batch_size=2) == want
+    assert len(set(want)) > 1  # the case is not trivial
+
+
 def test_cli_on_a_model_folder(tmp_path, tiny_dir, capsys):
     out = tmp_path / "cli"
     E.main(["--model", str(tiny_dir), "--out", str(out), "--limit", "2", "--max-new-tokens", "3",

@@ -202,6 +202,25 @@ def test_generation_cache_and_batching_match_plain_loop():
     assert M.generate(m, tok, prompts, 12, batch_size=2) == [tok.decode(w) for w in want]
 
 
+def test_finished_rows_leave_the_batch():
+    """A row that reaches eos early leaves the batch and its cache; the others decode on unchanged,
+    whatever the batch and token budget."""
+    m, tok = make_model(), make_tokenizer()
+    prompts = ["hi", "What is the capital of France?", "How do I bake bread at home today?", "ok"]
+    enc = [tok.encode_prompt(p) for p in prompts]
+    with torch.no_grad():
+        free = [argmax_loop(m, e, 12, -1) for e in enc]
+        j = next(j for j in range(1, 12) if free[0][j] not in free[0][:j])
+        eos = free[0][j]  # the first row stops after j tokens
+        want = [argmax_loop(m, e, 12, eos) for e in enc]
+        assert len(want[0]) == j and max(map(len, want)) > j  # rows finish at different steps
+        assert M.generate_ids(m, enc, 12, eos, tok.pad_id) == want
+    tok.eos_id = eos
+    for batch_size, max_tokens in ((4, 4096), (3, 4096), (4, 2 * max(map(len, enc)))):
+        got = M.generate(m, tok, prompts, 12, batch_size=batch_size, max_tokens=max_tokens)
+        assert got == [tok.decode(w) for w in want], (batch_size, max_tokens)
+
+
 def test_generation_matches_transformers_generate(tiny_dir):
     m, tok = M.load_pretrained(tiny_dir, device="cpu")
     ref = transformers.AutoModelForCausalLM.from_pretrained(tiny_dir).eval()

@@ -27,8 +27,17 @@ def test_stage_all_tiny_writes_every_output(tmp_path):
     assert sorted(r["rank"] for r in rows) == list(range(len(pool)))
     align = json.loads((tmp_path / "align" / "summary.json").read_text())
     assert align["n_align"] == len(subset) and align["tokens_per_s"] > 0 and align["passes_per_step"] == 1
+    retain = load_jsonl(train.ROOT / "data" / "default" / "retain.jsonl")
+    assert align["n_retain"] == len(retain) > 0 and align["n_train"] == len(subset) + len(retain)
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert 0 <= results["harmful_score"] <= 100 and results["selector"] == "pharmacist"
+
+
+def test_align_without_retain_trains_on_the_subset_alone(tmp_path):
+    train.main(["--stage", "align", "--preset", "tiny", "--out", str(tmp_path), "--align-retain", "",
+                "--align-max-steps", "1"])
+    align = json.loads((tmp_path / "align" / "summary.json").read_text())
+    assert align["n_retain"] == 0 and align["n_train"] == align["n_align"]
 
 
 def tiny_run(tmp_path, name, cfg, monkeypatch=None, stop_at=None, resume=False):
