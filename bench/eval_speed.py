@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import evaluate as E  # noqa: E402
 import model as M  # noqa: E402
-from data.samples import write_text_atomic  # noqa: E402
+import default_weights  # noqa: E402
+from files import write_text_atomic  # noqa: E402
 
 SETTINGS = {"reference": dict(batch_size=16, classify="generate", bf16=False), "default": {}}
 
@@ -34,7 +35,7 @@ def load(spec: str):
         if (run / "finetune" / "adapter").is_dir():
             M.load_lora(model, run / "finetune" / "adapter")
         return model, tok
-    return M.load_pretrained(spec)
+    return default_weights.load_pretrained(spec)
 
 
 def label_of(answer: str, labels) -> str | None:

@@ -20,8 +20,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import default_weights  # noqa: E402
 import model as M  # noqa: E402
-from data.samples import load_jsonl, prompt_key, write_text_atomic  # noqa: E402
+from data.samples import load_jsonl, prompt_key  # noqa: E402
+from files import write_text_atomic  # noqa: E402
 from data.sources import read_harmful_prompts  # noqa: E402
 
 PY = sys.executable
@@ -82,7 +84,7 @@ def main(argv=None):
     asked = prompts(data, Path(args.source), args.extra, args.seed)
     items = []
     for name, (path, adapter) in models(data, work).items():
-        model, tok = M.load_pretrained(path)
+        model, tok = default_weights.load_pretrained(path)
         if adapter:
             M.load_lora(model, adapter)
         answers = M.generate(model, tok, [q for _, q in asked], args.max_new_tokens, progress=True)

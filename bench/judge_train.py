@@ -29,8 +29,8 @@ from safetensors.torch import save_file
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import evaluate as E  # noqa: E402
-import model as M  # noqa: E402
-from data.samples import write_text_atomic  # noqa: E402
+import default_weights  # noqa: E402
+from files import write_text_atomic  # noqa: E402
 
 LAYERS = (6, 12, 18, 24, 29)
 # The probes kept for evaluate.py. The refusal probe is fitted and measured, but the rule
@@ -103,7 +103,7 @@ def main(argv=None):
     ours = labelled_items(Path(args.labels))
     pyrit = {"harmful": read_jsonl(Path(args.source) / "judge_eval" / "harmful_labels.jsonl"),
              "refusal": read_jsonl(Path(args.source) / "judge_eval" / "refusal_labels.jsonl")}
-    model, tok = M.load_pretrained(MODEL, dtype=torch.float32)
+    model, tok = default_weights.load_pretrained(MODEL, dtype=torch.float32)
 
     def feats(prompts, answers):
         return E.answer_features(model, tok, prompts, answers, LAYERS)

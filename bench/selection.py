@@ -23,6 +23,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import default_weights  # noqa: E402
 import model as M  # noqa: E402
 import pharmacist as P  # noqa: E402
 import train  # noqa: E402
@@ -94,7 +95,7 @@ def time_alignment(model, tok, data, harmful, epochs: int, bf16: bool, seed: int
 def main(argv=None):
     args = parse(argv)
     torch.manual_seed(args.seed)
-    model, tok = M.load_pretrained(args.model)
+    model, tok = default_weights.load_pretrained(args.model)
     rows, aligned = [], {}
     for folder in args.data.split(","):
         folder = Path(folder)

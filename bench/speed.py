@@ -25,9 +25,6 @@ import model as M  # noqa: E402
 from data.batches import IGNORE, collate, encode_samples  # noqa: E402
 from data.samples import load_jsonl  # noqa: E402
 
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -96,7 +93,7 @@ def main():
     loaded = {}
 
     def load_ours():
-        loaded["ours"] = M.load_pretrained(args.model, device=device)
+        loaded["ours"] = default_weights.load_pretrained(args.model, device=device)
 
     def load_theirs():  # what a user waits for on both sides: the model and its tokenizer
         loaded["theirs"] = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device)
@@ -107,8 +104,8 @@ def main():
     rows = [row("load (s, cached)", None, l_o, l_t)]
 
     ids = torch.randint(100, tok.tok.get_vocab_size() - 1, (args.batch, args.seq), device=device)
-    M.add_lora(ours, 8, 16, TARGETS)
-    theirs = peft.get_peft_model(theirs, peft.LoraConfig(r=8, lora_alpha=16, target_modules=list(TARGETS)))
+    M.add_lora(ours, 8, 16, M.LORA_TARGETS)
+    theirs = peft.get_peft_model(theirs, peft.LoraConfig(r=8, lora_alpha=16, target_modules=list(M.LORA_TARGETS)))
     ours.train(), theirs.train()
     opt_o = torch.optim.AdamW([q for q in ours.parameters() if q.requires_grad], lr=1e-4)
     opt_t = torch.optim.AdamW([q for q in theirs.parameters() if q.requires_grad], lr=1e-4)

@@ -115,10 +115,6 @@ class Batches:
         full_chunks, rest = divmod(len(self.examples), self.chunk * self.batch_size)
         return full_chunks * self.chunk + math.ceil(rest / self.batch_size)
 
-    def __iter__(self):
-        return iter(self.epoch(0))
-
-
 def sample_losses(h: torch.Tensor, labels: torch.Tensor, head=None) -> torch.Tensor:
     """Per-sample loss (B,): token mean of the cross entropy over the response tokens, in float32
     (float64 for a float64 model).
@@ -136,12 +132,6 @@ def sample_losses(h: torch.Tensor, labels: torch.Tensor, head=None) -> torch.Ten
                                  reduction="none")
     total = token_loss.new_zeros(len(labels)).index_add(0, keep.nonzero()[:, 0], token_loss)
     return total / keep.sum(dim=1).clamp(min=1)
-
-
-def mean_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The training loss: the mean over samples of the per-sample losses (each sample counts
-    the same, whatever its length)."""
-    return sample_losses(logits, labels).mean()
 
 
 class Stream:

@@ -42,7 +42,8 @@ if __package__ in (None, ""):  # run as a script (python data/prepare.py): impor
 
 from data.answers import REFERENCE_REFUSAL, low_quality, refusal
 from data.embedded import embedded_sources
-from data.samples import Sample, prompt_key, save_jsonl, write_text_atomic
+from data.samples import Sample, prompt_key, save_jsonl
+from files import write_text_atomic
 from data.sources import Sources, read_sources
 
 TASKS = ("sst2", "agnews", "gsm8k")

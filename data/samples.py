@@ -16,9 +16,10 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from files import write_text_atomic
 
 
 @dataclass
@@ -73,12 +74,13 @@ def check_record(record: dict, where: str) -> Sample:
 
 
 def check_unique_ids(samples: list[Sample], where: str) -> None:
+    """Every id once; the error names the line (= the sample's position) of both copies."""
     seen: dict[str, int] = {}
-    for i, s in enumerate(samples):
+    for n, s in enumerate(samples, start=1):
         if s.id in seen:
-            raise ValueError(f"{where}: duplicate id {s.id!r} (samples {seen[s.id] + 1} and "
-                             f"{i + 1}); give every sample its own id")
-        seen[s.id] = i
+            raise ValueError(f"{where}:{n}: field 'id': duplicate id {s.id!r} (first on line "
+                             f"{seen[s.id]}); give every sample its own id")
+        seen[s.id] = n
 
 
 def load_jsonl(path: str | os.PathLike) -> list[Sample]:
@@ -89,7 +91,7 @@ def load_jsonl(path: str | os.PathLike) -> list[Sample]:
                                 "`python data/prepare.py --source DIR --out DIR` or use data/default")
     text = path.read_text(encoding="utf-8")
     lines = text.split("\n")[:-1] if text.endswith("\n") else text.split("\n")
-    samples, first_line = [], {}
+    samples = []
     for n, line in enumerate(lines, start=1):
         if not line.strip():
             if len(lines) == 1:  # a file holding nothing but a newline
@@ -100,14 +102,10 @@ def load_jsonl(path: str | os.PathLike) -> list[Sample]:
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno}); "
                              "fix the line or remove it") from None
-        sample = check_record(record, f"{path}:{n}")
-        if sample.id in first_line:
-            raise ValueError(f"{path}:{n}: field 'id': duplicate id {sample.id!r} (first on line "
-                             f"{first_line[sample.id]}); give every sample its own id")
-        first_line[sample.id] = n
-        samples.append(sample)
+        samples.append(check_record(record, f"{path}:{n}"))
     if not samples:
         raise ValueError(f"{path}: no samples (empty set); the file must hold at least one line")
+    check_unique_ids(samples, str(path))  # blank lines are errors, so sample n is line n
     return samples
 
 
@@ -128,18 +126,3 @@ def save_jsonl(samples: list[Sample], path: str | os.PathLike) -> None:
         lines.append(json.dumps(record, ensure_ascii=False))
     check_unique_ids(samples, str(path))
     write_text_atomic("\n".join(lines) + "\n", path)
-
-
-def write_text_atomic(text: str, path: Path) -> None:
-    """Write text to a temporary file beside `path`, then rename it over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes the file private to us
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-

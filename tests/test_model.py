@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import make_model, make_tokenizer, tiny_config
 
+import default_weights
 import model as M
 
 transformers = pytest.importorskip("transformers")
@@ -242,7 +243,7 @@ def test_sampling_is_seeded():
 
 @pytest.mark.real_model
 def test_default_model_knows_paris():
-    m, tok = M.load_pretrained("smollm2-135m-instruct", device="cpu")
+    m, tok = default_weights.load_pretrained("smollm2-135m-instruct", device="cpu")
     assert "Paris" in M.generate(m, tok, ["What is the capital of France?"], 20)[0]
 
 
@@ -251,8 +252,8 @@ def test_tiny_random_tokenizer_is_the_same_in_every_process(tmp_path):
     different order each time, so the vocabulary is built from it sorted (two processes agree)."""
     import subprocess
     import sys
-    code = ("import sys, json; sys.path.insert(0, {root!r}); import model as M; "
-            "M.save_tiny_random({out!r}); t = json.load(open({out!r} + '/tokenizer.json')); "
+    code = ("import sys, json; sys.path.insert(0, {root!r}); import default_weights as W; "
+            "W.save_tiny_random({out!r}); t = json.load(open({out!r} + '/tokenizer.json')); "
             "print(json.dumps(t['model']['vocab'], sort_keys=False))")
     vocabs = [subprocess.run([sys.executable, "-c", code.format(root=str(Path(__file__).resolve().parents[1]),
                                                                 out=str(tmp_path / f"t{i}"))],

@@ -91,11 +91,14 @@ def test_nan_loss_stops_with_the_last_good_checkpoint(tmp_path, monkeypatch):
 
 
 def test_every_config_field_has_a_flag():
-    flags = {flag for _, _, flag, _ in train.section_fields(train.Config())}
+    actions = [a for a in train.build_parser(train.Config())._actions if a.dest != "help"]
     n_fields = sum(len(dataclasses.fields(getattr(train.Config(), f.name)))
                    if dataclasses.is_dataclass(getattr(train.Config(), f.name)) else 1
                    for f in dataclasses.fields(train.Config))
-    assert len(flags) == n_fields  # 1:1, no two fields share a flag
+    assert len(actions) == len({a.dest for a in actions}) == n_fields  # 1:1, no two fields share a flag
+    for a in actions:  # a section's flags carry its prefix
+        section = a.dest.partition(".")[0] if "." in a.dest else None
+        assert section is None or a.option_strings[0].startswith("--" + train.SECTIONS[section]), a.option_strings
     cfg = train.parse_args(["--preset", "tiny", "--select-keep", "0.25", "--align-lr", "0.01", "--align-bf16",
                             "--defense-rho", "3", "--eval-limit", "5"])
     assert (cfg.select.keep, cfg.align.lr, cfg.align.bf16, cfg.defense.rho, cfg.eval.limit) == (0.25, 0.01, True, 3.0, 5)
