@@ -12,12 +12,14 @@ Each stage reads the previous stage's folder inside --out and writes its own, wi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import json
 import math
 import random
 import resource
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -223,100 +225,140 @@ def set_rng_state(s):
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
+class Checkpoint:
+    """What a resumed run needs, in out/checkpoint.pt: trainable weights, optimizer, scheduler,
+    RNG, data position (steps, the auxiliary streams' draws), defense state. `mark` records a step
+    boundary; `save` writes it with the weights, which change only in opt.step, so they match it."""
+
+    def __init__(self, path: Path, model, opt, sched, ctx: defenses.Context, streams: dict):
+        self.path, self.opt, self.sched, self.ctx, self.streams = path, opt, sched, ctx, streams
+        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
+        self.boundary: dict = {}
+
+    def mark(self, step: int, tokens: int, elapsed: float):
+        self.boundary = dict(defense=copy.deepcopy(self.ctx.state_dict()), rng=rng_state(), step=step,
+                             tokens=tokens, elapsed=elapsed, streams={k: s.drawn for k, s in self.streams.items()})
+
+    def save(self):
+        state = dict(self.boundary, params=[p.detach().cpu() for p in self.ctx.params], names=self.names,
+                     optimizer=self.opt.state_dict(), scheduler=self.sched.state_dict())
+        with atomic_file(self.path) as tmp:
+            torch.save(state, tmp)
+
+    def load(self) -> tuple[int, int, float]:
+        """Restore everything; (step, tokens, elapsed seconds) of the saved boundary."""
+        ck = torch.load(self.path, weights_only=False)
+        with torch.no_grad():
+            for p, t in zip(self.ctx.params, ck["params"]):
+                p.copy_(t)
+        self.opt.load_state_dict(ck["optimizer"])
+        self.sched.load_state_dict(ck["scheduler"])
+        self.ctx.load_state_dict(ck["defense"])
+        for k, stream in self.streams.items():
+            stream.drawn = ck["streams"][k]
+        set_rng_state(ck["rng"])
+        return ck["step"], ck["tokens"], ck["elapsed"]
+
+
+def keep_metrics(path: Path, step: int):
+    """metrics.jsonl cut back to the rows of steps <= step (a resumed run writes the rest again)."""
+    if path.exists():
+        rows = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        write_text_atomic("".join(r + "\n" for r in rows), path)
+
+
 def train(model, examples, pad_id: int, cfg: TrainConfig, ctx: defenses.Context, out: Path,
           streams: dict[str, "Stream"], resume: bool = False) -> dict:
     """The one loop: a defense step gives gradients, the loop accumulates, clips and steps.
 
-    Checkpoints (trainable weights, optimizer, scheduler, RNG, data position, defense state) go to
-    out/checkpoint.pt every `save_every` steps, on Ctrl-C, and before a non-finite loss stops it."""
+    A checkpoint goes to out/checkpoint.pt every `save_every` steps, at the end, and on Ctrl-C or
+    SIGTERM; a non-finite loss stops the run and leaves the last periodic checkpoint as it is."""
     step_fn = defenses.STEPS[cfg.defense]
     device = model.embed_tokens.weight.device
     params = ctx.params
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
     batches = Batches(examples, cfg.batch_size, pad_id, shuffle=True, seed=cfg.seed)
     per_epoch = math.ceil(len(batches) / cfg.grad_accum)
     total = per_epoch * cfg.epochs if not cfg.max_steps else min(cfg.max_steps, per_epoch * cfg.epochs)
     opt = make_optimizer(model, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, cfg.warmup))
-    ckpt_path, metrics_path = out / "checkpoint.pt", out / "metrics.jsonl"
+    ckpt, metrics_path = Checkpoint(out / "checkpoint.pt", model, opt, sched, ctx, streams), out / "metrics.jsonl"
     step, tokens, elapsed = 0, 0, 0.0
-    if resume and ckpt_path.exists():
-        ck = torch.load(ckpt_path, weights_only=False)
-        with torch.no_grad():
-            for p, t in zip(params, ck["params"]):
-                p.copy_(t)
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        ctx.load_state_dict(ck["defense"])
-        for k, stream in streams.items():
-            stream.drawn = ck["streams"][k]
-        set_rng_state(ck["rng"])
-        step, tokens, elapsed = ck["step"], ck["tokens"], ck["elapsed"]
+    if resume and ckpt.path.exists():
+        step, tokens, elapsed = ckpt.load()
+        keep_metrics(metrics_path, step)
         print(f"resumed {out} at step {step}/{total}")
-    elif metrics_path.exists():
-        metrics_path.unlink()
-    boundary = {}
-
-    def mark_boundary():  # what a resumed run needs beyond the weights, as of this step boundary
-        boundary.update(defense=copy.deepcopy(ctx.state_dict()), rng=rng_state(), step=step,
-                        tokens=tokens, elapsed=elapsed + clock.seconds(),
-                        streams={k: s.drawn for k, s in streams.items()})
-
-    def checkpoint():  # weights and optimizer change only in opt.step, so they match the boundary
-        state = dict(boundary, params=[p.detach().cpu() for p in params], names=names,
-                     optimizer=opt.state_dict(), scheduler=sched.state_dict())
-        with atomic_file(ckpt_path) as tmp:
-            torch.save(state, tmp)
-
+    else:
+        if resume:
+            print(f"no checkpoint in {out}: {out.name} starts from step 0", file=sys.stderr)
+        metrics_path.unlink(missing_ok=True)
     clock = Clock(device)
-    mark_boundary()
+    ckpt.mark(step, tokens, elapsed)
     bar = tqdm(total=total, initial=step, desc=f"{out.name} [{cfg.defense}]", dynamic_ncols=True)
     stats = {}
     try:
-        while step < total:
-            epoch, pos = divmod(step, per_epoch)
-            plan = batches.plan(epoch)[pos * cfg.grad_accum:(pos + 1) * cfg.grad_accum]
-            chunk = [collate([examples[i] for i in b], pad_id) for b in plan]
-            for p in params:
-                p.grad = None
-            for batch in chunk:
-                batch = {k: v.to(device) for k, v in batch.items()}
-                ctx.step = step
-                with M.autocast(device, cfg.bf16):
-                    grads, stats = step_fn(ctx, batch)
-                if not all(math.isfinite(v) for v in stats.values() if isinstance(v, float)):
-                    raise NonFiniteLoss(f"{out.name}: non-finite loss at step {step} ({stats}); "
-                                        f"the last good checkpoint is {ckpt_path}")
-                for p, g in zip(params, grads):
-                    g = g / len(chunk)
-                    p.grad = g if p.grad is None else p.grad + g
-                tokens += int(batch["attention_mask"].sum())
-            gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.clip)
-            opt.step()
-            sched.step()
-            step += 1
-            t = elapsed + clock.seconds()
-            rec = dict(step=step, lr=sched.get_last_lr()[0], grad_norm=float(gnorm), tokens=tokens,
-                       tokens_per_s=tokens / max(t, 1e-9), time_s=t, **stats)
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
-            bar.set_postfix(loss=f"{stats.get('loss', float('nan')):.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
-            bar.update(1)
-            mark_boundary()
-            if step % cfg.save_every == 0:
-                checkpoint()
-    except (KeyboardInterrupt, NonFiniteLoss):
-        checkpoint()
-        bar.close()
-        print(f"\nstopped; checkpoint at step {boundary['step']} in {ckpt_path} (continue with --resume)",
+        with stop_on_sigterm():
+            while step < total:
+                epoch, pos = divmod(step, per_epoch)
+                plan = batches.plan(epoch)[pos * cfg.grad_accum:(pos + 1) * cfg.grad_accum]
+                chunk = [collate([examples[i] for i in b], pad_id) for b in plan]
+                for p in params:
+                    p.grad = None
+                for batch in chunk:
+                    batch = {k: v.to(device) for k, v in batch.items()}
+                    ctx.step = step
+                    with M.autocast(device, cfg.bf16):
+                        grads, stats = step_fn(ctx, batch)
+                    if not all(math.isfinite(v) for v in stats.values() if isinstance(v, float)):
+                        raise NonFiniteLoss(f"{out.name}: non-finite loss at step {step} ({stats}); the last good "
+                                            f"checkpoint is {ckpt.path if ckpt.path.exists() else 'none'}: "
+                                            "lower the learning rate, then --resume or start over")
+                    for p, g in zip(params, grads):
+                        g = g / len(chunk)
+                        p.grad = g if p.grad is None else p.grad + g
+                    tokens += int(batch["attention_mask"].sum())
+                gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+                lr = sched.get_last_lr()[0]  # the rate this step uses
+                opt.step()
+                sched.step()
+                step += 1
+                t = elapsed + clock.seconds()
+                rec = dict(step=step, lr=lr, grad_norm=float(gnorm), tokens=tokens,
+                           tokens_per_s=tokens / max(t, 1e-9), time_s=t, **stats)
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+                bar.set_postfix(loss=f"{stats.get('loss', float('nan')):.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+                bar.update(1)
+                ckpt.mark(step, tokens, t)
+                if step % cfg.save_every == 0:
+                    ckpt.save()
+    except KeyboardInterrupt:
+        ckpt.save()
+        print(f"\nstopped; checkpoint at step {ckpt.boundary['step']} in {ckpt.path} (continue with --resume)",
               file=sys.stderr)
         raise
-    bar.close()
-    checkpoint()
+    finally:
+        bar.close()
+    ckpt.save()
     seconds = elapsed + clock.seconds()
     return dict(steps=step, tokens=tokens, wall_time_s=seconds, tokens_per_s=tokens / max(seconds, 1e-9),
                 peak_memory_mb=clock.peak_memory_mb(), passes_per_step=defenses.PASSES[cfg.defense],
                 defense=cfg.defense, device=str(device))
+
+
+@contextlib.contextmanager
+def stop_on_sigterm():
+    """SIGTERM (a scheduler's kill, `kill PID`) stops the loop like Ctrl-C: checkpoint, then exit."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+    try:
+        old = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 # ----------------------------------------------------------------------------- the stages
@@ -434,7 +476,7 @@ RUNNERS = {"select": stage_select, "align": stage_align, "finetune": stage_finet
 
 def run_stage(cfg: Config, stage: str):
     out = Path(cfg.out) / stage
-    if (out / "summary.json").exists() and not cfg.force and not cfg.resume:
+    if (out / "summary.json").exists() and not cfg.force:
         print(f"[{stage}] already done ({out / 'summary.json'}); --force to redo it")
         return
     out.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,8 @@
 """train.py on the tiny preset: the stages end to end, resume, NaN stop, flags and bad input."""
 import dataclasses
 import json
+import os
+import signal
 
 import pytest
 import torch
@@ -40,8 +42,8 @@ def test_align_without_retain_trains_on_the_subset_alone(tmp_path):
     assert align["n_retain"] == 0 and align["n_train"] == align["n_align"]
 
 
-def tiny_run(tmp_path, name, cfg, monkeypatch=None, stop_at=None, resume=False):
-    """Train the tiny model on the embedded pool; optionally raise Ctrl-C at step `stop_at`.
+def tiny_run(tmp_path, name, cfg, monkeypatch=None, stop_at=None, resume=False, stop=KeyboardInterrupt):
+    """Train the tiny model on the embedded pool; optionally raise `stop` (Ctrl-C) at step `stop_at`.
     A resumed run starts from another RNG state: the checkpoint must restore it."""
     torch.manual_seed(123 if resume else 0)
     model, tok = make_model(), make_tokenizer()
@@ -56,7 +58,9 @@ def tiny_run(tmp_path, name, cfg, monkeypatch=None, stop_at=None, resume=False):
 
         def interrupted(ctx, batch):
             if ctx.step == stop_at:
-                raise KeyboardInterrupt
+                if stop == "SIGTERM":
+                    os.kill(os.getpid(), signal.SIGTERM)
+                raise stop
             return real(ctx, batch)
         monkeypatch.setitem(defenses.STEPS, cfg.defense, interrupted)
     out = tmp_path / name
@@ -79,15 +83,37 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path, monkey
         assert torch.equal(a, b)
 
 
+def test_sigterm_checkpoints_like_ctrl_c(tmp_path, monkeypatch):
+    cfg = train.TrainConfig(epochs=1, batch_size=4, lr=1e-2, save_every=100)
+    with pytest.raises(KeyboardInterrupt):
+        tiny_run(tmp_path, "t", cfg, monkeypatch, stop_at=3, stop="SIGTERM")
+    assert torch.load(tmp_path / "t" / "checkpoint.pt", weights_only=False)["step"] == 3
+
+
+def test_a_crash_then_resume_logs_every_step_once(tmp_path, monkeypatch):
+    """Killed between checkpoints (here: an error at step 3, the last checkpoint at step 2), the
+    resumed run drops the metrics rows after its checkpoint and writes each step once."""
+    cfg = train.TrainConfig(epochs=1, batch_size=4, lr=1e-2, save_every=2)
+    with pytest.raises(RuntimeError):
+        tiny_run(tmp_path, "k", cfg, monkeypatch, stop_at=3, stop=RuntimeError)
+    monkeypatch.undo()
+    tiny_run(tmp_path, "k", cfg, resume=True)
+    rows = [json.loads(x) for x in (tmp_path / "k" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, len(rows) + 1)) and len(rows) > 3
+    assert rows[0]["lr"] > 0 and rows[-1]["lr"] > 0  # the rate each step used (the schedule ends after it)
+
+
 def test_nan_loss_stops_with_the_last_good_checkpoint(tmp_path, monkeypatch):
     def nan_at_3(ctx, batch):
         grads, stats = defenses.sft_step(ctx, batch)
         return grads, dict(stats, loss=float("nan") if ctx.step == 3 else stats["loss"])
     monkeypatch.setitem(defenses.STEPS, "sft", nan_at_3)
-    cfg = train.TrainConfig(epochs=1, batch_size=4, save_every=100)
+    cfg = train.TrainConfig(epochs=1, batch_size=4, save_every=2)
     with pytest.raises(train.NonFiniteLoss, match="step 3"):
         tiny_run(tmp_path, "nan", cfg)
-    assert torch.load(tmp_path / "nan" / "checkpoint.pt", weights_only=False)["step"] == 3
+    # the periodic checkpoint of step 2 stays: the weights that led to the NaN are not saved over it
+    assert torch.load(tmp_path / "nan" / "checkpoint.pt", weights_only=False)["step"] == 2
+    assert [json.loads(x)["step"] for x in (tmp_path / "nan" / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
 
 
 def test_every_config_field_has_a_flag():
