@@ -1,22 +1,22 @@
-"""Evaluation: generate answers, judge them, score the model, gather runs into one report.
+"""Evaluation: generate answers, judge them, score the model (bench/report.py gathers runs).
 
 Read top to bottom:
 1. judges: does an answer comply with its request? `keyword_judge` (the refusal-prefix list of
    Zou et al. 2023), `phrase_judge` (our refusal phrases in the opening; over-refusal uses it),
-   `refusal_judge` (ours: refusal phrases plus the substance of the answer) and `ModerationJudge`
-   (the BeaverTails moderation model, beaver-dam-7b, loaded by model.py);
+   `refusal_judge` (ours: refusal phrases plus the substance of the answer), `ModerationJudge`
+   (the BeaverTails moderation model, beaver-dam-7b) and the trained judge (`judge_harmful`: a
+   probe on the default model's hidden states, fitted on human labels);
 2. task accuracy: the label word for SST-2 / AG News, the final number for GSM8K;
-3. metrics: accuracy, F1, AUC (rank statistic), binomial standard error;
-4. `run_eval`: harmful score, over-refusal and fine-tune accuracy of one model;
-5. `judge_eval`: the CPU judges against the human labels of ../shared/data/judge_eval;
-6. `report`: several runs in one table, and the paper's Fig. 1.
+3. metrics: accuracy, F1, AUC (rank statistic), binomial standard error, the judge-corrected rate;
+4. `run_eval`: harmful score, refusals, over-refusal, harmful loss and fine-tune accuracy of one
+   model (SST-2 / AG News by the labels' likelihood, the rest generated);
+5. `judge_eval`: the CPU judges against the human labels of a public judge_eval/ folder.
 
 Every judge gives a score in [0, 1] per (prompt, answer): above 0.5 the answer does what was
 asked (harmful, when the request was harmful); below, it refuses, evades or says nothing.
 
     python evaluate.py --model DIR|NAME [--lora DIR] --data DIR --out DIR [--max-new-tokens N ...]
-    python evaluate.py judge-eval --source ../shared/data [--out results]
-    python evaluate.py report RUN_DIR... --out DIR
+    python evaluate.py judge-eval --source DATA_DIR [--out results]
 """
 from __future__ import annotations
 
@@ -637,173 +637,16 @@ def judge_eval(source, out="results") -> dict:
     return table
 
 
-# ----------------------------------------------------------------------------- 6. report
-
-def load_run(run) -> dict:
-    """A run's numbers and metadata, merged from results.json / summary.json in the run folder, its
-    eval/ and align/ stages and select/ (first found wins); what is missing stays missing."""
-    run, merged = Path(run), {"run": Path(run).name}
-    for folder in (run, run / "eval", run / "align", run / "select"):
-        for name in ("results.json", "summary.json"):
-            if (folder / name).is_file():
-                for k, v in json.loads((folder / name).read_text()).items():
-                    if v is not None:
-                        merged.setdefault(k, v)
-    return merged
-
-
-def fmt(value, spec=".1f") -> str:
-    return "–" if value is None else format(value, spec) if isinstance(value, (int, float)) else str(value)
-
-
-def row_order(r: dict):
-    """Rows grouped by selector and defense; within a group, by number of alignment samples."""
-    n = r.get("n_align")
-    return str(r.get("selector")), str(r.get("defense")), n if isinstance(n, (int, float)) else 0
-
-
-SEED_SUFFIX = re.compile(r"_s(\d+)$")  # runs named <config>_s<seed> repeat <config> with another seed
-
-
-def mean(values):
-    values = [v for v in values if v is not None]
-    return sum(values) / len(values) if values else None
-
-
-def merge_seeds(rows: list[dict]) -> list[dict]:
-    """Runs that differ only in their seed become one row: the means, and as ± the standard error
-    over seeds (std / sqrt(n)); a single run keeps its binomial standard error over the prompts."""
-    groups: dict[str, list[dict]] = {}
-    for r in rows:
-        groups.setdefault(SEED_SUFFIX.sub("", r["run"]), []).append(r)
-    merged = []
-    for name, group in groups.items():
-        row = dict(group[0], run=name, seeds=len(group))
-        scores = [r["harmful_score"] for r in group if r.get("harmful_score") is not None]
-        if len(group) > 1:
-            for key in ("harmful_score", "over_refusal", "align_time_s"):
-                row[key] = mean(r.get(key) for r in group)
-            tasks = {t for r in group for t in r.get("accuracy", {})}
-            row["accuracy"] = {t: mean(r.get("accuracy", {}).get(t) for r in group) for t in tasks}
-            row["harmful_se"] = (float(np.std(scores, ddof=1)) / math.sqrt(len(scores))
-                                 if len(scores) > 1 else None)
-        row["per_seed"] = scores
-        merged.append(row)
-    return merged
-
-
-def _corrected(r: dict) -> str:
-    c = r.get("harmful_corrected")
-    return "–" if not c else f"{c['rate']:.1f} ({c['low']:.1f}–{c['high']:.1f})"
-
-
-# (column, the key that makes it appear, its cell): the measures of results files that have them
-EXTRA_COLUMNS = [
-    ("harmful, corrected (95 %)", "harmful_corrected", _corrected),
-    ("refusal / degenerate / compliant (%)", "outcomes",
-     lambda r: " / ".join(fmt(r.get("outcomes", {}).get(k), ".0f") for k in ("refusal", "degenerate", "compliant"))),
-    ("harmful loss", "harmful_loss", lambda r: fmt(r.get("harmful_loss"), ".3f")),
-    ("refusal loss", "refusal_loss", lambda r: fmt(r.get("refusal_loss"), ".3f")),
-    ("refusal_judge (rule)", "harmful_by_judge", lambda r: fmt(r.get("harmful_by_judge", {}).get("refusal"))),
-]
-
-
-def report(runs, out, figure: bool = True) -> str:
-    """One markdown table over runs (rows: selector × defense, seeds merged), report.md, fig1.png."""
-    rows = [load_run(r) for r in runs]
-    for r in rows:  # a tuning-stage defense (BDS) on top of the alignment defense reads "sft+bds"
-        if r.get("defense") and r.get("finetune_defense") not in (None, "sft"):
-            r["defense"] = f"{r['defense']}+{r['finetune_defense']}"
-    rows = sorted(merge_seeds(rows), key=row_order)
-    tasks = sorted({t for r in rows for t in r.get("accuracy", {})})
-    extra = [(name, cell) for name, key, cell in EXTRA_COLUMNS if any(key in r for r in rows)]
-    head = ["run", "selector", "defense", "n align", "harmful score", "seeds", *[n for n, _ in extra],
-            "over-refusal", *[f"acc {t}" for t in tasks], "align work (k tok-passes)", "align time (s)",
-            "select time (s)"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        harmful = "–" if r.get("harmful_score") is None else f"{r['harmful_score']:.1f} ± {fmt(r.get('harmful_se'))}"
-        seeds = " / ".join(f"{v:.0f}" for v in r["per_seed"]) if r["seeds"] > 1 else "1"
-        # alignment compute that CPU contention cannot inflate: tokens x forward-backward passes per step
-        work = r["tokens"] * r["passes_per_step"] / 1000 if {"tokens", "passes_per_step"} <= r.keys() else None
-        cells = [r["run"], fmt(r.get("selector")), fmt(r.get("defense")), fmt(r.get("n_align"), "g"), harmful,
-                 seeds, *[cell(r) for _, cell in extra], fmt(r.get("over_refusal")),
-                 *[fmt(r.get("accuracy", {}).get(t)) for t in tasks],
-                 fmt(work, ".0f"), fmt(r.get("align_time_s")), fmt(r.get("select_time_s"))]
-        lines.append("| " + " | ".join(cells) + " |")
-    text = "\n".join(lines) + "\n"
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(text, out / "report.md")
-    if figure:
-        plot_fig1(rows, out / "fig1.png")
-    return text
-
-
-def fig1_points(rows: list[dict]) -> list[dict]:
-    """The rows Fig. 1 draws: it is about k, so only the defenses that one selector ran at several k
-    (the full pool's point beside them); all rows when no defense was run at several k."""
-    points = [r for r in rows if isinstance(r.get("n_align"), (int, float)) and r.get("harmful_score") is not None]
-    ks: dict[tuple, set] = {}
-    for r in points:
-        if r.get("selector") != "full":
-            ks.setdefault((str(r.get("defense")), r.get("selector")), set()).add(r["n_align"])
-    swept = {defense for (defense, _), k in ks.items() if len(k) > 1}
-    return [r for r in points if str(r.get("defense")) in swept] if swept else points
-
-
-def plot_fig1(rows: list[dict], path: Path) -> None:
-    """Paper Fig. 1: harmful score and alignment time against the number of alignment samples."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no figure (pip install matplotlib)")
-        return
-    points = fig1_points(rows)
-    if not points:
-        print("no run with n_align and harmful_score: no figure")
-        return
-    several_defenses = len({str(r.get("defense")) for r in points}) > 1
-
-    def line(r):  # one line per selector, and per defense when the runs differ in defense
-        return f"{r.get('selector')} / {r.get('defense')}" if several_defenses else str(r.get("selector"))
-
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-    for name in sorted({line(r) for r in points}):
-        mine = sorted((r for r in points if line(r) == name), key=lambda r: r["n_align"])
-        for ax, key in zip(axes, ("harmful_score", "align_time_s")):
-            xy = [(r["n_align"], r[key]) for r in mine if r.get(key) is not None]
-            if xy:
-                ax.plot(*zip(*xy), marker="o", label=name)
-    for ax, label in zip(axes, ("harmful score (%)", "alignment time (s)")):
-        ax.set_xlabel("number of alignment samples")
-        ax.set_ylabel(label)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 # ----------------------------------------------------------------------------- CLI
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["judge-eval"]:
         p = argparse.ArgumentParser(prog="evaluate.py judge-eval", description=judge_eval.__doc__)
-        p.add_argument("--source", default="../shared/data", help="folder holding judge_eval/")
+        p.add_argument("--source", required=True, help="the public data folder that holds judge_eval/")
         p.add_argument("--out", default="results")
         args = p.parse_args(argv[1:])
         return judge_eval(args.source, args.out)
-    if argv[:1] == ["report"]:
-        p = argparse.ArgumentParser(prog="evaluate.py report", description=report.__doc__)
-        p.add_argument("runs", nargs="+", help="run folders (train.py --out, or evaluate.py --out)")
-        p.add_argument("--out", required=True)
-        p.add_argument("--no-figure", action="store_true", help="the table only (runs not spread over k)")
-        args = p.parse_args(argv[1:])
-        print(report(args.runs, args.out, figure=not args.no_figure), end="")
-        return None
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="HF folder or built-in name (smollm2-135m-instruct, tiny-random)")
     p.add_argument("--lora", default="", help="a PEFT adapter folder to add to the model")

@@ -156,7 +156,8 @@ def read_split(cfg: Config, name: str) -> list[Sample]:
     path = data_dir(cfg) / name
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing; build the data with "
-                                f"`python data/prepare.py --source ../shared/data --out {data_dir(cfg)}`")
+                                f"`python data/prepare.py --source PUBLIC_DATA_DIR --out {data_dir(cfg)}` "
+                                "(or leave --data out for the embedded default set)")
     return load_jsonl(path)
 
 

@@ -1,7 +1,7 @@
 """The paper's claims on SmolLM2-135M, as a resumable sweep of `train.py` runs.
 
-    python bench/reproduce.py --out runs/repro [--source ../shared/data] [--phases calibrate,main,fig1,stress,seeds,defenses,bds,wording]
-    python bench/reproduce.py --out runs/small --preset small      # Full / Random / Pharmacist, 3 seeds
+    python bench/reproduce.py --source DATA_DIR --out runs/repro [--phases calibrate,main,fig1,stress,seeds,defenses,bds,wording]
+    python bench/reproduce.py --source DATA_DIR --out runs/small --preset small   # Full / Random / Pharmacist, 3 seeds
 
 Phases (each run is a folder under --out; a finished stage is skipped, so re-running resumes):
   calibrate  the attack (lr x epochs at p=0.1) on Full+SFT and Random+SFT, each also evaluated before
@@ -18,7 +18,7 @@ Phases (each run is a folder under --out; a finished stage is skipped, so re-run
   wording    loss, pharmacist, random, seal with SFT on a pool whose refusals share no template with
              the validation set (prepare.py --held-out-wording), seed 0 and --seeds, in
              --out/held_out_wording.
-Every call ends with the tables: `evaluate.py report` gathers the runs at the calibrated attack into
+Every call ends with the tables: `bench/report.py` gathers the runs at the calibrated attack into
 results/repro/report.md and fig1.png, the stress runs into results/repro/stress/report.md, with
 precision.md, calibration.json and per_run/; the wording phase's into results/repro/held_out_wording/
 (`--phases report` runs nothing new: tables only).
@@ -136,10 +136,10 @@ def tables(out: Path, data: Path, results: Path, k: int, tag: str, figure: bool 
     baselines = [out / f"{s}_sft_k{k}{tag}" for s in ("random", "pharmacist")]
     log = out / "sweep.log"
     if main_runs:
-        sh([PY, "evaluate.py", "report", *map(str, main_runs), "--out", str(results),
+        sh([PY, "bench/report.py", *map(str, main_runs), "--out", str(results),
             *([] if figure else ["--no-figure"])], log)
     if stress_runs:
-        sh([PY, "evaluate.py", "report", *map(str, stress_runs + [b for b in baselines if b in runs]),
+        sh([PY, "bench/report.py", *map(str, stress_runs + [b for b in baselines if b in runs]),
             "--out", str(results / "stress"), "--no-figure"], log)
 
 
@@ -203,7 +203,7 @@ def calibration_table(rows: list[dict], choice: dict | None) -> str:
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/repro")
-    p.add_argument("--source", default=str(ROOT.parent / "shared" / "data"))
+    p.add_argument("--source", required=True, help="the public data folder data/prepare.py reads")
     p.add_argument("--phases", default="calibrate,main,fig1,stress,seeds,defenses,bds,wording")
     p.add_argument("--selectors", default="random,pharmacist,full,seal,loss",
                    help="run only the configurations of these selectors (e.g. two sweeps side by side)")

@@ -2,7 +2,6 @@
 the moderation head against transformers, and the report over fake runs."""
 import json
 import math
-import statistics
 
 import pytest
 import torch
@@ -298,87 +297,6 @@ def test_moderation_judge_needs_its_model(tmp_path):
     with pytest.raises(ValueError, match="moderation-model"):
         E.run_eval(make_model(), make_tokenizer(), ROOT / "data" / "default", tmp_path,
                    E.EvalConfig(max_new_tokens=1, limit=1, tasks="harmful", judge="moderation"))
-
-
-# ----------------------------------------------------------------------------- report
-
-def fake_run(root, name, selector, n_align, harmful, align_time, layout="train"):
-    """A run folder as train.py leaves it (eval/results.json + align/summary.json), or flat."""
-    run = root / name
-    results = dict(harmful_score=harmful, harmful_se=3.0, over_refusal=10.0, accuracy={"sst2": 90.0})
-    summary = dict(selector=selector, defense="sft", n_align=n_align, align_time_s=align_time,
-                   select_time_s=5.0, tokens=100 * n_align, passes_per_step=2)
-    if layout == "train":
-        (run / "eval").mkdir(parents=True)
-        (run / "align").mkdir()
-        (run / "eval" / "results.json").write_text(json.dumps(results))
-        (run / "align" / "summary.json").write_text(json.dumps(summary))
-    else:
-        run.mkdir(parents=True)
-        (run / "results.json").write_text(json.dumps(dict(results, **summary)))
-    return run
-
-
-def test_report_gathers_runs_and_draws_fig1(tmp_path):
-    runs = [fake_run(tmp_path, "full", "full", 48, 40.0, 100.0),
-            fake_run(tmp_path, "ph-24", "pharmacist", 24, 20.0, 50.0, layout="flat"),
-            fake_run(tmp_path, "ph-12", "pharmacist", 12, 25.0, 25.0)]
-    bds = fake_run(tmp_path, "bds", "full", 48, 15.0, 100.0)
-    (bds / "eval" / "results.json").write_text(json.dumps(dict(harmful_score=15.0, finetune_defense="bds")))
-    bare = tmp_path / "bare"
-    bare.mkdir()
-    (bare / "results.json").write_text(json.dumps({"harmful_score": 55.0}))  # no metadata at all
-    text = E.report(runs + [bds, bare], tmp_path / "report")
-    lines = text.splitlines()
-    assert len(lines) == 2 + 5 and "acc sst2" in lines[0]
-    assert "| bds | full | sft+bds | 48 | 15.0 ± – | 1 | – |" in text
-    assert lines[-2].startswith("| ph-12 | pharmacist | sft | 12 | 25.0 ± 3.0 | 1 | 10.0 | 90.0 | 2 | 25.0 | 5.0 |")
-    assert "| bare | – | – | – | 55.0 ± – | 1 |" in text
-    assert (tmp_path / "report" / "report.md").read_text() == text
-    pytest.importorskip("matplotlib")
-    assert (tmp_path / "report" / "fig1.png").stat().st_size > 1000
-
-
-def test_report_shows_the_judge_columns_where_runs_have_them(tmp_path):
-    run = fake_run(tmp_path, "new", "pharmacist", 160, 12.0, 50.0)
-    res = json.loads((run / "eval" / "results.json").read_text())
-    res.update(harmful_corrected=dict(rate=0.3, low=0.0, high=9.9), harmful_loss=1.234, refusal_loss=2.5,
-               outcomes=dict(refusal=0.0, degenerate=74.0, compliant=26.0), harmful_by_judge=dict(refusal=8.0))
-    (run / "eval" / "results.json").write_text(json.dumps(res))
-    old = fake_run(tmp_path, "old", "random", 160, 30.0, 50.0)
-    text = E.report([run, old], tmp_path / "report", figure=False)
-    assert "harmful, corrected (95 %)" in text and "| 0.3 (0.0–9.9) | 0 / 74 / 26 | 1.234 | 2.500 | 8.0 |" in text
-    assert "| old | random | sft | 160 | 30.0 ± 3.0 | 1 | – | – / – / – | – | – | – |" in text
-
-
-def test_fig1_draws_only_the_defenses_run_at_several_k():
-    """Fig. 1 is about k: a defense run once per selector (even beside the full pool) stays out."""
-    def r(selector, defense, k):
-        return dict(selector=selector, defense=defense, n_align=k, harmful_score=10.0)
-    swept = [r("random", "sft", 40), r("random", "sft", 160), r("pharmacist", "sft", 160), r("full", "sft", 400)]
-    single = [r("random", "vaccine", 160), r("full", "vaccine", 400), r("pharmacist", "repnoise", 160)]
-    assert E.fig1_points(swept + single + [r("random", "sft", None)]) == swept
-    assert E.fig1_points(single) == single  # nothing swept: every point
-
-
-def test_report_cli(tmp_path, capsys):
-    run = fake_run(tmp_path, "r", "random", 24, 30.0, 50.0)
-    E.main(["report", str(run), "--out", str(tmp_path / "rep"), "--no-figure"])
-    assert "| r | random | sft | 24 | 30.0 ± 3.0 |" in capsys.readouterr().out
-    assert not (tmp_path / "rep" / "fig1.png").exists()
-
-
-def test_report_merges_seeds(tmp_path):
-    """<config>_s<seed> runs are one row: mean, standard error over seeds, each seed's score."""
-    runs = [fake_run(tmp_path, "rnd_k24", "random", 24, 30.0, 50.0),
-            fake_run(tmp_path, "rnd_k24_s1", "random", 24, 36.0, 70.0),
-            fake_run(tmp_path, "rnd_k24_s2", "random", 24, 27.0, 60.0),
-            fake_run(tmp_path, "rnd_k48", "random", 48, 20.0, 90.0)]
-    lines = E.report(runs, tmp_path / "report").splitlines()
-    assert len(lines) == 2 + 2
-    se = statistics.stdev([30.0, 36.0, 27.0]) / 3 ** 0.5  # 2.65
-    assert lines[2].startswith(f"| rnd_k24 | random | sft | 24 | 31.0 ± {se:.1f} | 30 / 36 / 27 | 10.0 | 90.0 | 5 | 60.0 |")
-    assert lines[3].startswith("| rnd_k48 | random | sft | 48 | 20.0 ± 3.0 | 1 |")
 
 
 # ----------------------------------------------------------------------------- human labels

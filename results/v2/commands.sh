@@ -13,4 +13,4 @@ EV="--data runs/data --tasks harmful,harmful_qa,benign,sst2 --max-new-tokens 48 
 python evaluate.py --model smollm2-135m-instruct --out runs/v2/base/eval $EV
 # the SFT-aligned model of bench/judge_set.py (the whole pool, 2 epochs), before any attack
 python evaluate.py --model runs/judge_set/attack_5e-4/align/model --out runs/v2/full_sft_no_attack/eval $EV
-python evaluate.py report runs/v2/* --out results/v2 --no-figure
+python bench/report.py runs/v2/* --out results/v2 --no-figure
