@@ -67,9 +67,48 @@ def cut(selection_run: Path, k: int, out: Path):
 
 
 class Sweep:
-    def __init__(self, out: Path, data: Path, align_flags: list[str], attack_flags: list[str]):
+    """The runs of one data folder: each a `train.py` call per stage, in out/<run name>. A run that
+    fails is recorded in `failed` and the sweep goes on; rankings are computed once and cut to k."""
+
+    def __init__(self, out: Path, data: Path, align_flags: list[str], attack_flags: list[str], keep: int):
         self.out, self.data, self.align_flags, self.attack_flags = out, data, align_flags, attack_flags
-        self.log = out / "sweep.log"
+        self.log, self.keep, self.tag = out / "sweep.log", keep, ""
+        self.n_pool = json.loads((data / "manifest.json").read_text())["counts"]["pool.jsonl"]
+        self.rankings: dict[str, Path] = {}
+        self.failed: list[str] = []
+
+    def k_of(self, selector: str) -> int:
+        return self.n_pool if selector == "full" else self.keep
+
+    def ranking(self, selector: str) -> Path:
+        """The select/ run of a selector, made on first use."""
+        if selector not in self.rankings:
+            self.rankings[selector] = self.select(selector, self.k_of(selector))
+        return self.rankings[selector]
+
+    def attack(self, lr: str, epochs: str):
+        """Every later attack uses this lr and these epochs; run names carry them as a tag."""
+        self.attack_flags += ["--finetune-lr", lr, "--finetune-epochs", epochs]
+        self.tag = f"_lr{lr}_e{epochs}"
+
+    def run(self, name: str, *args, **kwargs):
+        """`config`, with a failure recorded instead of stopping the sweep."""
+        try:
+            self.config(name, *args, **kwargs)
+        except RunFailed as e:
+            print(e, flush=True)
+            self.failed.append(name)
+
+    def seed_runs(self, ranking, selectors, seeds, defenses):
+        """Each selector with each defense, aligned and attacked with each seed (seed 0: the defaults,
+        no _s suffix); a random subset is redrawn per seed, a selector's (costly) ranking kept."""
+        for seed in seeds:
+            flags = dict(attack=["--finetune-seed", str(seed)], align=["--align-seed", str(seed)]) if seed else {}
+            for defense in defenses:
+                for selector in selectors:
+                    selection = self.select("random", self.keep, seed) if selector == "random" else ranking(selector)
+                    self.run(f"{selector}_{defense}_k{self.k_of(selector)}{self.tag}" + (f"_s{seed}" if seed else ""),
+                             selection, self.k_of(selector), defense, **flags)
 
     def train(self, run: Path, stage: str, *flags):
         sh([PY, "train.py", "--stage", stage, "--out", str(run), "--data", str(self.data), *flags], self.log)
@@ -200,7 +239,7 @@ def calibration_table(rows: list[dict], choice: dict | None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main():
+def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/repro")
     p.add_argument("--source", required=True, help="the public data folder data/prepare.py reads")
@@ -212,118 +251,113 @@ def main():
     p.add_argument("--keep", type=int, default=160, help="k of the main table (rows kept of the pool)")
     p.add_argument("--ks", default="40,80", help="other k for fig1")
     p.add_argument("--seeds", default="1,2", help="extra seeds of the seeds and wording phases (seed 0 is the main run)")
-    p.add_argument("--lrs", default="5e-5,1e-4,2e-4",
-                   help="attack learning rates tried by calibrate")
+    p.add_argument("--lrs", default="5e-5,1e-4,2e-4", help="attack learning rates tried by calibrate")
     p.add_argument("--attack-epochs", default="1,2", help="attack epochs tried by calibrate")
     p.add_argument("--preset", choices=("small",), default=None,
                    help="small: Full, Random and Pharmacist with SFT at the calibrated attack, seeds 0-2 "
-                        "(phases main,seeds; about an hour on a 2-core CPU)")
-    args = p.parse_args()
+                        "(phases main,seeds; results in results/small)")
+    args = p.parse_args(argv)
     if args.preset == "small":
         args.phases, args.selectors, args.defenses, args.seeds = "main,seeds", "full,random,pharmacist", "sft", "1,2"
-    out = Path(args.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    data = out / "data"
-    if not (data / "manifest.json").exists():
-        sh([PY, "data/prepare.py", "--source", args.source, "--out", str(data)], out / "sweep.log")
-    align = ["--align-epochs", "2", "--align-bf16"]
-    sweep = Sweep(out, data, align, ["--finetune-bf16"])
-    phases, selectors, defenses = (args.phases.split(","), args.selectors.split(","),
-                                   args.defenses.split(","))
-    results = ROOT / "results" / ("small" if args.preset == "small" else "repro")
-    random_sel = sweep.select("random", args.keep)
-    selections = {"random": random_sel}
-    n_pool = json.loads((data / "manifest.json").read_text())["counts"]["pool.jsonl"]
-    k_of = lambda name: n_pool if name == "full" else args.keep
+    for name in ("phases", "selectors", "defenses"):
+        setattr(args, name, getattr(args, name).split(","))
+    args.seeds = [int(x) for x in args.seeds.split(",") if x]
+    return args
 
-    def sel(name):
-        if name not in selections:
-            selections[name] = sweep.select(name, k_of(name))
-        return selections[name]
+
+def build_data(source: str, out: Path, log: Path, *flags) -> Path:
+    if not (out / "manifest.json").exists():
+        sh([PY, "data/prepare.py", "--source", source, "--out", str(out), *flags], log)
+    return out
+
+
+def phase_calibrate(sweep: Sweep, args, out: Path, results: Path) -> dict:
+    """The attack of every later run: calibrated here once (calibration.json), else ATTACK."""
     calibration = out / "calibration.json"
-    if "calibrate" in phases and not calibration.exists():
-        rows = calibrate(sweep, {"full": (sel("full"), n_pool), "random": (random_sel, args.keep)},
-                         args.lrs.split(","), args.attack_epochs.split(","))
+    if "calibrate" in args.phases and not calibration.exists():
+        models = {"full": (sweep.ranking("full"), sweep.n_pool), "random": (sweep.ranking("random"), args.keep)}
+        rows = calibrate(sweep, models, args.lrs.split(","), args.attack_epochs.split(","))
         choice = choose(rows)
         calibration.write_text(json.dumps({"runs": rows, "chosen": choice}, indent=2))
         results.mkdir(parents=True, exist_ok=True)
         (results / "calibration.md").write_text(calibration_table(rows, choice))
     chosen = json.loads(calibration.read_text())["chosen"] if calibration.exists() else None
-    attack = chosen or ATTACK
-    sweep.attack_flags += ["--finetune-lr", attack["lr"], "--finetune-epochs", attack["epochs"]]
-    tag = f"_lr{attack['lr']}_e{attack['epochs']}"
-    jobs = []  # (phase, run name, selector, k, defense): most telling first, so a sweep stopped
-    for selector in ("pharmacist", "full", "random"):  # early still answers the main questions
-        jobs.append(("main", f"{selector}_sft_k{k_of(selector)}{tag}", selector, k_of(selector), "sft"))
+    return chosen or ATTACK
+
+
+def main_jobs(sweep: Sweep, args) -> list[tuple]:
+    """(phase, run name, selector, k, defense): most telling first, so a sweep stopped early still
+    answers the main questions."""
+    k_of, tag = sweep.k_of, sweep.tag
+    jobs = [("main", f"{s}_sft_k{k_of(s)}{tag}", s, k_of(s), "sft") for s in ("pharmacist", "full", "random")]
     for k in map(int, args.ks.split(",")):
-        jobs += [("fig1", f"{selector}_sft_k{k}{tag}", selector, k, "sft") for selector in ("random", "pharmacist")]
-    jobs += [("main", f"{selector}_vaccine_k{k_of(selector)}{tag}", selector, k_of(selector), "vaccine")
-             for selector in ("random", "pharmacist", "full", "seal", "loss")]
-    jobs += [("main", f"{selector}_sft_k{args.keep}{tag}", selector, args.keep, "sft") for selector in ("seal", "loss")]
+        jobs += [("fig1", f"{s}_sft_k{k}{tag}", s, k, "sft") for s in ("random", "pharmacist")]
+    jobs += [("main", f"{s}_vaccine_k{k_of(s)}{tag}", s, k_of(s), "vaccine")
+             for s in ("random", "pharmacist", "full", "seal", "loss")]
+    jobs += [("main", f"{s}_sft_k{args.keep}{tag}", s, args.keep, "sft") for s in ("seal", "loss")]
     for defense in ("repnoise", "tvaccine", "booster"):
-        jobs += [("defenses", f"{selector}_{defense}_k{k_of(selector)}{tag}", selector, k_of(selector), defense)
-                 for selector in ("pharmacist", "random", "full")]
-    failed = []
+        jobs += [("defenses", f"{s}_{defense}_k{k_of(s)}{tag}", s, k_of(s), defense) for s in ("pharmacist", "random", "full")]
+    return [j for j in jobs if j[0] in args.phases and j[2] in args.selectors and j[4] in args.defenses]
 
-    def config(name, selection, *rest, on=sweep, **kwargs):
-        """One configuration; a failure is reported at the end instead of stopping the sweep."""
-        try:
-            on.config(name, selection, *rest, **kwargs)
-        except RunFailed as e:
-            print(e, flush=True)
-            failed.append(name)
-    for phase, name, selector, k, defense in jobs:
-        if phase in phases and selector in selectors and defense in defenses:
-            config(name, sel(selector), k, defense)
-    pair = [s for s in ("random", "pharmacist") if s in selectors]  # baseline and ours
-    seeds = list(map(int, args.seeds.split(",")))
 
-    def seed_runs(on, ranking, names, run_seeds, run_defenses):
-        """Each selector in names with each defense, aligned and attacked with each seed (seed 0: the
-        defaults, no _s suffix); a random subset is redrawn per seed, a selector's (costly) ranking kept."""
-        for seed in run_seeds:
-            flags = dict(attack=["--finetune-seed", str(seed)], align=["--align-seed", str(seed)]) if seed else {}
-            for defense in run_defenses:
-                for selector in names:
-                    selection = on.select("random", args.keep, seed) if selector == "random" else ranking(selector)
-                    config(f"{selector}_{defense}_k{args.keep}{tag}" + (f"_s{seed}" if seed else ""), selection,
-                           args.keep, defense, on=on, **flags)
-    if "seeds" in phases:  # the same configurations again with other alignment and attack seeds
-        seed_runs(sweep, sel, [s for s in ("random", "pharmacist", "full", "seal", "loss") if s in selectors], seeds,
-                  [d for d in ("sft", "vaccine") if d in defenses])
-    if "bds" in phases:  # the fine-tuning-stage defense on top of the SFT-aligned models
+def phase_stress(sweep: Sweep, args, attack: dict, pair: list[str]):
+    """Stronger attacks (4x lr, 4 epochs, p = 0.2) on the SFT-aligned models of `pair`."""
+    data_p2 = build_data(args.source, sweep.out / "data_p0.2", sweep.log, "--p", "0.2")
+    lr4 = str(4 * float(attack["lr"]))
+    strong = {f"lr{float(lr4):g}": ["--finetune-lr", lr4], "epochs4": ["--finetune-epochs", "4"], "p0.2": []}
+    for name, flags in strong.items():
         for selector in pair:
-            base = out / f"{selector}_sft_k{args.keep}{tag}"
-            config(f"{selector}_sft+bds_k{args.keep}{tag}", sel(selector), args.keep, "sft",
-                   attack=["--finetune-defense", "bds"], align_from=base)
-    if "stress" in phases:
-        data_p2 = out / "data_p0.2"
-        if not (data_p2 / "manifest.json").exists():
-            sh([PY, "data/prepare.py", "--source", args.source, "--out", str(data_p2), "--p", "0.2"], sweep.log)
-        strong = {f"lr{4 * float(attack['lr']):g}": ["--finetune-lr", str(4 * float(attack["lr"]))],
-                  "epochs4": ["--finetune-epochs", "4"], "p0.2": []}
-        for name, flags in strong.items():
-            for selector in pair:
-                base = out / f"{selector}_sft_k{args.keep}{tag}"
-                config(f"stress_{selector}_{name}", sel(selector), args.keep, "sft", attack=flags,
-                       data=data_p2 if name == "p0.2" else None, align_from=base)
-    held_out = out / "held_out_wording"  # same prompts and draws, other wording: see data/answers.py HALVES
-    if "wording" in phases and "sft" in defenses:
-        data_h = held_out / "data"
-        held_out.mkdir(exist_ok=True)
-        if not (data_h / "manifest.json").exists():
-            sh([PY, "data/prepare.py", "--source", args.source, "--out", str(data_h), "--held-out-wording"],
-               sweep.log)
-        held = Sweep(held_out, data_h, sweep.align_flags, sweep.attack_flags)
-        order = [s for s in ("loss", "pharmacist", "random", "seal") if s in selectors]
-        rankings = {s: held.select(s, args.keep) for s in order if s != "random"}  # precision first, attacks after
-        seed_runs(held, rankings.get, order, [0, *seeds], ["sft"])
-    tables(out, data, results, args.keep, tag)
+            base = sweep.out / f"{selector}_sft_k{args.keep}{sweep.tag}"
+            sweep.run(f"stress_{selector}_{name}", sweep.ranking(selector), args.keep, "sft", attack=flags,
+                      data=data_p2 if name == "p0.2" else None, align_from=base)
+
+
+def phase_wording(sweep: Sweep, args) -> Sweep:
+    """The selectors again on a pool whose refusals share no template with the validation set."""
+    held_out = sweep.out / "held_out_wording"  # same prompts and draws, other wording: data/answers.py HALVES
+    held_out.mkdir(exist_ok=True)
+    data_h = build_data(args.source, held_out / "data", sweep.log, "--held-out-wording")
+    held = Sweep(held_out, data_h, sweep.align_flags, list(sweep.attack_flags), args.keep)
+    held.tag = sweep.tag
+    order = [s for s in ("loss", "pharmacist", "random", "seal") if s in args.selectors]
+    for s in order:  # precision first, attacks after
+        if s != "random":
+            held.ranking(s)
+    held.seed_runs(held.ranking, order, [0, *args.seeds], ["sft"])
+    return held
+
+
+def main(argv=None):
+    args = parse(argv)
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    data = build_data(args.source, out / "data", out / "sweep.log")
+    sweep = Sweep(out, data, ["--align-epochs", "2", "--align-bf16"], ["--finetune-bf16"], args.keep)
+    results = ROOT / "results" / ("small" if args.preset == "small" else "repro")
+    attack = phase_calibrate(sweep, args, out, results)
+    sweep.attack(attack["lr"], attack["epochs"])
+    for _, name, selector, k, defense in main_jobs(sweep, args):
+        sweep.run(name, sweep.ranking(selector), k, defense)
+    pair = [s for s in ("random", "pharmacist") if s in args.selectors]  # baseline and ours
+    if "seeds" in args.phases:  # the same configurations again with other alignment and attack seeds
+        sweep.seed_runs(sweep.ranking, [s for s in ("random", "pharmacist", "full", "seal", "loss") if s in args.selectors],
+                        args.seeds, [d for d in ("sft", "vaccine") if d in args.defenses])
+    if "bds" in args.phases:  # the fine-tuning-stage defense on top of the SFT-aligned models
+        for selector in pair:
+            base = out / f"{selector}_sft_k{args.keep}{sweep.tag}"
+            sweep.run(f"{selector}_sft+bds_k{args.keep}{sweep.tag}", sweep.ranking(selector), args.keep, "sft",
+                      attack=["--finetune-defense", "bds"], align_from=base)
+    if "stress" in args.phases:
+        phase_stress(sweep, args, attack, pair)
+    held = phase_wording(sweep, args) if "wording" in args.phases and "sft" in args.defenses else None
+    tables(out, data, results, args.keep, sweep.tag)
     if (out / "calibration.json").exists():
         (results / "calibration.json").write_text((out / "calibration.json").read_text())
-    if (held_out / "data" / "manifest.json").exists():
-        tables(held_out, held_out / "data", results / "held_out_wording", args.keep, tag, figure=False)
-    print((results / "report.md").read_text())
+    if held is not None:
+        tables(held.out, held.data, results / "held_out_wording", args.keep, sweep.tag, figure=False)
+    if (results / "report.md").exists():
+        print((results / "report.md").read_text())
+    failed = sweep.failed + (held.failed if held else [])
     if failed:
         sys.exit(f"these configurations failed (see {sweep.log}): {', '.join(failed)}")
 

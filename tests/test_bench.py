@@ -110,3 +110,15 @@ def test_report_merges_seeds(tmp_path):
     se = statistics.stdev([30.0, 36.0, 27.0]) / 3 ** 0.5  # 2.65
     assert lines[2].startswith(f"| rnd_k24 | random | sft | 24 | 31.0 ± {se:.1f} | 30 / 36 / 27 | 10.0 | 90.0 | 5 | 60.0 |")
     assert lines[3].startswith("| rnd_k48 | random | sft | 48 | 20.0 ± 3.0 | 1 |")
+
+
+def test_small_preset_runs_full_random_pharmacist_with_sft(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "manifest.json").write_text(json.dumps({"counts": {"pool.jsonl": 400}}))
+    args = reproduce.parse(["--source", "unused", "--preset", "small"])
+    sweep = reproduce.Sweep(tmp_path, tmp_path / "data", [], [], args.keep)
+    sweep.attack("2e-4", "1")
+    jobs = reproduce.main_jobs(sweep, args)
+    assert [j[1] for j in jobs] == ["pharmacist_sft_k160_lr2e-4_e1", "full_sft_k400_lr2e-4_e1", "random_sft_k160_lr2e-4_e1"]
+    assert args.seeds == [1, 2] and args.phases == ["main", "seeds"]
+    assert sweep.attack_flags[-4:] == ["--finetune-lr", "2e-4", "--finetune-epochs", "1"]
