@@ -665,4 +665,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:  # bad input or data: one line, no traceback
+        sys.exit(f"evaluate.py: error: {e}")

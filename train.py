@@ -14,9 +14,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import fcntl
+import hashlib
 import dataclasses
 import json
 import math
+import os
 import random
 import resource
 import signal
@@ -129,21 +132,61 @@ def parse_args(argv=None) -> Config:
     for key, value in {**PRESETS[preset], **args}.items():
         section, _, name = key.rpartition(".")
         setattr(getattr(cfg, section) if section else cfg, name, value)
-    if cfg.stage not in STAGES + ("all",):
-        p.error(f"--stage {cfg.stage!r}: choose one of {', '.join(STAGES + ('all',))}")
-    if cfg.align.defense not in defenses.STEPS or cfg.align.defense == "bds":
-        p.error(f"--align-defense {cfg.align.defense!r}: choose one of "
-                f"{', '.join(k for k in defenses.STEPS if k != 'bds')}")
-    if cfg.finetune.defense not in ("sft", "bds"):
-        p.error(f"--finetune-defense {cfg.finetune.defense!r}: choose sft (no defense) or bds")
-    if cfg.select.selector not in pharmacist.SELECTORS:
-        p.error(f"--select-selector {cfg.select.selector!r}: choose one of {', '.join(pharmacist.SELECTORS)}")
-    if cfg.select.mode not in pharmacist.MODES:
-        p.error(f"--select-mode {cfg.select.mode!r}: choose one of {', '.join(pharmacist.MODES)}")
-    for name in ("outer_every", "outer_batch_size", "checkpoints", "batch_size"):
-        if getattr(cfg.select, name) < 1:
-            p.error(f"--select-{name.replace('_', '-')} {getattr(cfg.select, name)}: must be at least 1")
+    problem = config_problem(cfg)
+    if problem:
+        p.error(problem)
     return cfg
+
+
+def one_of(flag: str, value, choices) -> str | None:
+    return None if value in choices else f"{flag} {value!r}: choose one of {', '.join(map(str, choices))}"
+
+
+def config_problem(cfg: Config) -> str | None:
+    """The first flag whose value cannot work, as one line naming the flag and the fix; None if all
+    can. Checked before any work starts, so a typo is not found hours into a run."""
+    align_defenses = [k for k in defenses.STEPS if k != "bds"]
+    checks = [one_of("--stage", cfg.stage, STAGES + ("all",)),
+              one_of("--align-defense", cfg.align.defense, align_defenses),
+              one_of("--finetune-defense", cfg.finetune.defense, ("sft", "bds")),
+              one_of("--select-selector", cfg.select.selector, pharmacist.SELECTORS),
+              one_of("--select-mode", cfg.select.mode, pharmacist.MODES),
+              one_of("--attack-task", cfg.attack.task, tuple(evaluate.TASKS)),
+              one_of("--eval-judge", cfg.eval.judge, ("trained", *evaluate.CPU_JUDGES, "moderation")),
+              one_of("--eval-classify", cfg.eval.classify, ("likelihood", "generate")),
+              *[one_of("--eval-tasks", t, ("harmful", "harmful_qa", "benign", *evaluate.TASKS))
+                for t in cfg.eval.tasks.split(",")]]
+    if cfg.eval.judge == "moderation" and not cfg.eval.moderation_model:
+        checks.append("--eval-judge moderation needs --eval-moderation-model DIR (a beaver-dam-7b HF folder)")
+    if cfg.device and cfg.device != "cpu" and not (cfg.device.startswith("cuda") and torch.cuda.is_available()
+                                                     or cfg.device == "mps" and torch.backends.mps.is_available()):
+        checks.append(f"--device {cfg.device}: not available on this machine (use cpu, or leave it out for the best one)")
+    for name in ("outer_every", "outer_batch_size", "checkpoints", "batch_size", "passes", "max_len", "lora_rank"):
+        if getattr(cfg.select, name) < 1:
+            checks.append(f"--select-{name.replace('_', '-')} {getattr(cfg.select, name)}: must be at least 1")
+    if cfg.select.keep <= 0:
+        checks.append(f"--select-keep {cfg.select.keep}: a fraction in (0, 1] or a count > 1")
+    for section in ("align", "finetune"):
+        t, flag = getattr(cfg, section), f"--{section}-"
+        for name in ("epochs", "batch_size", "grad_accum", "lora_rank", "save_every", "max_len"):
+            if getattr(t, name) < 1:
+                checks.append(f"{flag}{name.replace('_', '-')} {getattr(t, name)}: must be at least 1")
+        for name in ("lr", "clip"):
+            if not getattr(t, name) > 0:
+                checks.append(f"{flag}{name} {getattr(t, name)}: must be > 0")
+        if t.max_steps < 0 or not 0 <= t.warmup < 1 or t.weight_decay < 0:
+            checks.append(f"{flag}max-steps >= 0, {flag}warmup in [0, 1) and {flag}weight-decay >= 0, got "
+                          f"{t.max_steps}, {t.warmup}, {t.weight_decay}")
+        if t.retain and not (data_dir(cfg) / t.retain).is_file() and cfg.stage in ("all", section):
+            checks.append(f"{flag}retain {t.retain}: no such file in {data_dir(cfg)} (rebuild the data with "
+                          f"data/prepare.py, or {flag}retain '' to train without it)")
+    if cfg.eval.max_new_tokens < 1 or cfg.eval.batch_size < 1 or cfg.eval.limit < 0:
+        checks.append(f"--eval-max-new-tokens and --eval-batch-size at least 1, --eval-limit >= 0 (0: all), got "
+                      f"{cfg.eval.max_new_tokens}, {cfg.eval.batch_size}, {cfg.eval.limit}")
+    if cfg.data and not Path(cfg.data).is_dir():
+        checks.append(f"--data {cfg.data}: no such folder (build it with data/prepare.py, or leave --data out "
+                      "for the embedded default set)")
+    return next((c for c in checks if c), None)
 
 
 # ----------------------------------------------------------------------------- run bookkeeping
@@ -475,28 +518,108 @@ def require(path: Path, stage: str) -> Path:
 RUNNERS = {"select": stage_select, "align": stage_align, "finetune": stage_finetune, "eval": stage_eval}
 
 
+STAGE_SETTINGS = {"select": ("model", "data", "select"), "align": ("model", "data", "align", "defense"),
+                  "finetune": ("data", "finetune", "attack", "defense"), "eval": ("data", "eval")}
+UPSTREAM = {"select": (), "align": ("select",), "finetune": ("align",), "eval": ("finetune", "align")}
+
+
+def stage_settings(cfg: Config, stage: str) -> dict:
+    """The flags a stage's output depends on (its own section and the inputs it reads)."""
+    settings = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v
+                for k, v in ((k, getattr(cfg, k)) for k in STAGE_SETTINGS[stage])}
+    settings["data"] = str(data_dir(cfg).resolve())
+    return settings
+
+
+def fingerprint(cfg: Config, stage: str) -> str:
+    """A stage's settings and the fingerprint of the stage it read (the first of UPSTREAM that ran),
+    hashed: equal fingerprints mean an output made from the same inputs with the same flags."""
+    upstream = ""
+    for name in UPSTREAM[stage]:
+        summary = Path(cfg.out) / name / "summary.json"
+        if summary.exists():
+            upstream = json.loads(summary.read_text()).get("fingerprint", "")
+            break
+    text = json.dumps([stage_settings(cfg, stage), upstream], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def changed(old: dict, new: dict, prefix="") -> list[str]:
+    """'align.lr 0.0005 -> 0.001'-style lines for every leaf that differs."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += changed(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k} {a!r} -> {b!r}")
+    return out
+
+
 def run_stage(cfg: Config, stage: str):
+    """Run one stage unless its finished output was made with the same settings and inputs. A
+    finished stage whose own flags changed is an error (--force redoes it); one whose upstream
+    stage was redone is redone; --resume continues only with the flags it started with."""
     out = Path(cfg.out) / stage
+    fp, settings = fingerprint(cfg, stage), stage_settings(cfg, stage)
     if (out / "summary.json").exists() and not cfg.force:
-        print(f"[{stage}] already done ({out / 'summary.json'}); --force to redo it")
-        return
+        done = json.loads((out / "summary.json").read_text())
+        if done.get("fingerprint", fp) == fp:
+            print(f"[{stage}] already done ({out / 'summary.json'}); --force to redo it")
+            return
+        diff = changed(done.get("settings", settings), settings)
+        if diff:
+            raise ValueError(f"{out} was made with other settings ({'; '.join(diff[:4])}); --force to redo it, "
+                             "or use another --out")
+        print(f"[{stage}] the stage it reads was redone since: redoing {stage}")
+    if cfg.resume and (out / "checkpoint.pt").exists() and (out / "config.json").exists():
+        started = json.loads((out / "config.json").read_text())
+        diff = changed({k: started.get(k) for k in STAGE_SETTINGS[stage]},
+                       {k: v for k, v in dataclasses.asdict(cfg).items() if k in STAGE_SETTINGS[stage]})
+        if diff:
+            raise ValueError(f"--resume with other flags than {out} started with ({'; '.join(diff[:4])}); "
+                             "resume with the same flags, or --force to start over")
     out.mkdir(parents=True, exist_ok=True)
     write_json(dataclasses.asdict(cfg), out / "config.json")
     print(f"[{stage}] -> {out}")
     t0 = time.perf_counter()
     summary = RUNNERS[stage](cfg, out)
     summary = dict(summary, stage=stage, stage_time_s=time.perf_counter() - t0,
-                   data=str(data_dir(cfg)), model=cfg.model)
+                   data=str(data_dir(cfg)), model=cfg.model, fingerprint=fp, settings=settings)
     write_json(summary, out / "summary.json")
     print(f"[{stage}] wrote {', '.join(sorted(p.name for p in out.iterdir() if not p.name.startswith('.')))} "
           f"in {out}")
 
 
+@contextlib.contextmanager
+def run_lock(folder: Path):
+    """One process at a time in a run folder: a second one stops at once instead of interleaving."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise ValueError(f"{folder}: another process is running in it ({f.read().strip() or 'pid unknown'}); "
+                             "wait for it, or use another --out") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}")
+        f.flush()
+        yield
+
+
 def main(argv=None):
     cfg = parse_args(argv)
-    for stage in STAGES if cfg.stage == "all" else (cfg.stage,):
-        run_stage(cfg, stage)
+    with run_lock(Path(cfg.out)):
+        for stage in STAGES if cfg.stage == "all" else (cfg.stage,):
+            run_stage(cfg, stage)
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FileNotFoundError, NonFiniteLoss) as e:  # bad input or data: one line, no traceback
+        sys.exit(f"train.py: error: {e}")
+    except KeyboardInterrupt:
+        sys.exit(130)

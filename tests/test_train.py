@@ -135,7 +135,11 @@ def test_every_config_field_has_a_flag():
                                   ["--finetune-defense", "vaccine"], ["--align-lr", "fast"],
                                   ["--seed", "1"], ["--keep", "0.5"], ["--rho", "3"],  # unprefixed: no such flag
                                   ["--select-selector", "magic"], ["--select-mode", "magic"],
-                                  ["--select-outer-every", "0"]])
+                                  ["--select-outer-every", "0"], ["--align-clip", "0"], ["--align-epochs", "0"],
+                                  ["--finetune-lr", "-1e-4"], ["--align-batch-size", "0"], ["--select-passes", "0"],
+                                  ["--eval-max-new-tokens", "0"], ["--eval-limit", "-1"], ["--eval-judge", "trainedd"],
+                                  ["--eval-tasks", "harmful,sst"], ["--attack-task", "imdb"], ["--data", "no/such/dir"],
+                                  ["--align-bf16", "maybe"], ["--eval-judge", "moderation"]])
 def test_bad_flags_are_errors(argv, capsys):
     with pytest.raises(SystemExit):
         train.parse_args(argv)
@@ -152,6 +156,48 @@ def test_missing_data_is_a_clear_error(tmp_path):
         train.main(["--stage", "select", "--preset", "tiny", "--out", str(tmp_path), "--data", str(tmp_path)])
 
 
-def test_bad_keep_is_a_clear_error(tmp_path):
-    with pytest.raises(ValueError, match="--select-keep"):
+def test_bad_keep_is_a_clear_error(tmp_path, capsys):
+    with pytest.raises(SystemExit):  # found by the flag checks, before any work
         train.main(["--stage", "select", "--preset", "tiny", "--out", str(tmp_path), "--select-keep", "0"])
+    assert "--select-keep 0.0: a fraction in (0, 1]" in capsys.readouterr().err
+
+
+def test_a_redone_stage_redoes_the_stages_that_read_it(tmp_path, capsys):
+    """select redone with another selector: `--stage all` redoes align, finetune and eval (their
+    input changed) instead of keeping outputs of the old selection."""
+    base = ["--preset", "tiny", "--out", str(tmp_path), "--select-steps", "2", "--align-max-steps", "2",
+            "--finetune-max-steps", "2", "--eval-limit", "2"]
+    train.main(["--stage", "all", *base])
+    before = {s: json.loads((tmp_path / s / "summary.json").read_text())["fingerprint"] for s in train.STAGES}
+    train.main(["--stage", "select", "--force", "--select-selector", "random", *base])
+    capsys.readouterr()
+    train.main(["--stage", "all", "--select-selector", "random", *base])
+    after = {s: json.loads((tmp_path / s / "summary.json").read_text()) for s in train.STAGES}
+    assert all(after[s]["fingerprint"] != before[s] for s in train.STAGES)
+    assert after["align"]["selector"] == "random" and "redoing align" in capsys.readouterr().out
+    with pytest.raises(ValueError, match=r"other settings \(align.lr"):  # its own flag changed: no silent reuse
+        train.main(["--stage", "align", "--select-selector", "random", "--align-lr", "0.1", *base])
+
+
+def test_resume_with_other_flags_is_an_error(tmp_path, monkeypatch):
+    base = ["--preset", "tiny", "--out", str(tmp_path), "--stage", "align"]
+    real = defenses.STEPS["sft"]
+
+    def interrupted(ctx, batch):
+        if ctx.step == 1:
+            raise KeyboardInterrupt
+        return real(ctx, batch)
+    monkeypatch.setitem(defenses.STEPS, "sft", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(base)
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="align.lr"):
+        train.main([*base, "--resume", "--align-lr", "0.01"])
+    train.main([*base, "--resume"])  # the same flags: continues
+    assert (tmp_path / "align" / "summary.json").exists()
+
+
+def test_two_processes_cannot_share_a_run_folder(tmp_path):
+    with train.run_lock(tmp_path):
+        with pytest.raises(ValueError, match="another process"):
+            train.main(["--stage", "select", "--preset", "tiny", "--out", str(tmp_path)])
