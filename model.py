@@ -322,7 +322,15 @@ def read_config(path: Path) -> ModelConfig:
     file = path / "config.json"
     if not file.is_file():
         raise FileNotFoundError(f"{file}: no config.json; an HF model folder needs one")
-    return ModelConfig.from_hf(json.loads(file.read_text()), str(file))
+    return ModelConfig.from_hf(read_json(file), str(file))
+
+
+def read_json(file: Path) -> dict:
+    """A JSON file, or a ValueError naming it (a truncated or hand-edited config)."""
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file}: not valid JSON ({e}); restore or re-create the file") from None
 
 
 def safetensors_files(path: Path) -> list[Path]:
@@ -643,7 +651,7 @@ def load_lora(model: nn.Module, path):
         if not (path / f).is_file():
             raise FileNotFoundError(f"{path / f}: missing; a LoRA folder holds adapter_config.json "
                                     "and adapter_model.safetensors")
-    conf = json.loads((path / "adapter_config.json").read_text())
+    conf = read_json(path / "adapter_config.json")
     targets = conf["target_modules"]
     targets = [targets] if isinstance(targets, str) else targets
     if not lora_modules(model):
@@ -653,7 +661,11 @@ def load_lora(model: nn.Module, path):
         key = "base_model.model." + hf_name(name)
         want[f"{key}.lora_A.weight"] = m.lora_A.weight
         want[f"{key}.lora_B.weight"] = m.lora_B.weight
-    with safe_open(path / "adapter_model.safetensors", framework="pt", device="cpu") as f:
+    try:
+        f = safe_open(path / "adapter_model.safetensors", framework="pt", device="cpu")
+    except Exception as e:  # truncated or not a safetensors file
+        raise ValueError(f"{path / 'adapter_model.safetensors'}: cannot read safetensors ({e})") from None
+    with f:
         keys = {k.replace(".default.", ".") for k in f.keys()}
         bad = sorted(keys ^ set(want))
         if bad:

@@ -291,7 +291,10 @@ class Checkpoint:
 
     def load(self) -> tuple[int, int, float]:
         """Restore everything; (step, tokens, elapsed seconds) of the saved boundary."""
-        ck = torch.load(self.path, weights_only=False)
+        try:
+            ck = torch.load(self.path, weights_only=False)
+        except Exception as e:  # truncated by a full disk, or not a checkpoint
+            raise ValueError(f"{self.path}: unreadable checkpoint ({e}); --force to start the stage over") from None
         with torch.no_grad():
             for p, t in zip(self.ctx.params, ck["params"]):
                 p.copy_(t)

@@ -89,7 +89,11 @@ def load_jsonl(path: str | os.PathLike) -> list[Sample]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file; build the data with "
                                 "`python data/prepare.py --source DIR --out DIR` or use data/default")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[:e.start].count(b"\n") + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text (byte {e.object[e.start]:#x}); save the file as UTF-8") from None
     lines = text.split("\n")[:-1] if text.endswith("\n") else text.split("\n")
     samples = []
     for n, line in enumerate(lines, start=1):

@@ -82,6 +82,13 @@ def test_load_rejects_empty_and_missing_files(tmp_path):
         load_jsonl(tmp_path / "missing.jsonl")
 
 
+def test_a_file_that_is_not_utf8_names_its_line(tmp_path):
+    path = tmp_path / "x.jsonl"
+    path.write_bytes(b'{"id": "a", "prompt": "p", "response": "r"}\n{"id": "b", "prompt": "caf\xe9", "response": "r"}\n')
+    with pytest.raises(ValueError, match=r"x.jsonl:2: not UTF-8 text \(byte 0xe9\)"):
+        load_jsonl(path)
+
+
 @pytest.mark.parametrize("rows, message", [
     ([sample(0, response="")], "'response' is empty"),
     ([sample(0), sample(0)], "duplicate id"),

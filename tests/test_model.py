@@ -180,6 +180,22 @@ def test_load_lora_refuses_another_model(tmp_path):
         M.load_lora(other, tmp_path / "a")
 
 
+def test_damaged_files_are_errors_that_name_them(tmp_path, tiny_dir):
+    m = make_model()
+    M.add_lora(m, rank=4, alpha=8)
+    M.save_lora(m, tmp_path / "a")
+    weights = tmp_path / "a" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated
+    with pytest.raises(ValueError, match="adapter_model.safetensors: cannot read"):
+        M.load_lora(make_model(), tmp_path / "a")
+    (tmp_path / "a" / "adapter_config.json").write_text('{"r": 4,')
+    with pytest.raises(ValueError, match="adapter_config.json: not valid JSON"):
+        M.load_lora(make_model(), tmp_path / "a")
+    (tiny_dir / "config.json").write_text("{")
+    with pytest.raises(ValueError, match="config.json: not valid JSON"):
+        M.load_pretrained(tiny_dir, device="cpu")
+
+
 def argmax_loop(model, ids, n, eos):
     """The reference: no cache, no padding, argmax one token at a time."""
     out = []

@@ -83,6 +83,17 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path, monkey
         assert torch.equal(a, b)
 
 
+def test_a_truncated_checkpoint_is_an_error_that_names_it(tmp_path, monkeypatch):
+    cfg = train.TrainConfig(epochs=1, batch_size=4, lr=1e-2, save_every=100)
+    with pytest.raises(KeyboardInterrupt):
+        tiny_run(tmp_path, "c", cfg, monkeypatch, stop_at=2)
+    monkeypatch.undo()
+    ckpt = tmp_path / "c" / "checkpoint.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="checkpoint.pt: unreadable checkpoint"):
+        tiny_run(tmp_path, "c", cfg, resume=True)
+
+
 def test_sigterm_checkpoints_like_ctrl_c(tmp_path, monkeypatch):
     cfg = train.TrainConfig(epochs=1, batch_size=4, lr=1e-2, save_every=100)
     with pytest.raises(KeyboardInterrupt):
