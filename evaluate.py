@@ -555,6 +555,10 @@ def run_eval(model, tokenizer, data_dir, out_dir, cfg: EvalConfig | None = None)
                                 "or pass --judge refusal")
     if cfg.classify not in ("likelihood", "generate"):
         raise ValueError(f"classify {cfg.classify!r}: choose likelihood or generate")
+    wanted = [Path(data_dir) / f"eval_{t}.jsonl" for t in cfg.tasks.split(",")]
+    if not any(f.is_file() for f in wanted):
+        raise FileNotFoundError(f"{data_dir}: none of {', '.join(f.name for f in wanted)}; pass the data folder "
+                                "built by data/prepare.py (--data)")
     model = inference_model(model, cfg)
     sets = generate_answers(model, tokenizer, Path(data_dir), cfg)
     judges = dict({name: name for name in CPU_JUDGES}, **({"trained": "trained"} if cfg.judge == "trained" else {}),

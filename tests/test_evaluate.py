@@ -293,6 +293,12 @@ def test_cli_on_a_model_folder(tmp_path, tiny_dir, capsys):
     assert "not found: skipping missing" in capsys.readouterr().out
 
 
+def test_a_data_folder_without_eval_files_is_an_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="none of eval_harmful.jsonl"):
+        E.run_eval(make_model(), make_tokenizer(), tmp_path, tmp_path / "out", E.EvalConfig(tasks="harmful,sst2"))
+    assert not (tmp_path / "out").exists()
+
+
 def test_moderation_judge_needs_its_model(tmp_path):
     with pytest.raises(ValueError, match="moderation-model"):
         E.run_eval(make_model(), make_tokenizer(), ROOT / "data" / "default", tmp_path,
