@@ -24,6 +24,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -672,4 +673,6 @@ if __name__ == "__main__":
     try:
         main()
     except (ValueError, FileNotFoundError) as e:  # bad input or data: one line, no traceback
-        sys.exit(f"evaluate.py: error: {e}")
+        if os.environ.get("PHARMACIST_DEBUG"):
+            raise
+        sys.exit(f"evaluate.py: error: {e} (PHARMACIST_DEBUG=1 shows the traceback)")

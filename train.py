@@ -307,6 +307,11 @@ class Checkpoint:
         return ck["step"], ck["tokens"], ck["elapsed"]
 
 
+def json_line(record: dict) -> str:
+    """One JSON line; a non-finite number is written as null (JSON has no NaN or Infinity)."""
+    return json.dumps({k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in record.items()}) + "\n"
+
+
 def keep_metrics(path: Path, step: int):
     """metrics.jsonl cut back to the rows of steps <= step (a resumed run writes the rest again)."""
     if path.exists():
@@ -372,7 +377,7 @@ def train(model, examples, pad_id: int, cfg: TrainConfig, ctx: defenses.Context,
                 rec = dict(step=step, lr=lr, grad_norm=float(gnorm), tokens=tokens,
                            tokens_per_s=tokens / max(t, 1e-9), time_s=t, **stats)
                 with open(metrics_path, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
+                    f.write(json_line(rec))
                 bar.set_postfix(loss=f"{stats.get('loss', float('nan')):.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
                 bar.update(1)
                 ckpt.mark(step, tokens, t)
@@ -387,7 +392,7 @@ def train(model, examples, pad_id: int, cfg: TrainConfig, ctx: defenses.Context,
         bar.close()
     ckpt.save()
     seconds = elapsed + clock.seconds()
-    return dict(steps=step, tokens=tokens, wall_time_s=seconds, tokens_per_s=tokens / max(seconds, 1e-9),
+    return dict(steps=step, final_loss=stats.get("loss"), tokens=tokens, wall_time_s=seconds, tokens_per_s=tokens / max(seconds, 1e-9),
                 peak_memory_mb=clock.peak_memory_mb(), passes_per_step=defenses.PASSES[cfg.defense],
                 defense=cfg.defense, device=str(device))
 
@@ -498,6 +503,7 @@ def stage_eval(cfg: Config, out: Path) -> dict:
     adapter = Path(cfg.out) / "finetune" / "adapter"
     if adapter.exists():
         M.load_lora(model, adapter)
+        model.name_or_path = f"{aligned} + {adapter}"  # results.json names both
     else:
         print(f"no {adapter}: evaluating the aligned model without the attack")
     results = evaluate.run_eval(model, tok, data_dir(cfg), out, cfg.eval)
@@ -575,21 +581,24 @@ def run_stage(cfg: Config, stage: str):
             raise ValueError(f"{out} was made with other settings ({'; '.join(diff[:4])}); --force to redo it, "
                              "or use another --out")
         print(f"[{stage}] the stage it reads was redone since: redoing {stage}")
-    if cfg.resume and (out / "checkpoint.pt").exists() and (out / "config.json").exists():
-        started = json.loads((out / "config.json").read_text())
+    started_file = out / ".config.started.json"  # the flags of a stage in progress; config.json once it finished
+    if cfg.resume and (out / "checkpoint.pt").exists() and started_file.exists():
+        started = json.loads(started_file.read_text())
         diff = changed({k: started.get(k) for k in STAGE_SETTINGS[stage]},
                        {k: v for k, v in dataclasses.asdict(cfg).items() if k in STAGE_SETTINGS[stage]})
         if diff:
             raise ValueError(f"--resume with other flags than {out} started with ({'; '.join(diff[:4])}); "
                              "resume with the same flags, or --force to start over")
     out.mkdir(parents=True, exist_ok=True)
-    write_json(dataclasses.asdict(cfg), out / "config.json")
+    write_json(dataclasses.asdict(cfg), started_file)
     print(f"[{stage}] -> {out}")
     t0 = time.perf_counter()
     summary = RUNNERS[stage](cfg, out)
     summary = dict(summary, stage=stage, stage_time_s=time.perf_counter() - t0,
                    data=str(data_dir(cfg)), model=cfg.model, fingerprint=fp, settings=settings)
+    write_json(dataclasses.asdict(cfg), out / "config.json")
     write_json(summary, out / "summary.json")
+    started_file.unlink()
     print(f"[{stage}] wrote {', '.join(sorted(p.name for p in out.iterdir() if not p.name.startswith('.')))} "
           f"in {out}")
 
@@ -623,6 +632,8 @@ if __name__ == "__main__":
     try:
         main()
     except (ValueError, FileNotFoundError, NonFiniteLoss) as e:  # bad input or data: one line, no traceback
-        sys.exit(f"train.py: error: {e}")
+        if os.environ.get("PHARMACIST_DEBUG"):
+            raise
+        sys.exit(f"train.py: error: {e} (PHARMACIST_DEBUG=1 shows the traceback)")
     except KeyboardInterrupt:
         sys.exit(130)

@@ -33,6 +33,10 @@ def test_stage_all_tiny_writes_every_output(tmp_path):
     assert align["n_retain"] == len(retain) > 0 and align["n_train"] == len(subset) + len(retain)
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert 0 <= results["harmful_score"] <= 100 and results["selector"] == "pharmacist"
+    assert results["model"].endswith("finetune/adapter")  # the attacked model: aligned model + adapter
+    finetune = json.loads((tmp_path / "finetune" / "summary.json").read_text())
+    assert finetune["final_loss"] > 0 and (tmp_path / "finetune" / "config.json").exists()
+    assert not list(tmp_path.glob("*/.config.started.json"))  # finished stages keep only config.json
 
 
 def test_align_without_retain_trains_on_the_subset_alone(tmp_path):
@@ -92,6 +96,11 @@ def test_a_truncated_checkpoint_is_an_error_that_names_it(tmp_path, monkeypatch)
     ckpt.write_bytes(ckpt.read_bytes()[:1000])
     with pytest.raises(ValueError, match="checkpoint.pt: unreadable checkpoint"):
         tiny_run(tmp_path, "c", cfg, resume=True)
+
+
+def test_metrics_lines_are_valid_json():
+    line = train.json_line(dict(step=1, loss=float("nan"), grad_norm=float("inf"), lr=1e-3))
+    assert json.loads(line) == dict(step=1, loss=None, grad_norm=None, lr=1e-3) and "NaN" not in line
 
 
 def test_sigterm_checkpoints_like_ctrl_c(tmp_path, monkeypatch):
