@@ -24,6 +24,8 @@ def load_run(run) -> dict:
     """A run's numbers and metadata, merged from results.json / summary.json in the run folder, its
     eval/ and align/ stages and select/ (first found wins); what is missing stays missing."""
     run, merged = Path(run), {"run": Path(run).name}
+    if not run.is_dir():
+        raise FileNotFoundError(f"{run}: no such run folder")
     for folder in (run, run / "eval", run / "align", run / "select"):
         for name in ("results.json", "summary.json"):
             if (folder / name).is_file():
@@ -173,6 +175,9 @@ def main(argv=None):
     p.add_argument("--out", required=True)
     p.add_argument("--no-figure", action="store_true", help="the table only (runs not spread over k)")
     args = p.parse_args(argv)
+    missing = [r for r in args.runs if not Path(r).is_dir()]
+    if missing:
+        p.error(f"no such run folder: {', '.join(missing)}")
     print(report(args.runs, args.out, figure=not args.no_figure), end="")
 
 

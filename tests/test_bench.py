@@ -122,3 +122,9 @@ def test_small_preset_runs_full_random_pharmacist_with_sft(tmp_path):
     assert [j[1] for j in jobs] == ["pharmacist_sft_k160_lr2e-4_e1", "full_sft_k400_lr2e-4_e1", "random_sft_k160_lr2e-4_e1"]
     assert args.seeds == [1, 2] and args.phases == ["main", "seeds"]
     assert sweep.attack_flags[-4:] == ["--finetune-lr", "2e-4", "--finetune-epochs", "1"]
+
+
+def test_report_refuses_a_missing_run_folder(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        report.main([str(tmp_path / "nope"), "--out", str(tmp_path / "rep")])
+    assert "no such run folder" in capsys.readouterr().err and not (tmp_path / "rep").exists()
