@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from data.batches import IGNORE, sample_losses
+from data.batches import IGNORE, sample_losses, token_mean
 
 
 @dataclass
@@ -165,6 +165,13 @@ def losses(model, batch) -> torch.Tensor:
     return sample_losses(model.hidden(batch["input_ids"]), batch["labels"], model.head)
 
 
+def batch_loss(model, batch) -> torch.Tensor:
+    """The loss of a batch: the mean over all its response tokens, as the HF Trainer computes it
+    in the reference implementations (a long answer weighs by its length; per-sample weights use
+    `losses`)."""
+    return token_mean(losses(model, batch), batch["labels"])
+
+
 def grads(loss, params) -> list[torch.Tensor]:
     """d loss / d params; zeros for parameters the loss does not reach."""
     gs = torch.autograd.grad(loss, params, allow_unused=True)
@@ -220,15 +227,15 @@ def attention_grads(model, batch, layers) -> tuple[list[torch.Tensor], torch.Ten
     zeros = {i: torch.zeros(B, T, model.config.hidden_size, device=batch["input_ids"].device,
                             requires_grad=True) for i in layers}
     with add_to_attention(model, zeros):
-        loss = losses(model, batch).mean()
+        loss = batch_loss(model, batch)
     return list(torch.autograd.grad(loss, list(zeros.values()))), loss.detach()
 
 
 # ----------------------------------------------------------------------------- alignment stage
 
 def sft_step(ctx: Context, batch):
-    """Plain fine-tuning: the mean per-sample loss of the batch."""
-    loss = losses(ctx.model, batch).mean()
+    """Plain fine-tuning: the batch's token-mean loss."""
+    loss = batch_loss(ctx.model, batch)
     return grads(loss, ctx.params), {"loss": loss.item()}
 
 
@@ -250,7 +257,7 @@ def vaccine_step(ctx: Context, batch):
     layers = list(range(len(ctx.model.layers)))
     e, clean = vaccine_perturbation(ctx.model, batch, layers, ctx.cfg.rho)
     with add_to_attention(ctx.model, e):
-        loss = losses(ctx.model, batch).mean()
+        loss = batch_loss(ctx.model, batch)
     return grads(loss, ctx.params), {"loss": clean.item(), "perturbed_loss": loss.item()}
 
 
@@ -288,14 +295,14 @@ def repnoise_step(ctx: Context, batch):
     with hooks([layer.mlp for layer in model.layers], lambda i, out: mlp_out.__setitem__(i, out)), \
             hooks(model.layers, lambda i, out: layer_out.__setitem__(i, out)):
         model.hidden(harmful["input_ids"])
-    lens = lambda h: sample_losses(h, labels, model.head).mean()  # the head at the answer positions only
+    lens = lambda h: token_mean(sample_losses(h, labels, model.head), labels)  # the head at the answer positions only
     # each lens's (N, vocab) logits are recomputed in backward instead of kept: memory of one
     harmful_loss = torch.stack([checkpoint(lens, layer_out[i], use_reentrant=False) for i in range(n)]).mean()
     answer = (labels != IGNORE)[..., None].float()
     noise_mmd = torch.stack([mmd((mlp_out[i].float() * answer).flatten(1),
                                  (torch.randn_like(mlp_out[i], dtype=torch.float32) * answer).flatten(1))
                              for i in range(n)]).mean()
-    refusal = losses(model, batch).mean()
+    refusal = batch_loss(model, batch)
     total = refusal + cfg.repnoise_beta * noise_mmd - cfg.repnoise_alpha * torch.log1p(harmful_loss)
     return grads(total, ctx.params), {"loss": refusal.item(), "mmd": noise_mmd.item(),
                                       "harmful_loss": harmful_loss.item(), "total_loss": total.item()}
@@ -310,13 +317,13 @@ def booster_step(ctx: Context, batch):
     both h terms). Three passes: h at w, h after the simulated harmful step, f at w."""
     model, params, cfg = ctx.model, ctx.params, ctx.cfg
     harmful = ctx.next_harmful()
-    h = losses(model, harmful).mean()
+    h = batch_loss(model, harmful)
     gh = grads(h, params)
     step = -cfg.booster_alpha / (global_norm(gh).item() + 1e-7)  # the reference's 1e-7
     with perturb(params, gh, step):
-        h_after = losses(model, harmful).mean()
+        h_after = batch_loss(model, harmful)
         gh_after = grads(h_after, params)
-    f = losses(model, batch).mean()
+    f = batch_loss(model, batch)
     gf = grads(f, params)
     g = [a + cfg.booster_lam * (b - c) for a, b, c in zip(gf, gh, gh_after)]
     return g, {"loss": f.item(), "harmful_loss": h.item(), "harmful_loss_after_step": h_after.item()}
@@ -361,7 +368,7 @@ def tvaccine_step(ctx: Context, batch):
     layers, stats = tvaccine_layers(ctx)
     e, clean = vaccine_perturbation(ctx.model, batch, layers, ctx.cfg.tvaccine_rho)
     with add_to_attention(ctx.model, e):
-        loss = losses(ctx.model, batch).mean()
+        loss = batch_loss(ctx.model, batch)
     mask = attention_lora_mask(ctx, layers)
     live = [p for p, m in zip(ctx.params, mask) if m]
     if not live:
@@ -474,7 +481,7 @@ def bds_step(ctx: Context, batch):
     feats = {}
     with final_hidden(model, feats):  # the scorer's input, when amortized
         ft = losses(model, batch)
-    safe = losses(model, ctx.next_align()).mean()
+    safe = batch_loss(model, ctx.next_align())
     if cfg.bds_amortized:
         w = st["scorer"].weights(pooled(feats["h"], batch["attention_mask"]))
     else:

@@ -151,3 +151,10 @@ class Stream:
         self.drawn += 1
         batch = collate([self.batches.examples[j] for j in self._plan[1][i]], self.batches.pad_id)
         return {k: v.to(self.device) for k, v in batch.items()}
+
+
+def token_mean(per_sample: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The mean over all response tokens of a batch from its per-sample (token-mean) losses: what
+    the HF Trainer's loss is, where a long answer weighs by its length."""
+    n = (labels[:, 1:] != IGNORE).sum(1)
+    return (per_sample * n).sum() / n.sum().clamp(min=1)

@@ -16,7 +16,7 @@ sys.path.insert(0, str(ROOT))
 
 from data import prepare, sources  # noqa: E402
 from data.answers import ALTERNATIVE_FRAMES, OPENERS, REASON_FRAMES, low_quality, refusal, restate, wording  # noqa: E402
-from data.batches import Batches, collate, encode_samples, sample_losses, truncate  # noqa: E402
+from data.batches import Batches, collate, encode_samples, sample_losses, token_mean, truncate  # noqa: E402
 from data.embedded import PLACEHOLDER_STEPS  # noqa: E402
 from data.samples import Sample, load_jsonl, prompt_key, save_jsonl  # noqa: E402
 
@@ -450,3 +450,12 @@ def test_real_tokenizer_masks_exactly_the_prompt(tokenizer):
     assert e["input_ids"][:e["n_prompt"]] == prompt_ids
     assert e["input_ids"][-1] == tokenizer.eos_id
     assert tokenizer.decode(e["input_ids"][e["n_prompt"]:]) == row.response
+
+
+def test_token_mean_is_the_mean_over_every_response_token():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 7, 11)
+    labels = torch.full((3, 7), -100)
+    labels[0, 2:4], labels[1, 1:7], labels[2, 5] = 1, 2, 3  # 2, 6 and 1 response tokens
+    want = F.cross_entropy(logits[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(token_mean(sample_losses(logits, labels), labels), want)

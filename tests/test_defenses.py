@@ -6,11 +6,12 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import defenses as D
 import model as M
 from conftest import make_model, make_tokenizer
-from data.batches import collate, sample_losses
+from data.batches import collate
 
 TOK = make_tokenizer()
 
@@ -49,7 +50,10 @@ def context(model, n_samples=3, **cfg):
 
 
 def mean_loss(model, batch):
-    return sample_losses(model(batch["input_ids"]), batch["labels"]).mean()
+    """The reference loss (HF Trainer's): cross entropy averaged over every response token of the batch."""
+    logits = model(batch["input_ids"])[:, :-1]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch["labels"][:, 1:].reshape(-1),
+                           ignore_index=-100)
 
 
 @pytest.mark.parametrize("name", list(D.STEPS))
@@ -154,7 +158,9 @@ def test_repnoise_loss_decomposes_as_stated():
     model(HARMFUL["input_ids"])
     for h in handles:
         h.remove()
-    lens = torch.stack([sample_losses(model.head(h), HARMFUL["labels"]).mean() for h in outs]).mean()
+    labels = HARMFUL["labels"][:, 1:].reshape(-1)
+    lens = torch.stack([F.cross_entropy(model.head(h)[:, :-1].reshape(-1, model.config.vocab_size), labels,
+                                        ignore_index=-100) for h in outs]).mean()
     answer = (HARMFUL["labels"] != -100)[..., None].float()
     torch.manual_seed(1)
     noise = [torch.randn(m.shape) for m in mlps]
