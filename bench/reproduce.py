@@ -253,6 +253,8 @@ def parse(argv=None):
     p.add_argument("--seeds", default="1,2", help="extra seeds of the seeds and wording phases (seed 0 is the main run)")
     p.add_argument("--lrs", default="5e-5,1e-4,2e-4", help="attack learning rates tried by calibrate")
     p.add_argument("--attack-epochs", default="1,2", help="attack epochs tried by calibrate")
+    p.add_argument("--results", default=None, help="where the tables go (default results/repro; results/small "
+                                                    "with --preset small)")
     p.add_argument("--preset", choices=("small",), default=None,
                    help="small: Full, Random and Pharmacist with SFT at the calibrated attack, seeds 0-2 "
                         "(phases main,seeds; results in results/small)")
@@ -333,7 +335,7 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     data = build_data(args.source, out / "data", out / "sweep.log")
     sweep = Sweep(out, data, ["--align-epochs", "2", "--align-bf16"], ["--finetune-bf16"], args.keep)
-    results = ROOT / "results" / ("small" if args.preset == "small" else "repro")
+    results = Path(args.results) if args.results else ROOT / "results" / ("small" if args.preset == "small" else "repro")
     attack = phase_calibrate(sweep, args, out, results)
     sweep.attack(attack["lr"], attack["epochs"])
     for _, name, selector, k, defense in main_jobs(sweep, args):
