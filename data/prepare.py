@@ -68,7 +68,7 @@ class Sizes:
     eval_benign_size: int
     eval_task_size: int
     eval_harmful_qa_size: int = 50  # held-out harmful Q&A rows for the harmful loss
-    retain_size: int = 160  # benign rows the align stage trains on beside the selected subset
+    retain_size: int = 400  # benign rows the align stage trains on beside the selected subset
     pool_mix: dict = field(default_factory=lambda: dict(DEFAULT_MIX))
 
 
