@@ -23,8 +23,9 @@ from files import atomic_dir
 
 # ----------------------------------------------------------------------------- config
 
-ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
+ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Gemma2ForCausalLM",
                  "LlamaForSequenceClassification")
+ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
 
 @dataclass
@@ -47,6 +48,16 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     pad_token_id: int | None = None
+    # Gemma-2 (all off for the others): GeGLU, embeddings scaled by sqrt(hidden), RMSNorm weights
+    # as offsets from 1, a norm after attention and after the MLP too, soft-capped attention and
+    # final logits, attention scaled by query_pre_attn_scalar^-1/2, sliding-window layers
+    hidden_act: str = "silu"
+    gemma: bool = False
+    attn_logit_softcapping: float | None = None
+    final_logit_softcapping: float | None = None
+    query_pre_attn_scalar: float | None = None
+    sliding_window: int | None = None
+    layer_types: list | None = None  # "sliding_attention" | "full_attention" per layer
     extra: dict = field(default_factory=dict)  # other config.json keys, written back on save
 
     def __post_init__(self):
@@ -62,8 +73,11 @@ class ModelConfig:
         if arch not in ARCHITECTURES:
             raise ValueError(f"{path}: architecture {arch!r} is not supported "
                              f"(supported: {', '.join(ARCHITECTURES)})")
-        if hf.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"{path}: hidden_act {hf['hidden_act']!r} is not supported (only silu)")
+        gemma = arch == "Gemma2ForCausalLM"
+        act = (hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh") if gemma \
+            else hf.get("hidden_act", "silu")
+        if act not in ACTIVATIONS:
+            raise ValueError(f"{path}: activation {act!r} is not supported ({', '.join(ACTIVATIONS)})")
         if hf.get("mlp_bias"):
             raise ValueError(f"{path}: mlp_bias=true is not supported")
         rope = hf.get("rope_parameters")  # transformers >= 5 keeps theta and scaling together
@@ -74,8 +88,16 @@ class ModelConfig:
         if scaling and scaling.get("rope_type", scaling.get("type")) != "llama3":
             raise ValueError(f"{path}: rope_scaling type {scaling.get('rope_type')!r} is not "
                              "supported (only 'llama3')")
-        known = {f for f in cls.__dataclass_fields__ if f not in ("architecture", "extra", "num_labels")}
+        known = {f for f in cls.__dataclass_fields__ if f not in ("architecture", "extra", "num_labels", "gemma",
+                                                                  "hidden_act")}
+        if not gemma:  # these keys mean something else (or nothing) outside Gemma-2
+            known -= {"attn_logit_softcapping", "final_logit_softcapping", "query_pre_attn_scalar",
+                      "sliding_window", "layer_types"}
         kw = {k: hf[k] for k in known if k in hf}
+        kw.update(hidden_act=act, gemma=gemma)
+        if gemma and kw.get("sliding_window") and not kw.get("layer_types"):  # Gemma-2: every other layer
+            kw["layer_types"] = ["sliding_attention" if (i + 1) % 2 else "full_attention"
+                                 for i in range(hf["num_hidden_layers"])]
         kw["attention_bias"] = hf.get("attention_bias", arch == "Qwen2ForCausalLM")
         kw["tie_word_embeddings"] = hf.get("tie_word_embeddings", arch != "LlamaForSequenceClassification")
         if arch.endswith("ForSequenceClassification"):
@@ -86,11 +108,12 @@ class ModelConfig:
     def to_hf(self) -> dict:
         hf = dict(self.extra)
         hf.update({k: getattr(self, k) for k in self.__dataclass_fields__
-                   if k not in ("architecture", "extra", "num_labels")})
+                   if k not in ("architecture", "extra", "num_labels", "gemma", "hidden_act")
+                   and (self.gemma or getattr(self, k) is not None)})
         hf["architectures"] = [self.architecture]
-        hf.setdefault("model_type", {"MistralForCausalLM": "mistral",
-                                     "Qwen2ForCausalLM": "qwen2"}.get(self.architecture, "llama"))
-        hf.setdefault("hidden_act", "silu")
+        hf.setdefault("model_type", {"MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
+                                     "Gemma2ForCausalLM": "gemma2"}.get(self.architecture, "llama"))
+        hf.setdefault("hidden_activation" if self.gemma else "hidden_act", self.hidden_act)
         if self.num_labels:
             hf["id2label"] = {str(i): hf.get("id2label", {}).get(str(i), f"LABEL_{i}")
                               for i in range(self.num_labels)}
@@ -100,15 +123,24 @@ class ModelConfig:
 # ----------------------------------------------------------------------------- blocks
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    """x / rms(x) · weight; Gemma (`offset`) stores weight − 1 and multiplies before the cast."""
+
+    def __init__(self, dim: int, eps: float, offset: bool = False):
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps, self.offset = eps, offset
+        self.weight = nn.Parameter(torch.zeros(dim) if offset else torch.ones(dim))
 
     def forward(self, x):
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.offset:
+            return (x32 * (1.0 + self.weight.float())).to(x.dtype)
         return self.weight * x32.to(x.dtype)
+
+
+def softcap(x, cap: float | None):
+    """cap · tanh(x / cap): Gemma-2 bounds attention scores and logits this way."""
+    return x if cap is None else torch.tanh(x / cap) * cap
 
 
 def rope_inv_freq(cfg: ModelConfig, device=None) -> torch.Tensor:
@@ -166,6 +198,8 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=cfg.attention_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(self.n_head * self.hd, cfg.hidden_size, bias=False)
+        self.scale = cfg.query_pre_attn_scalar ** -0.5 if cfg.query_pre_attn_scalar else None  # None: 1/sqrt(hd)
+        self.softcap = cfg.attn_logit_softcapping
         self.cache: KVCache | None = None
 
     def forward(self, x, cos, sin, mask=None, start: int = 0):
@@ -176,9 +210,16 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.cache is not None:
             k, v = self.cache.update(start, k, v)
-        # grouped-query attention: SDPA repeats each KV head for n_head / n_kv query heads
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           enable_gqa=self.n_kv != self.n_head)
+        if self.softcap is None:  # grouped-query attention: SDPA repeats each KV head for n_head / n_kv queries
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                               enable_gqa=self.n_kv != self.n_head, scale=self.scale)
+        else:  # soft-capped scores: SDPA has no such option, so the attention is written out
+            k, v = (t.repeat_interleave(self.n_head // self.n_kv, dim=1) for t in (k, v))
+            scores = softcap(q @ k.transpose(-1, -2) * (self.scale or self.hd ** -0.5), self.softcap)
+            if mask is None:
+                mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - T)
+            scores = scores.masked_fill(~mask, float("-inf"))
+            y = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -188,20 +229,27 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.act = ACTIVATIONS[cfg.hidden_act]
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU (GeGLU for Gemma)
 
 
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        norm = lambda: RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, offset=cfg.gemma)
+        self.input_layernorm = norm()
         self.self_attn = Attention(cfg)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = norm()  # Llama: before the MLP; Gemma-2: after attention
         self.mlp = MLP(cfg)
+        if cfg.gemma:
+            self.pre_feedforward_layernorm, self.post_feedforward_layernorm = norm(), norm()
 
     def forward(self, x, cos, sin, mask=None, start: int = 0):
+        if hasattr(self, "pre_feedforward_layernorm"):  # Gemma-2: a norm before and after each sublayer
+            x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, mask, start))
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, start)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -214,7 +262,7 @@ class Transformer(nn.Module):
         self.config = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, offset=cfg.gemma)
         if cfg.num_labels:
             self.score = nn.Linear(cfg.hidden_size, cfg.num_labels, bias=False)
         elif not cfg.tie_word_embeddings:
@@ -226,9 +274,8 @@ class Transformer(nn.Module):
         h = self.norm(h)
         if self.config.num_labels:
             return self.score(h)
-        if self.config.tie_word_embeddings:
-            return F.linear(h, self.embed_tokens.weight)
-        return self.lm_head(h)
+        logits = F.linear(h, self.embed_tokens.weight) if self.config.tie_word_embeddings else self.lm_head(h)
+        return softcap(logits, self.config.final_logit_softcapping)
 
     def forward(self, input_ids, attention_mask=None, start: int = 0):
         """Logits (B, T, vocab): the head over `hidden`, at every position."""
@@ -242,6 +289,8 @@ class Transformer(nn.Module):
         where padded positions are never attended by real ones)."""
         B, T = input_ids.shape
         x = self.embed_tokens(input_ids)
+        if self.config.gemma:  # Gemma scales the embeddings by sqrt(hidden), rounded to their dtype
+            x = x * torch.tensor(self.config.hidden_size ** 0.5, dtype=x.dtype)
         dev = input_ids.device
         if attention_mask is None:
             positions = torch.arange(start, start + T, device=dev).expand(B, T)
@@ -255,8 +304,14 @@ class Transformer(nn.Module):
             if attention_mask is not None:  # hide padding; a padded query sees itself (no NaN)
                 mask = (mask & attention_mask[:, None, None, :start + T].bool()) | (k_pos == q_pos)
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
-        for layer in self.layers:
-            x = layer(x, cos, sin, mask, start)
+        masks = {"full_attention": mask}
+        if self.config.layer_types and "sliding_attention" in self.config.layer_types:
+            q_pos = torch.arange(start, start + T, device=dev)[:, None]  # keys in (q − window, q]
+            k_pos = torch.arange(start + T, device=dev)[None]
+            local = (k_pos <= q_pos) & (k_pos > q_pos - self.config.sliding_window)
+            masks["sliding_attention"] = local if mask is None else mask & local
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, masks[self.config.layer_types[i]] if self.config.layer_types else mask, start)
         return x
 
     def setup_cache(self, batch: int, max_len: int):

@@ -51,6 +51,62 @@ def test_logits_match_transformers_both_ways(tmp_path, arch, tied, bias):
         assert (back(IDS).logits - want).abs().max() <= 1e-4
 
 
+def gemma2(**kw):
+    """A tiny random Gemma-2 whose soft caps bind (scores and logits reach the caps), with a
+    sliding window shorter than the inputs and a query scale other than 1/sqrt(head_dim)."""
+    cfg = transformers.Gemma2Config(vocab_size=400, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                    num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                    query_pre_attn_scalar=24, attn_logit_softcapping=0.5,
+                                    final_logit_softcapping=1.5, sliding_window=4, pad_token_id=0,
+                                    bos_token_id=1, eos_token_id=2, **kw)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    m = transformers.Gemma2ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.3)
+    return m
+
+
+def test_gemma2_logits_match_transformers_both_ways(tmp_path):
+    ref = gemma2()
+    ref.save_pretrained(tmp_path / "hf")
+    make_tokenizer().save(tmp_path / "hf")
+    ours, _ = M.load_pretrained(tmp_path / "hf", device="cpu")
+    assert ours.config.layer_types == ["sliding_attention", "full_attention", "sliding_attention"]
+    mask = torch.ones_like(IDS)
+    mask[1, :3] = 0  # left padding in the second row
+    with torch.no_grad():
+        want = ref(IDS).logits
+        assert want.abs().max() > 1.0  # the final cap (1.5) binds
+        assert (ours(IDS) - want).abs().max() <= 1e-4
+        padded = ref(IDS, attention_mask=mask).logits
+        got = ours(IDS, mask.bool())
+        assert (got[0] - padded[0]).abs().max() <= 1e-4 and (got[1, 3:] - padded[1, 3:]).abs().max() <= 1e-4
+        M.save_pretrained(ours, make_tokenizer(), tmp_path / "ours")
+        back = transformers.Gemma2ForCausalLM.from_pretrained(tmp_path / "ours").eval()
+        back.config._attn_implementation = "eager"
+        assert (back(IDS).logits - want).abs().max() <= 1e-4
+
+
+def test_gemma2_generation_with_the_cache_matches_the_plain_loop(tmp_path):
+    ref = gemma2()
+    ref.save_pretrained(tmp_path / "hf")
+    make_tokenizer().save(tmp_path / "hf")
+    ours, tok = M.load_pretrained(tmp_path / "hf", device="cpu")
+    enc = [tok.encode_prompt(p) for p in ["hi", "What is the capital of France?"]]
+    with torch.no_grad():
+        want = [argmax_loop(ours, e, 8, -1) for e in enc]  # past the window of 4: the cache must slide
+        assert M.generate_ids(ours, enc, 8, -1, tok.pad_id) == want
+
+
+def test_unsupported_activation_is_an_error(tmp_path, tiny_dir):
+    conf = json.loads((tiny_dir / "config.json").read_text())
+    (tiny_dir / "config.json").write_text(json.dumps(dict(conf, hidden_act="relu")))
+    with pytest.raises(ValueError, match="activation 'relu' is not supported"):
+        M.load_pretrained(tiny_dir, device="cpu")
+
+
 def test_llama3_rope_scaling_matches_transformers(tmp_path):
     scaling = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                    original_max_position_embeddings=16)
