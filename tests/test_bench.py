@@ -128,3 +128,18 @@ def test_report_refuses_a_missing_run_folder(tmp_path, capsys):
     with pytest.raises(SystemExit):
         report.main([str(tmp_path / "nope"), "--out", str(tmp_path / "rep")])
     assert "no such run folder" in capsys.readouterr().err and not (tmp_path / "rep").exists()
+
+
+def test_memory_plan_of_a_7b_shape_on_the_meta_device():
+    import memory
+    cfg = memory.read_config("llama2-7b")
+    one, two = (memory.plan(cfg, batch, 32, rank=8) for batch in (1, 2))
+    assert one["weights"] == 2 * 6_738_415_616  # Llama-2-7B's parameter count, in bf16
+    per_layer = 8 * (4 * (4096 + 4096) + 2 * (4096 + 11008) + (11008 + 4096))  # r·(in + out) of each projection
+    assert one["lora_parameters"] == 32 * per_layer and one["lora_state"] == 16 * one["lora_parameters"]
+    assert 1.9 < two["activations"] / one["activations"] < 2.1  # activations grow with the batch
+    assert one["activations_checkpointed"] < one["activations"] / 4
+    sharded = memory.plan(cfg, 4, 32, devices=4)
+    assert sharded["batch_per_device"] == 1 and sharded["weights_fsdp"] < one["weights"] / 3
+    rows = memory.advice(one, device_bytes=one["weights"] + one["lora_state"] + one["activations_checkpointed"] + 1)
+    assert [fits for _, _, fits in rows] == [False, True, False, False]  # one device: FSDP only adds a gathered block
