@@ -44,9 +44,12 @@ RHO-LOSS, Mindermann et al., ICML 2022). `SampleWeights` (defenses.py) is shared
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
+import sys
 import time
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -55,6 +58,7 @@ from tqdm import tqdm
 import model as M
 from data.batches import Batches, Stream, encode_samples, sample_losses
 from defenses import SampleWeights, global_norm, perturb  # shared with BDS and the defenses
+from files import atomic_file
 
 # ----------------------------------------------------------------------------- config, result
 
@@ -88,6 +92,7 @@ class SelectConfig:
     normalize: bool = True  # Pharmacist: cos(∇ℓ_b, g) in place of ∇ℓ_bᵀg (rows of any length count alike)
     gamma: float = 0.9  # SEAL: weight of the validation (safe) loss in the model's loss
     seed: int = 0  # LoRA init, batch order, random scores
+    save_every: int = 50  # checkpoint the selector's loop every this many steps (and on Ctrl-C)
 
 
 @dataclass
@@ -144,6 +149,77 @@ class Meter:
     def stats(self, **extra) -> dict:
         return dict(steps=self.steps, forward_passes=self.forward, backward_passes=self.backward,
                     tokens=self.tokens, selector_seconds=time.perf_counter() - self.t0, **extra)
+
+
+class LoopCheckpoint:
+    """A selector loop's state at its last step boundary, in a file: every `every` steps and when
+    the loop is interrupted (Ctrl-C, SIGTERM), so `--resume` continues where it stopped and ends
+    with the same scores. `parts` are the loop's objects, restored in place: tensors (the LoRA),
+    objects with state_dict (optimizers, SampleWeights), Streams (their position), plain objects
+    (Meter, RunningScale: their attributes); `values` are rebound by the caller (g, info, ...)."""
+
+    def __init__(self, path, every: int, **parts):
+        self.path, self.every, self.parts, self.boundary = Path(path) if path else None, every, parts, None
+
+    @staticmethod
+    def _state(obj):
+        if isinstance(obj, list):  # the LoRA parameters
+            return [t.detach().clone() for t in obj]
+        if isinstance(obj, Stream):
+            return obj.drawn
+        if hasattr(obj, "state_dict"):
+            return copy.deepcopy(obj.state_dict())
+        return {k: v for k, v in vars(obj).items() if k != "t0"}
+
+    @staticmethod
+    def _restore(obj, state):
+        if isinstance(obj, list):
+            with torch.no_grad():
+                for t, x in zip(obj, state):
+                    t.copy_(x)
+        elif isinstance(obj, Stream):
+            obj.drawn = state
+        elif hasattr(obj, "load_state_dict"):
+            obj.load_state_dict(state)
+        else:
+            vars(obj).update(state)
+
+    def mark(self, step: int, **values):
+        """The state after `step` steps (cheap: the selector's LoRA is small); saved every `every`."""
+        self.boundary = dict(step=step, values=copy.deepcopy(values), rng=torch.get_rng_state(),
+                             parts={k: self._state(v) for k, v in self.parts.items()})
+        if self.path and step and step % self.every == 0:
+            self.save()
+
+    def save(self):
+        if self.path and self.boundary is not None:
+            with atomic_file(self.path) as tmp:
+                torch.save(self.boundary, tmp)
+
+    def load(self) -> tuple[int, dict]:
+        """(steps done, values) from the file; (0, {}) when there is none."""
+        if not self.path or not self.path.exists():
+            return 0, {}
+        try:
+            state = torch.load(self.path, weights_only=False)
+        except Exception as e:
+            raise ValueError(f"{self.path}: unreadable checkpoint ({e}); --force to start the selection over") from None
+        for k, v in self.parts.items():
+            self._restore(v, state["parts"][k])
+        torch.set_rng_state(state["rng"])
+        print(f"resumed the selection at step {state['step']} ({self.path})")
+        return state["step"], state["values"]
+
+    @contextlib.contextmanager
+    def saved_on_interrupt(self):
+        try:
+            yield
+        except KeyboardInterrupt:
+            self.save()
+            if self.path and self.boundary is not None:
+                print(f"\nstopped; selection checkpoint at step {self.boundary['step']} in {self.path} "
+                      "(continue with --resume)", file=sys.stderr)
+            raise
 
 
 def stream(samples, tokenizer, cfg: SelectConfig, seed: int, device) -> Stream:
@@ -246,7 +322,7 @@ class RunningScale:
 
 
 def pharmacist_select(model, tokenizer, pool, validation, harmful, cfg: SelectConfig,
-                      progress: bool = True, log=None) -> Selection:
+                      progress: bool = True, log=None, checkpoint=None) -> Selection:
     """The bilevel selector (mode "bilevel") or its first-order single pass ("first_order").
 
     bilevel: each step, one forward and one backward of the weighted inner loss on a pool batch
@@ -264,41 +340,48 @@ def pharmacist_select(model, tokenizer, pool, validation, harmful, cfg: SelectCo
     if cfg.lam:
         require(harmful, "harmful", "pharmacist")
     if cfg.mode == "first_order":
-        return first_order_select(model, tokenizer, pool, validation, harmful, cfg, progress, log)
+        return first_order_select(model, tokenizer, pool, validation, harmful, cfg, progress, log, checkpoint)
     device = next(model.parameters()).device
     next_pool = stream(pool, tokenizer, cfg, cfg.seed, device)
-    next_outer = outer_streams(validation, harmful, tokenizer, cfg, device)
+    next_outer = OuterStreams(validation, harmful, tokenizer, cfg, device)
     weights = SampleWeights(len(pool), cfg.weighting, cfg.selector_lr, optimizer="sgd", device=device)
     meter, steps, info, scale, g = Meter(cfg.bf16), step_budget(cfg, len(pool)), {}, RunningScale(), None
     with selector_lora(model, cfg) as params:
         opt = torch.optim.AdamW(params, lr=cfg.inner_lr, weight_decay=0.0)
-        bar = tqdm(range(steps), desc="pharmacist", disable=not progress)
-        for step in bar:
-            batch = next_pool()
-            w = weights.weights(batch["index"])
-            if cfg.lookahead:
-                losses, G, dots, g, info = lookahead_step_dots(meter, model, params, batch, w, next_outer, cfg)
-            else:
-                if step % cfg.outer_every == 0:  # g = ∇F(θ), held for outer_every steps
-                    g, info = outer_grad(meter, model, params, *next_outer(), cfg.lam, cfg.alpha)
-                losses, G, dots = weighted_step_dots(meter, model, params, batch, w, g, cfg.normalize)
-            h = -dots / scale(dots)  # ∝ ∂F/∂w_b (or its cosine), in units of its running size
-            weights.step((w * h.to(w.dtype)).sum())  # selector: SGD on s through w(s)
-            for p, x in zip(params, G):  # inner: AdamW on mean_B(w_b·ℓ_b)
-                p.grad = x
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            meter.steps += 1
-            info = dict(info, loss=losses.mean().item())
-            bar.set_postfix(F=f"{info['F']:.3f}", L_v=f"{info['L_v']:.3f}", L_h=f"{info['L_h']:.3f}")
-            if log:
-                log(dict(step=step + 1, **info))
+        ck = LoopCheckpoint(checkpoint, cfg.save_every, params=params, opt=opt, weights=weights, scale=scale,
+                            meter=meter, pool=next_pool, outer=next_outer)
+        start, values = ck.load()
+        g, info = values.get("g", g), values.get("info", info)
+        ck.mark(start, g=g, info=info)
+        bar = tqdm(range(start, steps), initial=start, total=steps, desc="pharmacist", disable=not progress)
+        with ck.saved_on_interrupt():
+            for step in bar:
+                batch = next_pool()
+                w = weights.weights(batch["index"])
+                if cfg.lookahead:
+                    losses, G, dots, g, info = lookahead_step_dots(meter, model, params, batch, w, next_outer, cfg)
+                else:
+                    if step % cfg.outer_every == 0:  # g = ∇F(θ), held for outer_every steps
+                        g, info = outer_grad(meter, model, params, *next_outer(), cfg.lam, cfg.alpha)
+                    losses, G, dots = weighted_step_dots(meter, model, params, batch, w, g, cfg.normalize)
+                h = -dots / scale(dots)  # ∝ ∂F/∂w_b (or its cosine), in units of its running size
+                weights.step((w * h.to(w.dtype)).sum())  # selector: SGD on s through w(s)
+                for p, x in zip(params, G):  # inner: AdamW on mean_B(w_b·ℓ_b)
+                    p.grad = x
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                meter.steps += 1
+                info = dict(info, loss=losses.mean().item())
+                bar.set_postfix(F=f"{info['F']:.3f}", L_v=f"{info['L_v']:.3f}", L_h=f"{info['L_h']:.3f}")
+                if log:
+                    log(dict(step=step + 1, **info))
+                ck.mark(step + 1, g=g, info=info)
     scores = weights.logits.detach().double().cpu().numpy()
     return Selection(scores, meter.stats(**info, scores=score_stats(scores)))
 
 
 def first_order_select(model, tokenizer, pool, validation, harmful, cfg: SelectConfig,
-                       progress: bool = True, log=None) -> Selection:
+                       progress: bool = True, log=None, checkpoint=None) -> Selection:
     """One scoring pass per checkpoint, no per-sample weights (TracIn / LESS style):
         score_b = mean_c cos(∇ℓ_b(θ_c), g_c),   g_c = ∇F(θ_c) on `outer_batch_size` rows
     θ_0 is the fresh adapter (B = 0: ∇ℓ_b is then ∇_W ℓ_b projected through the random A, a
@@ -310,7 +393,7 @@ def first_order_select(model, tokenizer, pool, validation, harmful, cfg: SelectC
     examples = encode_samples(pool, tokenizer, cfg.max_len)
     pool_batches = Batches(examples, cfg.batch_size, tokenizer.pad_id, seed=cfg.seed).epoch(0)  # length-bucketed
     next_pool = Stream(examples, cfg.batch_size, tokenizer.pad_id, cfg.seed, device)  # SFT between checkpoints
-    next_outer = outer_streams(validation, harmful, tokenizer, cfg, device)
+    next_outer = OuterStreams(validation, harmful, tokenizer, cfg, device)
     meter, scores, info = Meter(cfg.bf16), np.zeros(len(pool)), {}
     with selector_lora(model, cfg) as params:
         opt = torch.optim.AdamW(params, lr=cfg.inner_lr, weight_decay=0.0)
@@ -342,12 +425,25 @@ def first_order_select(model, tokenizer, pool, validation, harmful, cfg: SelectC
     return Selection(scores, meter.stats(**info, scores=score_stats(scores)))
 
 
-def outer_streams(validation, harmful, tokenizer, cfg: SelectConfig, device):
-    """A function returning the next (validation batch, harmful batch or None) of the outer loss."""
-    outer = replace(cfg, batch_size=cfg.outer_batch_size)
-    next_v = stream(validation, tokenizer, outer, cfg.seed + 1, device)
-    next_h = stream(harmful, tokenizer, outer, cfg.seed + 2, device) if cfg.lam else None
-    return lambda: (next_v(), next_h() if next_h else None)
+class OuterStreams:
+    """The next (validation batch, harmful batch or None) of the outer loss, at each call."""
+
+    def __init__(self, validation, harmful, tokenizer, cfg: SelectConfig, device):
+        outer = replace(cfg, batch_size=cfg.outer_batch_size)
+        self.v = stream(validation, tokenizer, outer, cfg.seed + 1, device)
+        self.h = stream(harmful, tokenizer, outer, cfg.seed + 2, device) if cfg.lam else None
+
+    def __call__(self):
+        return self.v(), self.h() if self.h else None
+
+    def state_dict(self) -> dict:
+        return {"v": self.v.drawn, "h": self.h.drawn if self.h else 0}
+
+    def load_state_dict(self, state: dict):
+        self.v.drawn = state["v"]
+        if self.h:
+            self.h.drawn = state["h"]
+
 
 
 def score_stats(scores) -> dict:
@@ -362,20 +458,20 @@ def score_stats(scores) -> dict:
 
 
 def full_select(model, tokenizer, pool, validation, harmful, cfg: SelectConfig,
-                progress: bool = True, log=None) -> Selection:
+                progress: bool = True, log=None, checkpoint=None) -> Selection:
     """Every row scores 1: the caller keeps the whole pool (train.py ignores --select-keep for full)."""
     return Selection(np.ones(len(pool)), dict(steps=0, tokens=0))
 
 
 def random_select(model, tokenizer, pool, validation, harmful, cfg: SelectConfig,
-                  progress: bool = True, log=None) -> Selection:
+                  progress: bool = True, log=None, checkpoint=None) -> Selection:
     """Seeded uniform random scores: a random subset of the requested size."""
     rng = np.random.default_rng(cfg.seed)
     return Selection(rng.random(len(pool)), dict(steps=0, tokens=0))
 
 
 def seal_select(model, tokenizer, pool, validation, harmful, cfg: SelectConfig,
-                progress: bool = True, log=None) -> Selection:
+                progress: bool = True, log=None, checkpoint=None) -> Selection:
     """SEAL (Shen et al., ICLR 2025), its memory-efficient penalty-based algorithm, with the
     validation set as SEAL's safe set. Each step, one AdamW step on the model and one Adam step
     on the logits:
@@ -391,29 +487,36 @@ def seal_select(model, tokenizer, pool, validation, harmful, cfg: SelectConfig,
     meter, steps, info = Meter(cfg.bf16), step_budget(cfg, len(pool)), {}
     with selector_lora(model, cfg) as params:
         opt = torch.optim.AdamW(params, lr=cfg.inner_lr, weight_decay=0.0)
-        bar = tqdm(range(steps), desc="seal", disable=not progress)
-        for step in bar:
-            batch, batch_v = next_pool(), next_v()
-            losses = meter.losses(model, batch)
-            L_safe = meter.losses(model, batch_v).mean()
-            w = weights.weights(batch["index"])
-            loss = cfg.gamma * L_safe + (1 - cfg.gamma) * (w.detach() * losses).mean()
-            meter.backward += 1
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            weights.step((w * losses.detach()).mean())
-            meter.steps += 1
-            info = dict(loss=loss.item(), L_safe=L_safe.item(), L_pool=losses.mean().item())
-            bar.set_postfix({k: f"{v:.3f}" for k, v in info.items()})
-            if log:
-                log(dict(step=step + 1, **info))
+        ck = LoopCheckpoint(checkpoint, cfg.save_every, params=params, opt=opt, weights=weights, meter=meter,
+                            pool=next_pool, validation=next_v)
+        start, values = ck.load()
+        info = values.get("info", info)
+        ck.mark(start, info=info)
+        bar = tqdm(range(start, steps), initial=start, total=steps, desc="seal", disable=not progress)
+        with ck.saved_on_interrupt():
+            for step in bar:
+                batch, batch_v = next_pool(), next_v()
+                losses = meter.losses(model, batch)
+                L_safe = meter.losses(model, batch_v).mean()
+                w = weights.weights(batch["index"])
+                loss = cfg.gamma * L_safe + (1 - cfg.gamma) * (w.detach() * losses).mean()
+                meter.backward += 1
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                weights.step((w * losses.detach()).mean())
+                meter.steps += 1
+                info = dict(loss=loss.item(), L_safe=L_safe.item(), L_pool=losses.mean().item())
+                bar.set_postfix({k: f"{v:.3f}" for k, v in info.items()})
+                if log:
+                    log(dict(step=step + 1, **info))
+                ck.mark(step + 1, info=info)
     scores = weights.logits.detach().double().cpu().numpy()
     return Selection(scores, meter.stats(**info))
 
 
 def loss_select(model, tokenizer, pool, validation, harmful, cfg: SelectConfig,
-                progress: bool = True, log=None) -> Selection:
+                progress: bool = True, log=None, checkpoint=None) -> Selection:
     """Reducible loss (RHO-LOSS, Mindermann et al., ICML 2022) with the validation set as the
     holdout: score_i = ℓ_i(θ₀) − ℓ_i(θ_v), the loss under the base model minus the loss under a
     LoRA briefly trained on the validation set (`steps`, or `passes` passes over the pool's
@@ -431,17 +534,22 @@ def loss_select(model, tokenizer, pool, validation, harmful, cfg: SelectConfig,
         for b in pool_batches:  # base model: the LoRA is still zero (B = 0)
             scores[b["index"].cpu().numpy()] = meter.losses(model, b, grad=False).double().cpu().numpy()
         opt = torch.optim.AdamW(params, lr=cfg.inner_lr, weight_decay=0.0)
-        bar = tqdm(range(steps), desc="loss (holdout model)", disable=not progress)
-        for step in bar:
-            L_v = meter.losses(model, next_v()).mean()
-            meter.backward += 1
-            opt.zero_grad(set_to_none=True)
-            L_v.backward()
-            opt.step()
-            meter.steps += 1
-            bar.set_postfix(L_v=f"{L_v.item():.3f}")
-            if log:
-                log(dict(step=step + 1, L_v=L_v.item()))
+        ck = LoopCheckpoint(checkpoint, cfg.save_every, params=params, opt=opt, meter=meter, validation=next_v)
+        start, _ = ck.load()
+        ck.mark(start)
+        bar = tqdm(range(start, steps), initial=start, total=steps, desc="loss (holdout model)", disable=not progress)
+        with ck.saved_on_interrupt():
+            for step in bar:
+                L_v = meter.losses(model, next_v()).mean()
+                meter.backward += 1
+                opt.zero_grad(set_to_none=True)
+                L_v.backward()
+                opt.step()
+                meter.steps += 1
+                bar.set_postfix(L_v=f"{L_v.item():.3f}")
+                if log:
+                    log(dict(step=step + 1, L_v=L_v.item()))
+                ck.mark(step + 1)
         for b in pool_batches:
             scores[b["index"].cpu().numpy()] -= meter.losses(model, b, grad=False).double().cpu().numpy()
     return Selection(scores, meter.stats())
@@ -452,8 +560,10 @@ SELECTORS = {"full": full_select, "random": random_select, "pharmacist": pharmac
 
 
 def select(model, tokenizer, pool, validation, harmful, cfg: SelectConfig,
-           progress: bool = True, log=None) -> Selection:
-    """Score every pool row with cfg.selector (see SELECTORS); the model comes back unchanged."""
+           progress: bool = True, log=None, checkpoint=None) -> Selection:
+    """Score every pool row with cfg.selector (see SELECTORS); the model comes back unchanged.
+    `checkpoint`: a file the selector's loop is saved to and resumed from (bilevel Pharmacist,
+    SEAL and the loss selector's holdout training; the one-pass selectors have nothing to save)."""
     if cfg.selector not in SELECTORS:
         raise ValueError(f"unknown selector {cfg.selector!r} (known: {', '.join(SELECTORS)})")
     if not pool:
@@ -461,7 +571,7 @@ def select(model, tokenizer, pool, validation, harmful, cfg: SelectConfig,
     if cfg.selector != "full":  # full keeps every row whatever --select-keep says
         keep_count(cfg.keep, len(pool))  # a bad --select-keep fails before any work
     selection = SELECTORS[cfg.selector](model, tokenizer, pool, validation, harmful, cfg,
-                                        progress=progress, log=log)
+                                        progress=progress, log=log, checkpoint=checkpoint)
     if len(selection.scores) != len(pool) or not np.all(np.isfinite(selection.scores)):
         raise RuntimeError(f"selector {cfg.selector!r} returned bad scores (NaN or wrong length)")
     return selection

@@ -161,7 +161,8 @@ def config_problem(cfg: Config) -> str | None:
     if cfg.device and cfg.device != "cpu" and not (cfg.device.startswith("cuda") and torch.cuda.is_available()
                                                      or cfg.device == "mps" and torch.backends.mps.is_available()):
         checks.append(f"--device {cfg.device}: not available on this machine (use cpu, or leave it out for the best one)")
-    for name in ("outer_every", "outer_batch_size", "checkpoints", "batch_size", "passes", "max_len", "lora_rank"):
+    for name in ("outer_every", "outer_batch_size", "checkpoints", "batch_size", "passes", "max_len", "lora_rank",
+                 "save_every"):
         if getattr(cfg.select, name) < 1:
             checks.append(f"--select-{name.replace('_', '-')} {getattr(cfg.select, name)}: must be at least 1")
     if cfg.select.keep <= 0:
@@ -426,7 +427,11 @@ def stage_select(cfg: Config, out: Path) -> dict:
     pool, validation, harmful = (read_split(cfg, f) for f in ("pool.jsonl", "validation.jsonl", "harmful.jsonl"))
     model, tok, _ = load_model(cfg)
     clock = Clock(model.embed_tokens.weight.device)
-    selection = pharmacist.select(model, tok, pool, validation, harmful, cfg.select)
+    ckpt = out / "checkpoint.pt"  # the selector's loop, every --select-save-every steps and on Ctrl-C
+    if not cfg.resume:
+        ckpt.unlink(missing_ok=True)
+    with stop_on_sigterm():
+        selection = pharmacist.select(model, tok, pool, validation, harmful, cfg.select, checkpoint=ckpt)
     seconds = clock.seconds()
     k = pharmacist.keep_count(cfg.select.keep, len(pool)) if cfg.select.selector != "full" else len(pool)
     ranks, selected = pharmacist.rank(selection.scores, k)

@@ -70,3 +70,15 @@ def tiny_dir(tmp_path):
     out = tmp_path / "tiny"
     M.save_pretrained(make_model(), make_tokenizer(), out)
     return out
+
+
+def interrupt_selector_at(monkeypatch, step: int):
+    """Ctrl-C inside a selector's loop when its meter reaches `step` steps (monkeypatch.undo() ends it)."""
+    import pharmacist
+    real = pharmacist.Meter.losses
+
+    def interrupted(meter, *args, **kwargs):
+        if meter.steps == step:
+            raise KeyboardInterrupt
+        return real(meter, *args, **kwargs)
+    monkeypatch.setattr(pharmacist.Meter, "losses", interrupted)

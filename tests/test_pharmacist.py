@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import model as M  # noqa: E402
 import pharmacist as P  # noqa: E402
-from conftest import make_model  # noqa: E402
+from conftest import interrupt_selector_at, make_model  # noqa: E402
 from data.batches import Batches, encode_samples  # noqa: E402
 from data.samples import Sample  # noqa: E402
 
@@ -248,6 +248,25 @@ def test_bilevel_scores_keep_their_sizes(tokenizer):
     levels = np.unique(np.round(scores / cfg.selector_lr, 1))  # what Adam's ±lr steps would leave
     assert len(levels) > 4 * cfg.passes + 1, levels
     assert P.score_stats(scores)["distinct"] == len(pool)
+
+
+@pytest.mark.parametrize("selector,overrides", [("pharmacist", dict(outer_every=3)), ("seal", {}), ("loss", {})])
+def test_an_interrupted_selection_resumes_to_the_same_scores(tokenizer, tmp_path, monkeypatch, selector, overrides):
+    """Ctrl-C at step 5 of 8 (checkpoints every 2 steps, so the interrupt saves the boundary of
+    step 5 itself), then a fresh process state resumes: the same scores as an uninterrupted run."""
+    pool, validation, harmful = planted()
+    cfg = replace(CFG, selector=selector, steps=8, save_every=2, **overrides)
+    straight = P.select(make_model(), tokenizer, pool, validation, harmful, cfg, progress=False)
+    interrupt_selector_at(monkeypatch, 5)
+    ckpt = tmp_path / "checkpoint.pt"
+    with pytest.raises(KeyboardInterrupt):
+        P.select(make_model(), tokenizer, pool, validation, harmful, cfg, progress=False, checkpoint=ckpt)
+    monkeypatch.undo()
+    assert torch.load(ckpt, weights_only=False)["step"] == 5
+    torch.manual_seed(123)  # another RNG state: the checkpoint restores it
+    resumed = P.select(make_model(), tokenizer, pool, validation, harmful, cfg, progress=False, checkpoint=ckpt)
+    np.testing.assert_array_equal(resumed.scores, straight.scores)
+    assert resumed.stats["steps"] == straight.stats["steps"] == 8
 
 
 def test_pharmacist_repeatable_and_model_unchanged(tokenizer):

@@ -6,7 +6,7 @@ import signal
 
 import pytest
 import torch
-from conftest import make_model, make_tokenizer
+from conftest import interrupt_selector_at, make_model, make_tokenizer
 
 import defenses
 import model as M
@@ -221,3 +221,17 @@ def test_two_processes_cannot_share_a_run_folder(tmp_path):
     with train.run_lock(tmp_path):
         with pytest.raises(ValueError, match="another process"):
             train.main(["--stage", "select", "--preset", "tiny", "--out", str(tmp_path)])
+
+
+def test_select_stage_resumes_after_ctrl_c(tmp_path, monkeypatch):
+    base = ["--stage", "select", "--preset", "tiny", "--select-mode", "bilevel", "--select-steps", "6",
+            "--select-save-every", "2"]
+    train.main([*base, "--out", str(tmp_path / "a")])
+    interrupt_selector_at(monkeypatch, 3)
+    with pytest.raises(KeyboardInterrupt):
+        train.main([*base, "--out", str(tmp_path / "b")])
+    monkeypatch.undo()
+    assert not (tmp_path / "b" / "select" / "summary.json").exists()
+    train.main([*base, "--out", str(tmp_path / "b"), "--resume"])
+    read = lambda run: (run / "select" / "selection.jsonl").read_text()
+    assert read(tmp_path / "b") == read(tmp_path / "a")
