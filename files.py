@@ -53,13 +53,33 @@ def make_readable(folder: Path) -> None:
         f.chmod(0o644)
 
 
+def remove_orphans(out: Path) -> None:
+    """Temporary siblings of `out` left by a process that was killed (SIGKILL, power loss): their
+    name holds the writer's pid, and a pid no longer running means nobody will finish them."""
+    for tmp in out.parent.glob(f".{out.name}.*"):
+        pid = tmp.name[len(out.name) + 2:].split(".")[0]
+        if tmp.is_dir() and pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
 @contextmanager
 def atomic_dir(out):
     """A temporary sibling folder to fill; it takes the place of `out` (replacing an older one)
     when the block ends without an error, and is removed when it raises."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    remove_orphans(out)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.{os.getpid()}."))
     try:
         yield tmp
         make_readable(tmp)

@@ -1,5 +1,6 @@
 """model.py against transformers/peft on tiny random models: logits, loading, LoRA, generation."""
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -331,3 +332,20 @@ def test_tiny_random_tokenizer_is_the_same_in_every_process(tmp_path):
                                                                 out=str(tmp_path / f"t{i}"))],
                              capture_output=True, text=True, check=True).stdout for i in range(2)]
     assert vocabs[0] == vocabs[1]
+
+
+def test_a_killed_writer_leaves_no_temporary_folder_behind(tmp_path):
+    """SIGKILL cannot be caught: the next save of the same folder removes what a dead writer left."""
+    import subprocess
+    import sys as _sys
+    dead = subprocess.run([_sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    orphan = tmp_path / f".adapter.{dead}.abc123"
+    orphan.mkdir()
+    (orphan / "adapter_model.safetensors").write_bytes(b"half")
+    alive = tmp_path / f".adapter.{os.getpid()}.xyz"  # a live writer's folder stays
+    alive.mkdir()
+    m = make_model()
+    M.add_lora(m, rank=4, alpha=8)
+    M.save_lora(m, tmp_path / "adapter")
+    assert not orphan.exists() and alive.exists() and (tmp_path / "adapter" / "adapter_config.json").exists()
