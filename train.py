@@ -173,8 +173,8 @@ def config_problem(cfg: Config) -> str | None:
             if getattr(t, name) < 1:
                 checks.append(f"{flag}{name.replace('_', '-')} {getattr(t, name)}: must be at least 1")
         for name in ("lr", "clip"):
-            if not getattr(t, name) > 0:
-                checks.append(f"{flag}{name} {getattr(t, name)}: must be > 0")
+            if not 0 < getattr(t, name) < math.inf:
+                checks.append(f"{flag}{name} {getattr(t, name)}: must be a finite number > 0")
         if t.max_steps < 0 or not 0 <= t.warmup < 1 or t.weight_decay < 0:
             checks.append(f"{flag}max-steps >= 0, {flag}warmup in [0, 1) and {flag}weight-decay >= 0, got "
                           f"{t.max_steps}, {t.warmup}, {t.weight_decay}")

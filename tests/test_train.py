@@ -156,7 +156,7 @@ def test_every_config_field_has_a_flag():
                                   ["--seed", "1"], ["--keep", "0.5"], ["--rho", "3"],  # unprefixed: no such flag
                                   ["--select-selector", "magic"], ["--select-mode", "magic"],
                                   ["--select-outer-every", "0"], ["--align-clip", "0"], ["--align-epochs", "0"],
-                                  ["--finetune-lr", "-1e-4"], ["--align-batch-size", "0"], ["--select-passes", "0"],
+                                  ["--finetune-lr", "-1e-4"], ["--align-lr", "inf"], ["--align-lr", "nan"], ["--align-batch-size", "0"], ["--select-passes", "0"],
                                   ["--eval-max-new-tokens", "0"], ["--eval-limit", "-1"], ["--eval-judge", "trainedd"],
                                   ["--eval-tasks", "harmful,sst"], ["--attack-task", "imdb"], ["--data", "no/such/dir"],
                                   ["--align-bf16", "maybe"], ["--eval-judge", "moderation"]])
