@@ -542,6 +542,8 @@ def stage_settings(cfg: Config, stage: str) -> dict:
     settings = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v
                 for k, v in ((k, getattr(cfg, k)) for k in STAGE_SETTINGS[stage])}
     settings["data"] = str(data_dir(cfg).resolve())
+    manifest = data_dir(cfg) / "manifest.json"  # a rebuilt data folder has a new manifest (counts, seed, sources)
+    settings["data_manifest"] = hashlib.sha256(manifest.read_bytes()).hexdigest()[:16] if manifest.exists() else None
     return settings
 
 
