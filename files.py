@@ -12,6 +12,7 @@ output where the next run would read it.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -42,8 +43,19 @@ def write_text_atomic(text: str, path) -> None:
             f.write(text)
 
 
+def finite(obj):
+    """The object with every non-finite float as None: JSON has no NaN or Infinity."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
+
+
 def write_json(obj, path) -> None:
-    write_text_atomic(json.dumps(obj, indent=2, default=str, ) + "\n", path)
+    write_text_atomic(json.dumps(finite(obj), indent=2, default=str) + "\n", path)
 
 
 def make_readable(folder: Path) -> None:

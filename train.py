@@ -39,7 +39,7 @@ import model as M
 import pharmacist
 from data.batches import Batches, Stream, collate, encode_samples
 from data.samples import Sample, load_jsonl, save_jsonl
-from files import atomic_file, write_json, write_text_atomic
+from files import atomic_file, finite, write_json, write_text_atomic
 from flags import add_flags
 
 ROOT = Path(__file__).resolve().parent
@@ -310,7 +310,7 @@ class Checkpoint:
 
 def json_line(record: dict) -> str:
     """One JSON line; a non-finite number is written as null (JSON has no NaN or Infinity)."""
-    return json.dumps({k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in record.items()}) + "\n"
+    return json.dumps(finite(record)) + "\n"
 
 
 def keep_metrics(path: Path, step: int):
@@ -362,7 +362,9 @@ def train(model, examples, pad_id: int, cfg: TrainConfig, ctx: defenses.Context,
                     with M.autocast(device, cfg.bf16):
                         grads, stats = step_fn(ctx, batch)
                     if not all(math.isfinite(v) for v in stats.values() if isinstance(v, float)):
-                        raise NonFiniteLoss(f"{out.name}: non-finite loss at step {step} ({stats}); the last good "
+                        write_json(dict(step=step, stats=stats, rows=batch["index"].tolist()), out / "nonfinite.json")
+                        raise NonFiniteLoss(f"{out.name}: non-finite loss at step {step} ({stats}, the batch's rows in "
+                                            f"{out / 'nonfinite.json'}); the last good "
                                             f"checkpoint is {ckpt.path if ckpt.path.exists() else 'none'}: "
                                             "lower the learning rate, then --resume or start over")
                     for p, g in zip(params, grads):

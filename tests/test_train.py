@@ -134,6 +134,8 @@ def test_nan_loss_stops_with_the_last_good_checkpoint(tmp_path, monkeypatch):
     # the periodic checkpoint of step 2 stays: the weights that led to the NaN are not saved over it
     assert torch.load(tmp_path / "nan" / "checkpoint.pt", weights_only=False)["step"] == 2
     assert [json.loads(x)["step"] for x in (tmp_path / "nan" / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    bad = json.loads((tmp_path / "nan" / "nonfinite.json").read_text())
+    assert bad["step"] == 3 and bad["stats"]["loss"] is None and len(bad["rows"]) == 4  # NaN written as null
 
 
 def test_every_config_field_has_a_flag():
