@@ -220,9 +220,24 @@ def test_resume_with_other_flags_is_an_error(tmp_path, monkeypatch):
 
 
 def test_two_processes_cannot_share_a_run_folder(tmp_path):
-    with train.run_lock(tmp_path):
-        with pytest.raises(ValueError, match="another process"):
+    import subprocess
+    import sys
+    import time
+    holder = subprocess.Popen([sys.executable, "-c", f"import sys, time; sys.path.insert(0, {str(train.ROOT)!r}); "
+                               f"import train; lock = train.run_lock(__import__('pathlib').Path({str(tmp_path)!r})); "
+                               "lock.__enter__(); print('held', flush=True); time.sleep(30)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(ValueError, match=f"another process is running in it \\(pid {holder.pid}\\)"):
             train.main(["--stage", "select", "--preset", "tiny", "--out", str(tmp_path)])
+        assert not (tmp_path / "select").exists()  # nothing started
+    finally:
+        holder.kill()
+        holder.wait()
+    time.sleep(0.1)
+    with train.run_lock(tmp_path):  # the holder is gone: the lock is free again
+        pass
 
 
 def test_select_stage_resumes_after_ctrl_c(tmp_path, monkeypatch):
