@@ -1,4 +1,5 @@
-"""Atomic writes: a file or a folder appears complete or not at all.
+"""Atomic writes: a file or a folder appears complete or not at all; and `Checkpoint`, a loop's
+state written with them, so an interrupted loop resumes where it stopped.
 
 Everything a run writes (JSON, JSONL, checkpoints, model and adapter folders, the converted
 default model) goes through these, so an interrupted process never leaves a half-written
@@ -11,13 +12,20 @@ output where the next run would read it.
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
+import random
 import shutil
+import signal
+import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+
+import numpy as np
+import torch
 
 
 @contextmanager
@@ -104,3 +112,92 @@ def atomic_dir(out):
             tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already when renamed
+
+
+class Checkpoint:
+    """A loop's state at its last step boundary, in a file: saved every `every` steps, at the end
+    and when the loop is interrupted (Ctrl-C, SIGTERM), so a resumed loop ends as an uninterrupted
+    one would. `parts` are the loop's objects, restored in place: a list of tensors (trainable
+    weights), objects with state_dict (optimizers, schedulers, a defense context, per-sample
+    weights), objects with a `drawn` position (data streams) and plain objects (their attributes);
+    `values` (step counters, held tensors) are handed back to the caller. With the RNG states."""
+
+    def __init__(self, path, every: int, **parts):
+        self.path, self.every, self.parts, self.boundary = Path(path) if path else None, every, parts, None
+
+    @staticmethod
+    def _state(obj):
+        if isinstance(obj, list):
+            return [t.detach().clone() for t in obj]
+        if hasattr(obj, "drawn"):
+            return obj.drawn
+        if hasattr(obj, "state_dict"):
+            return copy.deepcopy(obj.state_dict())
+        return {k: v for k, v in vars(obj).items() if k != "t0"}
+
+    @staticmethod
+    def _restore(obj, state):
+        if isinstance(obj, list):
+            with torch.no_grad():
+                for t, x in zip(obj, state):
+                    t.copy_(x)
+        elif hasattr(obj, "drawn"):
+            obj.drawn = state
+        elif hasattr(obj, "load_state_dict"):
+            obj.load_state_dict(state)
+        else:
+            vars(obj).update(state)
+
+    def mark(self, step: int, **values):
+        """The state after `step` steps; written when `step` is a multiple of `every`."""
+        rng = dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
+                   cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+        self.boundary = dict(step=step, values=copy.deepcopy(values), rng=rng,
+                             parts={k: self._state(v) for k, v in self.parts.items()})
+        if step and step % self.every == 0:
+            self.save()
+
+    def save(self):
+        if self.path and self.boundary is not None:
+            with atomic_file(self.path) as tmp:
+                torch.save(self.boundary, tmp)
+
+    def load(self) -> tuple[int, dict]:
+        """(steps done, values) from the file, every part restored; (0, {}) when there is none."""
+        if not self.path or not self.path.exists():
+            return 0, {}
+        try:
+            state = torch.load(self.path, weights_only=False)
+        except Exception as e:  # truncated by a full disk, or not a checkpoint
+            raise ValueError(f"{self.path}: unreadable checkpoint ({e}); --force to start over") from None
+        for k, v in self.parts.items():
+            self._restore(v, state["parts"][k])
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        np.random.set_state(rng["numpy"])
+        random.setstate(rng["python"])
+        if rng["cuda"] is not None:
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        print(f"resumed at step {state['step']} from {self.path}")
+        return state["step"], state["values"]
+
+    @contextmanager
+    def saved_on_interrupt(self):
+        """Ctrl-C or SIGTERM inside the block: the last boundary is written, then the interrupt goes on."""
+        def on_sigterm(signum, frame):
+            raise KeyboardInterrupt(f"signal {signum}")
+        try:
+            old = signal.signal(signal.SIGTERM, on_sigterm)
+        except ValueError:  # not the main thread: leave signals alone
+            old = None
+        try:
+            yield
+        except KeyboardInterrupt:
+            self.save()
+            if self.path and self.boundary is not None:
+                print(f"\nstopped; checkpoint at step {self.boundary['step']} in {self.path} (continue with --resume)",
+                      file=sys.stderr)
+            raise
+        finally:
+            if old is not None:
+                signal.signal(signal.SIGTERM, old)

@@ -44,12 +44,9 @@ RHO-LOSS, Mindermann et al., ICML 2022). `SampleWeights` (defenses.py) is shared
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
-import sys
 import time
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -58,7 +55,7 @@ from tqdm import tqdm
 import model as M
 from data.batches import Batches, Stream, encode_samples, sample_losses
 from defenses import SampleWeights, global_norm, perturb  # shared with BDS and the defenses
-from files import atomic_file
+from files import Checkpoint
 
 # ----------------------------------------------------------------------------- config, result
 
@@ -149,77 +146,6 @@ class Meter:
     def stats(self, **extra) -> dict:
         return dict(steps=self.steps, forward_passes=self.forward, backward_passes=self.backward,
                     tokens=self.tokens, selector_seconds=time.perf_counter() - self.t0, **extra)
-
-
-class LoopCheckpoint:
-    """A selector loop's state at its last step boundary, in a file: every `every` steps and when
-    the loop is interrupted (Ctrl-C, SIGTERM), so `--resume` continues where it stopped and ends
-    with the same scores. `parts` are the loop's objects, restored in place: tensors (the LoRA),
-    objects with state_dict (optimizers, SampleWeights), Streams (their position), plain objects
-    (Meter, RunningScale: their attributes); `values` are rebound by the caller (g, info, ...)."""
-
-    def __init__(self, path, every: int, **parts):
-        self.path, self.every, self.parts, self.boundary = Path(path) if path else None, every, parts, None
-
-    @staticmethod
-    def _state(obj):
-        if isinstance(obj, list):  # the LoRA parameters
-            return [t.detach().clone() for t in obj]
-        if isinstance(obj, Stream):
-            return obj.drawn
-        if hasattr(obj, "state_dict"):
-            return copy.deepcopy(obj.state_dict())
-        return {k: v for k, v in vars(obj).items() if k != "t0"}
-
-    @staticmethod
-    def _restore(obj, state):
-        if isinstance(obj, list):
-            with torch.no_grad():
-                for t, x in zip(obj, state):
-                    t.copy_(x)
-        elif isinstance(obj, Stream):
-            obj.drawn = state
-        elif hasattr(obj, "load_state_dict"):
-            obj.load_state_dict(state)
-        else:
-            vars(obj).update(state)
-
-    def mark(self, step: int, **values):
-        """The state after `step` steps (cheap: the selector's LoRA is small); saved every `every`."""
-        self.boundary = dict(step=step, values=copy.deepcopy(values), rng=torch.get_rng_state(),
-                             parts={k: self._state(v) for k, v in self.parts.items()})
-        if self.path and step and step % self.every == 0:
-            self.save()
-
-    def save(self):
-        if self.path and self.boundary is not None:
-            with atomic_file(self.path) as tmp:
-                torch.save(self.boundary, tmp)
-
-    def load(self) -> tuple[int, dict]:
-        """(steps done, values) from the file; (0, {}) when there is none."""
-        if not self.path or not self.path.exists():
-            return 0, {}
-        try:
-            state = torch.load(self.path, weights_only=False)
-        except Exception as e:
-            raise ValueError(f"{self.path}: unreadable checkpoint ({e}); --force to start the selection over") from None
-        for k, v in self.parts.items():
-            self._restore(v, state["parts"][k])
-        torch.set_rng_state(state["rng"])
-        print(f"resumed the selection at step {state['step']} ({self.path})")
-        return state["step"], state["values"]
-
-    @contextlib.contextmanager
-    def saved_on_interrupt(self):
-        try:
-            yield
-        except KeyboardInterrupt:
-            self.save()
-            if self.path and self.boundary is not None:
-                print(f"\nstopped; selection checkpoint at step {self.boundary['step']} in {self.path} "
-                      "(continue with --resume)", file=sys.stderr)
-            raise
 
 
 def stream(samples, tokenizer, cfg: SelectConfig, seed: int, device) -> Stream:
@@ -348,7 +274,7 @@ def pharmacist_select(model, tokenizer, pool, validation, harmful, cfg: SelectCo
     meter, steps, info, scale, g = Meter(cfg.bf16), step_budget(cfg, len(pool)), {}, RunningScale(), None
     with selector_lora(model, cfg) as params:
         opt = torch.optim.AdamW(params, lr=cfg.inner_lr, weight_decay=0.0)
-        ck = LoopCheckpoint(checkpoint, cfg.save_every, params=params, opt=opt, weights=weights, scale=scale,
+        ck = Checkpoint(checkpoint, cfg.save_every, params=params, opt=opt, weights=weights, scale=scale,
                             meter=meter, pool=next_pool, outer=next_outer)
         start, values = ck.load()
         g, info = values.get("g", g), values.get("info", info)
@@ -487,7 +413,7 @@ def seal_select(model, tokenizer, pool, validation, harmful, cfg: SelectConfig,
     meter, steps, info = Meter(cfg.bf16), step_budget(cfg, len(pool)), {}
     with selector_lora(model, cfg) as params:
         opt = torch.optim.AdamW(params, lr=cfg.inner_lr, weight_decay=0.0)
-        ck = LoopCheckpoint(checkpoint, cfg.save_every, params=params, opt=opt, weights=weights, meter=meter,
+        ck = Checkpoint(checkpoint, cfg.save_every, params=params, opt=opt, weights=weights, meter=meter,
                             pool=next_pool, validation=next_v)
         start, values = ck.load()
         info = values.get("info", info)
@@ -534,7 +460,7 @@ def loss_select(model, tokenizer, pool, validation, harmful, cfg: SelectConfig,
         for b in pool_batches:  # base model: the LoRA is still zero (B = 0)
             scores[b["index"].cpu().numpy()] = meter.losses(model, b, grad=False).double().cpu().numpy()
         opt = torch.optim.AdamW(params, lr=cfg.inner_lr, weight_decay=0.0)
-        ck = LoopCheckpoint(checkpoint, cfg.save_every, params=params, opt=opt, meter=meter, validation=next_v)
+        ck = Checkpoint(checkpoint, cfg.save_every, params=params, opt=opt, meter=meter, validation=next_v)
         start, _ = ck.load()
         ck.mark(start)
         bar = tqdm(range(start, steps), initial=start, total=steps, desc="loss (holdout model)", disable=not progress)

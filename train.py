@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import fcntl
 import hashlib
 import dataclasses
@@ -22,7 +21,6 @@ import math
 import os
 import random
 import resource
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -39,7 +37,7 @@ import model as M
 import pharmacist
 from data.batches import Batches, Stream, collate, encode_samples
 from data.samples import Sample, load_jsonl, save_jsonl
-from files import atomic_file, finite, write_json, write_text_atomic
+from files import Checkpoint, finite, write_json, write_text_atomic
 from flags import add_flags
 
 ROOT = Path(__file__).resolve().parent
@@ -257,57 +255,6 @@ def make_optimizer(model, cfg: TrainConfig):
                               {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
 
 
-def rng_state():
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def set_rng_state(s):
-    torch.set_rng_state(s["torch"])
-    np.random.set_state(s["numpy"])
-    random.setstate(s["python"])
-    if s["cuda"] is not None:
-        torch.cuda.set_rng_state_all(s["cuda"])
-
-
-class Checkpoint:
-    """What a resumed run needs, in out/checkpoint.pt: trainable weights, optimizer, scheduler,
-    RNG, data position (steps, the auxiliary streams' draws), defense state. `mark` records a step
-    boundary; `save` writes it with the weights, which change only in opt.step, so they match it."""
-
-    def __init__(self, path: Path, model, opt, sched, ctx: defenses.Context, streams: dict):
-        self.path, self.opt, self.sched, self.ctx, self.streams = path, opt, sched, ctx, streams
-        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
-        self.boundary: dict = {}
-
-    def mark(self, step: int, tokens: int, elapsed: float):
-        self.boundary = dict(defense=copy.deepcopy(self.ctx.state_dict()), rng=rng_state(), step=step,
-                             tokens=tokens, elapsed=elapsed, streams={k: s.drawn for k, s in self.streams.items()})
-
-    def save(self):
-        state = dict(self.boundary, params=[p.detach().cpu() for p in self.ctx.params], names=self.names,
-                     optimizer=self.opt.state_dict(), scheduler=self.sched.state_dict())
-        with atomic_file(self.path) as tmp:
-            torch.save(state, tmp)
-
-    def load(self) -> tuple[int, int, float]:
-        """Restore everything; (step, tokens, elapsed seconds) of the saved boundary."""
-        try:
-            ck = torch.load(self.path, weights_only=False)
-        except Exception as e:  # truncated by a full disk, or not a checkpoint
-            raise ValueError(f"{self.path}: unreadable checkpoint ({e}); --force to start the stage over") from None
-        with torch.no_grad():
-            for p, t in zip(self.ctx.params, ck["params"]):
-                p.copy_(t)
-        self.opt.load_state_dict(ck["optimizer"])
-        self.sched.load_state_dict(ck["scheduler"])
-        self.ctx.load_state_dict(ck["defense"])
-        for k, stream in self.streams.items():
-            stream.drawn = ck["streams"][k]
-        set_rng_state(ck["rng"])
-        return ck["step"], ck["tokens"], ck["elapsed"]
-
-
 def json_line(record: dict) -> str:
     """One JSON line; a non-finite number is written as null (JSON has no NaN or Infinity)."""
     return json.dumps(finite(record)) + "\n"
@@ -324,8 +271,9 @@ def train(model, examples, pad_id: int, cfg: TrainConfig, ctx: defenses.Context,
           streams: dict[str, "Stream"], resume: bool = False) -> dict:
     """The one loop: a defense step gives gradients, the loop accumulates, clips and steps.
 
-    A checkpoint goes to out/checkpoint.pt every `save_every` steps, at the end, and on Ctrl-C or
-    SIGTERM; a non-finite loss stops the run and leaves the last periodic checkpoint as it is."""
+    A checkpoint (files.Checkpoint: weights, optimizer, scheduler, defense state, data positions,
+    RNG) goes to out/checkpoint.pt every `save_every` steps, at the end, and on Ctrl-C or SIGTERM;
+    a non-finite loss stops the run and leaves the last periodic checkpoint as it is."""
     step_fn = defenses.STEPS[cfg.defense]
     device = model.embed_tokens.weight.device
     params = ctx.params
@@ -334,86 +282,63 @@ def train(model, examples, pad_id: int, cfg: TrainConfig, ctx: defenses.Context,
     total = per_epoch * cfg.epochs if not cfg.max_steps else min(cfg.max_steps, per_epoch * cfg.epochs)
     opt = make_optimizer(model, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, cfg.warmup))
-    ckpt, metrics_path = Checkpoint(out / "checkpoint.pt", model, opt, sched, ctx, streams), out / "metrics.jsonl"
-    step, tokens, elapsed = 0, 0, 0.0
+    ckpt = Checkpoint(out / "checkpoint.pt", cfg.save_every, params=params, optimizer=opt, scheduler=sched,
+                      defense=ctx, **{f"stream_{k}": v for k, v in streams.items()})
+    metrics_path, step, tokens, elapsed = out / "metrics.jsonl", 0, 0, 0.0
     if resume and ckpt.path.exists():
-        step, tokens, elapsed = ckpt.load()
+        step, counters = ckpt.load()
+        tokens, elapsed = counters["tokens"], counters["elapsed"]
         keep_metrics(metrics_path, step)
-        print(f"resumed {out} at step {step}/{total}")
     else:
         if resume:
             print(f"no checkpoint in {out}: {out.name} starts from step 0", file=sys.stderr)
         metrics_path.unlink(missing_ok=True)
     clock = Clock(device)
-    ckpt.mark(step, tokens, elapsed)
+    ckpt.mark(step, tokens=tokens, elapsed=elapsed)
     bar = tqdm(total=total, initial=step, desc=f"{out.name} [{cfg.defense}]", dynamic_ncols=True)
     stats = {}
-    try:
-        with stop_on_sigterm():
-            while step < total:
-                epoch, pos = divmod(step, per_epoch)
-                plan = batches.plan(epoch)[pos * cfg.grad_accum:(pos + 1) * cfg.grad_accum]
-                chunk = [collate([examples[i] for i in b], pad_id) for b in plan]
-                for p in params:
-                    p.grad = None
-                for batch in chunk:
-                    batch = {k: v.to(device) for k, v in batch.items()}
-                    ctx.step = step
-                    with M.autocast(device, cfg.bf16):
-                        grads, stats = step_fn(ctx, batch)
-                    if not all(math.isfinite(v) for v in stats.values() if isinstance(v, float)):
-                        write_json(dict(step=step, stats=stats, rows=batch["index"].tolist()), out / "nonfinite.json")
-                        raise NonFiniteLoss(f"{out.name}: non-finite loss at step {step} ({stats}, the batch's rows in "
-                                            f"{out / 'nonfinite.json'}); the last good "
-                                            f"checkpoint is {ckpt.path if ckpt.path.exists() else 'none'}: "
-                                            "lower the learning rate, then --resume or start over")
-                    for p, g in zip(params, grads):
-                        g = g / len(chunk)
-                        p.grad = g if p.grad is None else p.grad + g
-                    tokens += int(batch["attention_mask"].sum())
-                gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.clip)
-                lr = sched.get_last_lr()[0]  # the rate this step uses
-                opt.step()
-                sched.step()
-                step += 1
-                t = elapsed + clock.seconds()
-                rec = dict(step=step, lr=lr, grad_norm=float(gnorm), tokens=tokens,
-                           tokens_per_s=tokens / max(t, 1e-9), time_s=t, **stats)
-                with open(metrics_path, "a") as f:
-                    f.write(json_line(rec))
-                bar.set_postfix(loss=f"{stats.get('loss', float('nan')):.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
-                bar.update(1)
-                ckpt.mark(step, tokens, t)
-                if step % cfg.save_every == 0:
-                    ckpt.save()
-    except KeyboardInterrupt:
-        ckpt.save()
-        print(f"\nstopped; checkpoint at step {ckpt.boundary['step']} in {ckpt.path} (continue with --resume)",
-              file=sys.stderr)
-        raise
-    finally:
-        bar.close()
+    with ckpt.saved_on_interrupt():
+        while step < total:
+            epoch, pos = divmod(step, per_epoch)
+            plan = batches.plan(epoch)[pos * cfg.grad_accum:(pos + 1) * cfg.grad_accum]
+            chunk = [collate([examples[i] for i in b], pad_id) for b in plan]
+            for p in params:
+                p.grad = None
+            for batch in chunk:
+                batch = {k: v.to(device) for k, v in batch.items()}
+                ctx.step = step
+                with M.autocast(device, cfg.bf16):
+                    grads, stats = step_fn(ctx, batch)
+                if not all(math.isfinite(v) for v in stats.values() if isinstance(v, float)):
+                    bar.close()
+                    write_json(dict(step=step, stats=stats, rows=batch["index"].tolist()), out / "nonfinite.json")
+                    raise NonFiniteLoss(f"{out.name}: non-finite loss at step {step} ({stats}, the batch's rows in "
+                                        f"{out / 'nonfinite.json'}); the last good checkpoint is "
+                                        f"{ckpt.path if ckpt.path.exists() else 'none'}: lower the learning "
+                                        "rate, then --resume or start over")
+                for p, g in zip(params, grads):
+                    g = g / len(chunk)
+                    p.grad = g if p.grad is None else p.grad + g
+                tokens += int(batch["attention_mask"].sum())
+            gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+            lr = sched.get_last_lr()[0]  # the rate this step uses
+            opt.step()
+            sched.step()
+            step += 1
+            t = elapsed + clock.seconds()
+            rec = dict(step=step, lr=lr, grad_norm=float(gnorm), tokens=tokens,
+                       tokens_per_s=tokens / max(t, 1e-9), time_s=t, **stats)
+            with open(metrics_path, "a") as f:
+                f.write(json_line(rec))
+            bar.set_postfix(loss=f"{stats.get('loss', float('nan')):.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+            bar.update(1)
+            ckpt.mark(step, tokens=tokens, elapsed=t)  # written every save_every steps
+    bar.close()
     ckpt.save()
     seconds = elapsed + clock.seconds()
     return dict(steps=step, final_loss=stats.get("loss"), tokens=tokens, wall_time_s=seconds, tokens_per_s=tokens / max(seconds, 1e-9),
                 peak_memory_mb=clock.peak_memory_mb(), passes_per_step=defenses.PASSES[cfg.defense],
                 defense=cfg.defense, device=str(device))
-
-
-@contextlib.contextmanager
-def stop_on_sigterm():
-    """SIGTERM (a scheduler's kill, `kill PID`) stops the loop like Ctrl-C: checkpoint, then exit."""
-    def handler(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-    try:
-        old = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread: leave signals alone
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
 
 
 # ----------------------------------------------------------------------------- the stages
@@ -432,8 +357,7 @@ def stage_select(cfg: Config, out: Path) -> dict:
     ckpt = out / "checkpoint.pt"  # the selector's loop, every --select-save-every steps and on Ctrl-C
     if not cfg.resume:
         ckpt.unlink(missing_ok=True)
-    with stop_on_sigterm():
-        selection = pharmacist.select(model, tok, pool, validation, harmful, cfg.select, checkpoint=ckpt)
+    selection = pharmacist.select(model, tok, pool, validation, harmful, cfg.select, checkpoint=ckpt)
     seconds = clock.seconds()
     k = pharmacist.keep_count(cfg.select.keep, len(pool)) if cfg.select.selector != "full" else len(pool)
     ranks, selected = pharmacist.rank(selection.scores, k)
@@ -549,7 +473,7 @@ def stage_settings(cfg: Config, stage: str) -> dict:
     return settings
 
 
-def fingerprint(cfg: Config, stage: str) -> str:
+def fingerprint(cfg: Config, stage: str, settings: dict) -> str:
     """A stage's settings and the fingerprint of the stage it read (the first of UPSTREAM that ran),
     hashed: equal fingerprints mean an output made from the same inputs with the same flags."""
     upstream = ""
@@ -558,7 +482,7 @@ def fingerprint(cfg: Config, stage: str) -> str:
         if summary.exists():
             upstream = json.loads(summary.read_text()).get("fingerprint", "")
             break
-    text = json.dumps([stage_settings(cfg, stage), upstream], sort_keys=True, default=str)
+    text = json.dumps([settings, upstream], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -579,7 +503,8 @@ def run_stage(cfg: Config, stage: str):
     finished stage whose own flags changed is an error (--force redoes it); one whose upstream
     stage was redone is redone; --resume continues only with the flags it started with."""
     out = Path(cfg.out) / stage
-    fp, settings = fingerprint(cfg, stage), stage_settings(cfg, stage)
+    settings = stage_settings(cfg, stage)
+    fp = fingerprint(cfg, stage, settings)
     if (out / "summary.json").exists() and not cfg.force:
         done = json.loads((out / "summary.json").read_text())
         if done.get("fingerprint", fp) == fp:
@@ -590,16 +515,14 @@ def run_stage(cfg: Config, stage: str):
             raise ValueError(f"{out} was made with other settings ({'; '.join(diff[:4])}); --force to redo it, "
                              "or use another --out")
         print(f"[{stage}] the stage it reads was redone since: redoing {stage}")
-    started_file = out / ".config.started.json"  # the flags of a stage in progress; config.json once it finished
+    started_file = out / ".settings.started.json"  # the settings of a stage in progress (config.json once done)
     if cfg.resume and (out / "checkpoint.pt").exists() and started_file.exists():
-        started = json.loads(started_file.read_text())
-        diff = changed({k: started.get(k) for k in STAGE_SETTINGS[stage]},
-                       {k: v for k, v in dataclasses.asdict(cfg).items() if k in STAGE_SETTINGS[stage]})
+        diff = changed(json.loads(started_file.read_text()), settings)
         if diff:
             raise ValueError(f"--resume with other flags than {out} started with ({'; '.join(diff[:4])}); "
                              "resume with the same flags, or --force to start over")
     out.mkdir(parents=True, exist_ok=True)
-    write_json(dataclasses.asdict(cfg), started_file)
+    write_json(settings, started_file)
     print(f"[{stage}] -> {out}")
     t0 = time.perf_counter()
     summary = RUNNERS[stage](cfg, out)

@@ -36,7 +36,7 @@ def test_stage_all_tiny_writes_every_output(tmp_path):
     assert results["model"].endswith("finetune/adapter")  # the attacked model: aligned model + adapter
     finetune = json.loads((tmp_path / "finetune" / "summary.json").read_text())
     assert finetune["final_loss"] > 0 and (tmp_path / "finetune" / "config.json").exists()
-    assert not list(tmp_path.glob("*/.config.started.json"))  # finished stages keep only config.json
+    assert not list(tmp_path.glob("*/.settings.started.json"))  # finished stages keep only config.json
 
 
 def test_align_without_retain_trains_on_the_subset_alone(tmp_path):
