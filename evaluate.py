@@ -40,7 +40,7 @@ from data.answers import REFERENCE_REFUSAL
 from data.batches import IGNORE, Batches, encode_samples, sample_losses, truncate
 from data.samples import load_jsonl
 from files import write_text_atomic
-from flags import add_flags
+from flags import Parser, add_flags
 
 # ----------------------------------------------------------------------------- 1. judges
 
@@ -652,7 +652,7 @@ def main(argv=None):
         p.add_argument("--out", default="results")
         args = p.parse_args(argv[1:])
         return judge_eval(args.source, args.out)
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="HF folder or built-in name (smollm2-135m-instruct, tiny-random)")
     p.add_argument("--lora", default="", help="a PEFT adapter folder to add to the model")
     p.add_argument("--data", default=str(Path(__file__).parent / "data" / "default"), help="folder of eval_*.jsonl")

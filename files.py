@@ -66,6 +66,14 @@ def write_json(obj, path) -> None:
     write_text_atomic(json.dumps(finite(obj), indent=2, default=str) + "\n", path)
 
 
+def read_json(path, fix: str = "restore or re-create the file"):
+    """A JSON file's object; a damaged file is a ValueError naming it and the fix."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); {fix}") from None
+
+
 def make_readable(folder: Path) -> None:
     """Ordinary permissions for a finished folder: mkdtemp and safetensors make things private to us."""
     folder.chmod(0o755)

@@ -46,3 +46,10 @@ def add_flags(group, config, prefix: str = "", dest: str = "", skip=()) -> None:
         group.add_argument("--" + prefix + f.name.replace("_", "-"), dest=dest + f.name, type=flag_type(f),
                            default=argparse.SUPPRESS, metavar=f.name.upper(), **extra,
                            help=f"{helps.get(f.name, '')} (default {default!r})")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: the flag and the fix, not the whole usage (--help has it)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} ({self.prog} --help lists every flag)\n")

@@ -8,8 +8,10 @@ batched generation with a KV cache. Parameter names follow Hugging Face's `Llama
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +21,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from files import atomic_dir
+from files import atomic_dir, read_json
 
 # ----------------------------------------------------------------------------- config
 
@@ -350,18 +352,41 @@ def default_dtype(device) -> torch.dtype:
 
 
 def bf16_supported(device) -> bool:
-    """Does this device have bf16 arithmetic (a CUDA GPU that supports it, a CPU with AVX-512 bf16
-    or AMX units)? Where it does, bf16 weights run inference several times faster than fp32."""
+    """Does bf16 arithmetic pay on this device? On CUDA, where the GPU supports it. On a CPU, only
+    where it has bf16 matrix units (AVX-512 bf16, AMX), which no flag reliably tells (oneDNN
+    reports bf16 support on plain AVX-512, where it emulates bf16 at a quarter of the fp32
+    speed): so a bf16 and an fp32 matmul are timed once per process and bf16 must win."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return device.type == "cpu" and _cpu_bf16_faster()
 
 
-def autocast(device, bf16: bool = False):
-    """bf16 autocast on CUDA always, on the CPU when asked; a no-op otherwise."""
+@functools.cache
+def _cpu_bf16_faster(n: int = 512, reps: int = 5) -> bool:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+
+    def best(x, y):
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            x @ y
+            times.append(time.perf_counter() - t)
+        return min(times)
+    return best(a.bfloat16(), b.bfloat16()) < best(a, b)
+
+
+def autocast_bf16(device, bf16: bool = True) -> bool:
+    """Does `autocast(device, bf16)` compute in bf16? On CUDA always; on a CPU when asked and
+    it has bf16 units."""
     device = torch.device(device)
-    if device.type == "cuda" or bf16:
+    return device.type == "cuda" or (bf16 and bf16_supported(device))
+
+
+def autocast(device, bf16: bool = True):
+    """bf16 autocast where `autocast_bf16` says so; a no-op otherwise."""
+    device = torch.device(device)
+    if autocast_bf16(device, bf16):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -378,14 +403,6 @@ def read_config(path: Path) -> ModelConfig:
     if not file.is_file():
         raise FileNotFoundError(f"{file}: no config.json; an HF model folder needs one")
     return ModelConfig.from_hf(read_json(file), str(file))
-
-
-def read_json(file: Path) -> dict:
-    """A JSON file, or a ValueError naming it (a truncated or hand-edited config)."""
-    try:
-        return json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{file}: not valid JSON ({e}); restore or re-create the file") from None
 
 
 def safetensors_files(path: Path) -> list[Path]:

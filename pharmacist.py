@@ -75,7 +75,7 @@ class SelectConfig:
     lora_alpha: float = 16.0  # LoRA scale alpha
     lora_layers: int = 8  # adapters on the last this many blocks only (0: every block); a shorter backward, and better rankings
     inner_lr: float = 5e-4  # AdamW learning rate of the inner (model) step
-    bf16: bool = False  # bf16 autocast (always on for CUDA; optional on CPU)
+    bf16: bool = True  # bf16 autocast where the device has bf16 units (model.bf16_supported); fp32 elsewhere
     mode: str = "first_order"  # Pharmacist: first_order (one scoring pass) or bilevel (learned weights)
     outer_every: int = 8  # Pharmacist bilevel: steps between two outer gradients g = ∇F
     outer_batch_size: int = 32  # Pharmacist: validation and harmful rows of each outer gradient
@@ -132,8 +132,8 @@ class Meter:
         self.bf16, self.t0 = bf16, time.perf_counter()
 
     def losses(self, model, batch, grad: bool = True) -> torch.Tensor:
-        """ℓ_i of every row of the batch (B,), with or without a graph; bf16 autocast on CUDA,
-        and on the CPU with --select-bf16."""
+        """ℓ_i of every row of the batch (B,), with or without a graph; bf16 autocast with
+        --select-bf16 where the device has bf16 units."""
         self.forward += 1
         self.tokens += int(batch["attention_mask"].sum())
         with torch.set_grad_enabled(grad), M.autocast(batch["input_ids"].device, self.bf16):

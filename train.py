@@ -37,8 +37,8 @@ import model as M
 import pharmacist
 from data.batches import Batches, Stream, collate, encode_samples
 from data.samples import Sample, load_jsonl, save_jsonl
-from files import Checkpoint, finite, write_json, write_text_atomic
-from flags import add_flags
+from files import Checkpoint, finite, read_json, write_json, write_text_atomic
+from flags import Parser, add_flags
 
 ROOT = Path(__file__).resolve().parent
 STAGES = ("select", "align", "finetune", "eval")
@@ -62,7 +62,7 @@ class TrainConfig:
     lora_rank: int = 8  # LoRA rank r
     lora_alpha: float = 16.0  # LoRA scale alpha (the update is alpha/r * B A)
     lora_targets: str = ",".join(M.LORA_TARGETS)  # comma list of projections that get an adapter
-    bf16: bool = False  # bf16 autocast (always on for CUDA; optional on CPU)
+    bf16: bool = True  # bf16 autocast where the device has bf16 units (model.bf16_supported); fp32 elsewhere
     save_every: int = 50  # checkpoint every this many optimizer steps
     seed: int = 0  # data order, LoRA init, dropout
     retain: str = ""  # a file of the data folder trained on beside the stage's own rows ('' = none)
@@ -99,7 +99,9 @@ PRESETS = {
     "tiny": {"model": "tiny-random", "select.steps": 4, "select.batch_size": 4, "select.max_len": 64,
              "align.epochs": 1, "align.max_len": 64, "align.batch_size": 4,
              "finetune.epochs": 1, "finetune.max_len": 64, "finetune.batch_size": 4,
-             "eval.max_new_tokens": 4, "eval.limit": 8, "eval.judge": "refusal"},  # no SmolLM2 judge
+             "eval.max_new_tokens": 4, "eval.limit": 8, "eval.judge": "refusal",  # no SmolLM2 judge
+             # fp32 throughout: the same numbers on every CPU, with or without bf16 units
+             "select.bf16": False, "align.bf16": False, "finetune.bf16": False, "eval.bf16": False},
     "cpu": {},  # the dataclass defaults: SmolLM2-135M on a 2-core CPU
     "paper": {"select.lora_rank": 8, "select.lora_alpha": 4,  # Llama-2-7B on a GPU (the papers)
               "align.lora_rank": 8, "align.lora_alpha": 4, "align.lr": 1e-3, "align.epochs": 20,
@@ -111,7 +113,7 @@ PRESETS = {
 
 def build_parser(cfg: Config) -> argparse.ArgumentParser:
     """One flag per config field; --help shows them in one group per section."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_flags(p.add_argument_group("run"), cfg, skip=SECTIONS)
     for section, prefix in SECTIONS.items():  # every flag of a section carries its prefix
         sub = getattr(cfg, section)
@@ -338,7 +340,8 @@ def train(model, examples, pad_id: int, cfg: TrainConfig, ctx: defenses.Context,
     seconds = elapsed + clock.seconds()
     return dict(steps=step, final_loss=stats.get("loss"), tokens=tokens, wall_time_s=seconds, tokens_per_s=tokens / max(seconds, 1e-9),
                 peak_memory_mb=clock.peak_memory_mb(), passes_per_step=defenses.PASSES[cfg.defense],
-                defense=cfg.defense, device=str(device))
+                defense=cfg.defense, device=str(device),
+                precision="bf16" if M.autocast_bf16(device, cfg.bf16) else "fp32")
 
 
 # ----------------------------------------------------------------------------- the stages
@@ -400,7 +403,7 @@ def stage_align(cfg: Config, out: Path) -> dict:
     alone learns to refuse everything. Our small-scale adaptation of the paper's protocol."""
     subset_file = Path(cfg.out) / "select" / "subset.jsonl"
     if subset_file.exists():
-        data, selector = load_jsonl(subset_file), json.loads((subset_file.parent / "summary.json").read_text())
+        data, selector = load_jsonl(subset_file), read_json(subset_file.parent / "summary.json", REDO)
     else:
         print(f"no {subset_file}: aligning on the whole pool (run --stage select first to curate it)")
         data, selector = read_split(cfg, "pool.jsonl"), {"selector": "full", "select_time_s": 0.0}
@@ -438,7 +441,7 @@ def stage_eval(cfg: Config, out: Path) -> dict:
     else:
         print(f"no {adapter}: evaluating the aligned model without the attack")
     results = evaluate.run_eval(model, tok, data_dir(cfg), out, cfg.eval)
-    runs = {s: json.loads((Path(cfg.out) / s / "summary.json").read_text())
+    runs = {s: read_json(Path(cfg.out) / s / "summary.json", REDO)
             for s in ("align", "finetune") if (Path(cfg.out) / s / "summary.json").exists()}
     meta = {k: runs.get("align", {}).get(k) for k in ("selector", "defense", "n_align", "align_time_s",
                                                         "select_time_s")}
@@ -455,21 +458,36 @@ def require(path: Path, stage: str) -> Path:
     return path
 
 
+REDO = "redo the stage that wrote it (--force), or delete its folder"  # the fix for a damaged summary
 RUNNERS = {"select": stage_select, "align": stage_align, "finetune": stage_finetune, "eval": stage_eval}
 
 
-STAGE_SETTINGS = {"select": ("model", "data", "select"), "align": ("model", "data", "align", "defense"),
-                  "finetune": ("data", "finetune", "attack", "defense"), "eval": ("data", "eval")}
+STAGE_SETTINGS = {"select": ("model", "select"), "align": ("model", "align", "defense"),
+                  "finetune": ("finetune", "attack", "defense"), "eval": ("eval",)}  # + "data": stage_files' hashes
 UPSTREAM = {"select": (), "align": ("select",), "finetune": ("align",), "eval": ("finetune", "align")}
 
 
+def stage_files(cfg: Config, stage: str) -> list[str]:
+    """The data files a stage reads (the stage functions above, file by file)."""
+    if stage == "select":
+        return ["pool.jsonl", "validation.jsonl", "harmful.jsonl"]
+    if stage == "align":
+        return ["pool.jsonl", "harmful.jsonl", *([cfg.align.retain] if cfg.align.retain else [])]
+    if stage == "finetune":
+        return [f"attack_{cfg.attack.task}.jsonl", "pool.jsonl", "harmful.jsonl",
+                *([cfg.finetune.retain] if cfg.finetune.retain else [])]
+    return [f"eval_{t}.jsonl" for t in cfg.eval.tasks.split(",")] + ["eval_harmful_qa.jsonl"]
+
+
 def stage_settings(cfg: Config, stage: str) -> dict:
-    """The flags a stage's output depends on (its own section and the inputs it reads)."""
+    """The flags a stage's output depends on (its own section and the inputs it reads): the data
+    as the hashes of the files the stage reads, so a folder rebuilt with other content redoes the
+    stage and one that differs only in files the stage never reads (another --p) does not."""
     settings = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v
                 for k, v in ((k, getattr(cfg, k)) for k in STAGE_SETTINGS[stage])}
-    settings["data"] = str(data_dir(cfg).resolve())
-    manifest = data_dir(cfg) / "manifest.json"  # a rebuilt data folder has a new manifest (counts, seed, sources)
-    settings["data_manifest"] = hashlib.sha256(manifest.read_bytes()).hexdigest()[:16] if manifest.exists() else None
+    files = {name: data_dir(cfg) / name for name in stage_files(cfg, stage)}
+    settings["data"] = {name: hashlib.sha256(f.read_bytes()).hexdigest()[:16]
+                        for name, f in files.items() if f.exists()}
     return settings
 
 
@@ -480,7 +498,7 @@ def fingerprint(cfg: Config, stage: str, settings: dict) -> str:
     for name in UPSTREAM[stage]:
         summary = Path(cfg.out) / name / "summary.json"
         if summary.exists():
-            upstream = json.loads(summary.read_text()).get("fingerprint", "")
+            upstream = read_json(summary, REDO).get("fingerprint", "")
             break
     text = json.dumps([settings, upstream], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -506,7 +524,7 @@ def run_stage(cfg: Config, stage: str):
     settings = stage_settings(cfg, stage)
     fp = fingerprint(cfg, stage, settings)
     if (out / "summary.json").exists() and not cfg.force:
-        done = json.loads((out / "summary.json").read_text())
+        done = read_json(out / "summary.json", REDO)
         if done.get("fingerprint", fp) == fp:
             print(f"[{stage}] already done ({out / 'summary.json'}); --force to redo it")
             return
@@ -517,7 +535,7 @@ def run_stage(cfg: Config, stage: str):
         print(f"[{stage}] the stage it reads was redone since: redoing {stage}")
     started_file = out / ".settings.started.json"  # the settings of a stage in progress (config.json once done)
     if cfg.resume and (out / "checkpoint.pt").exists() and started_file.exists():
-        diff = changed(json.loads(started_file.read_text()), settings)
+        diff = changed(read_json(started_file, REDO), settings)
         if diff:
             raise ValueError(f"--resume with other flags than {out} started with ({'; '.join(diff[:4])}); "
                              "resume with the same flags, or --force to start over")

@@ -57,6 +57,39 @@ def timed(fns, device, repeats):
     return times
 
 
+def matmul_rate(device, dtype, m: int, k: int, n: int, repeats: int = 10) -> float:
+    """FLOP/s of one (m x k) @ (k x n) matmul in `dtype`, best of `repeats`: the rate this machine
+    reaches on the model's own shapes, against which a step's FLOP/s is read."""
+    a, b = torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * m * k * n / best
+
+
+def lora_step_flops(model, batch: int, seq: int, labelled: int, head_rows: int) -> float:
+    """Model FLOPs of one LoRA training step (the work, not what an implementation spends):
+    every frozen projection forward (2 per weight per token) and backward to its input (2 more),
+    causal attention scores and values (2 x 2 B S^2 d / 2 forward per layer, twice that backward),
+    the LM head on `head_rows` positions forward and backward (ours: the labelled positions only,
+    transformers: every position), and each adapter forward and backward (input and weight: 6)."""
+    frozen = lora = 0
+    for name, p in model.layers.named_parameters():
+        if name.endswith("weight") and p.ndim == 2:
+            lora += p.numel() if "lora_" in name else 0
+            frozen += 0 if "lora_" in name else p.numel()
+    tokens = batch * seq
+    d = model.config.num_attention_heads * (model.config.head_dim or model.config.hidden_size // model.config.num_attention_heads)
+    attention = 3 * 2 * batch * seq * seq * d * model.config.num_hidden_layers  # fwd 2BS^2d (causal half), bwd 2x
+    head = 4 * head_rows * model.config.hidden_size * model.config.vocab_size
+    return 4 * frozen * tokens + attention + head + 6 * lora * tokens
+
+
 def train_step(loss_of, opt, device, bf16):
     def step():
         with M.autocast(device, bf16):
@@ -82,7 +115,8 @@ def main():
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast on the CPU too (always on CUDA)")
+    p.add_argument("--bf16", action="store_true",
+                   help="bf16 autocast on a CPU with bf16 units (always on CUDA; fp32 on a CPU without)")
     args = p.parse_args()
     import peft
     import transformers
@@ -110,6 +144,7 @@ def main():
     opt_o = torch.optim.AdamW([q for q in ours.parameters() if q.requires_grad], lr=1e-4)
     opt_t = torch.optim.AdamW([q for q in theirs.parameters() if q.requires_grad], lr=1e-4)
     # ours: the training loop's own loss (defenses.losses); theirs: transformers' loss from labels
+    flops = []
     for name, (x, y) in {"every token labelled": (ids, ids),
                          "alignment batch": training_batch(tok, args.batch, args.seq, device)}.items():
         s_o, s_t = timed([train_step(lambda: D.losses(ours, {"input_ids": x, "labels": y}).mean(), opt_o,
@@ -119,6 +154,8 @@ def main():
         labelled = int((y[:, 1:] != IGNORE).sum())
         rows.append(row(f"LoRA train step, {name} {tuple(x.shape)}, {labelled} labels (tok/s)", x.numel(),
                         s_o, s_t))
+        work = lora_step_flops(ours, *x.shape, labelled, head_rows=labelled)  # the work the loss needs
+        flops.append((name, work, work / statistics.median(s_o), work / statistics.median(s_t)))
 
     M.merge_lora(ours)
     theirs = theirs.merge_and_unload()
@@ -144,20 +181,30 @@ def main():
     g_o, g_t = timed([gen_ours, gen_theirs], device, max(1, args.repeats // 2))
     rows.append(row("greedy generation (tok/s)", n, g_o, g_t))
 
-    name = f"{device.type}{'-bf16' if args.bf16 or device.type == 'cuda' else ''}"
+    name = f"{device.type}{'-bf16' if M.autocast_bf16(device, args.bf16) else ''}"
     lines = [f"{args.model}, batch {args.batch}, seq {args.seq}, {args.new_tokens} new tokens, device {name}, "
              f"{args.repeats} rounds, torch {torch.__version__}, transformers {transformers.__version__}, "
              f"peft {peft.__version__}", "",
              "| measure | ours | transformers+peft | ours / theirs (speed) | ratio min-max over rounds |",
              "|---|---|---|---|---|"]
     lines += [f"| {r[0]} | {r[1]:.2f} | {r[2]:.2f} | {r[3]:.2f}x | {r[4]} |" for r in rows]
+    dtype = torch.bfloat16 if M.autocast_bf16(device, args.bf16) else torch.float32
+    cfg = ours.config  # the MLP's up projection over a batch's tokens: the model's largest matmul shape
+    peak = matmul_rate(device, dtype, args.batch * args.seq, cfg.hidden_size, cfg.intermediate_size)
+    lines += ["", f"Model FLOPs of a LoRA step (bench/speed.py lora_step_flops) against this machine's "
+              f"{str(dtype).removeprefix('torch.')} matmul rate at the MLP shape ({args.batch * args.seq} x "
+              f"{cfg.hidden_size} x {cfg.intermediate_size}): {peak / 1e12:.3f} TFLOP/s", "",
+              "| LoRA step | model GFLOP | ours TFLOP/s | transformers+peft TFLOP/s | ours, share of the matmul rate |",
+              "|---|---|---|---|---|"]
+    lines += [f"| {n} | {w / 1e9:.0f} | {o / 1e12:.3f} | {t / 1e12:.3f} | {o / peak:.0%} |" for n, w, o, t in flops]
     if device.type == "cuda":
         lines.append(f"\npeak CUDA memory (both models loaded): {torch.cuda.max_memory_allocated() / 2**20:.0f} MB")
     text = "\n".join(lines) + "\n"
     print("\n" + text)
     out = ROOT / "results" / f"speed_{name}"
     out.parent.mkdir(exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
+    out.with_suffix(".json").write_text(json.dumps({"args": vars(args), "rows": rows, "matmul_flops": peak,
+                                                    "step_flops": flops}, indent=2))
     out.with_suffix(".md").write_text(text + f"\ncommand: python bench/speed.py {' '.join(sys.argv[1:])}\n")
 
 

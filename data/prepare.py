@@ -142,9 +142,12 @@ class Draw:
         self.seed = seed
         self.used: set[str] = set()
 
-    def __call__(self, split: str, rows: list[Sample], k: int, flag: str) -> list[Sample]:
+    def __call__(self, split: str, rows: list[Sample], k: int, flag: str,
+                 arrange=None) -> list[Sample]:
         order = list(rows)
         random.Random(f"{self.seed}:{split}").shuffle(order)
+        if arrange is not None:  # e.g. like_lengths: reorder the shuffled rows before taking k
+            order = arrange(order)
         picked, keys = [], set()
         for row in order:
             if len(picked) == k:
@@ -159,6 +162,28 @@ class Draw:
                              "the splits that draw from the same source)")
         self.used |= keys
         return picked
+
+
+def words(s: Sample) -> int:
+    return len(s.prompt.split())
+
+
+def like_lengths(reference: list[Sample], bins: int = 5):
+    """An `arrange` for Draw: the rows interleaved across `bins` prompt-length bins that each hold
+    an equal share of `reference`'s prompts, so the first k rows follow the reference's length
+    distribution (until a bin runs out; the remaining rows then follow in their shuffled order)."""
+    lengths = sorted(words(s) for s in reference)
+    edges = [lengths[len(lengths) * i // bins] for i in range(1, bins)]
+
+    def arrange(rows: list[Sample]) -> list[Sample]:
+        queues = [[] for _ in range(bins)]
+        for s in rows:
+            queues[sum(words(s) >= e for e in edges)].append(s)
+        out = []
+        while any(queues):
+            out += [q.pop(0) for q in queues if q]
+        return out
+    return arrange
 
 
 def with_ids(rows: list[Sample], name: str, **fields) -> list[Sample]:
@@ -246,16 +271,19 @@ def build_training(sources: Sources, sizes: Sizes, draw: Draw,
     return files
 
 
-def build(sources: Sources, sizes: Sizes, seed: int,
-          held_out_wording: bool = False) -> dict[str, list[Sample]]:
-    """All files (name -> rows), evaluation sets drawn first, checked for disjointness."""
+def build(sources: Sources, sizes: Sizes, seed: int, held_out_wording: bool = False,
+          retain_like_harmful: bool = False) -> dict[str, list[Sample]]:
+    """All files (name -> rows), evaluation sets drawn first, checked for disjointness.
+    `retain_like_harmful`: retain prompts drawn to follow the refusal prompts' length
+    distribution (short benign questions, which an aligned model otherwise refuses)."""
     check_sizes(sizes)
     draw = Draw(seed)
     files = build_evaluation(sources, sizes, draw)
     files.update(build_training(sources, sizes, draw, held_out_wording))
     rows = draw("eval_harmful_qa", sources.harmful_qa, sizes.eval_harmful_qa_size, "--eval-harmful-qa-size")
     files["eval_harmful_qa"] = with_ids(rows, "eval_harmful_qa", category="harmful", is_safe=False)
-    rows = draw("retain", sources.benign, sizes.retain_size, "--retain-size")
+    arrange = like_lengths(refusal_prompts(sources)) if retain_like_harmful else None
+    rows = draw("retain", sources.benign, sizes.retain_size, "--retain-size", arrange)
     files["retain"] = with_ids(rows, "retain", category="benign", is_safe=True)
     check_disjoint(files)
     return files
@@ -296,10 +324,11 @@ def check_disjoint(files: dict[str, list[Sample]]) -> None:
 # ----------------------------------------------------------------------------- writing
 
 def manifest(files: dict[str, list[Sample]], sources: Sources, source: str, sizes: Sizes,
-             seed: int, held_out_wording: bool = False) -> dict:
+             seed: int, held_out_wording: bool = False, retain_like_harmful: bool = False) -> dict:
     pool_counts = {k: sum(s.category == k for s in files["pool"]) for k in POOL_KINDS}
     return {"source": source, "seed": seed, "sizes": asdict(sizes),
             **({"held_out_wording": True} if held_out_wording else {}),  # default builds: unchanged bytes
+            **({"retain_like_harmful": True} if retain_like_harmful else {}),
             "counts": {f"{name}.jsonl": len(rows) for name, rows in files.items()},
             "pool_counts": pool_counts, "source_files": sources.files}
 
@@ -333,6 +362,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--held-out-wording", action="store_true",
                     help="write the validation refusals and the pool's from disjoint templates "
                          "(data/answers.py HALVES), so no selector can match them by wording")
+    ap.add_argument("--retain-like-harmful", action="store_true",
+                    help="draw retain.jsonl's prompts to follow the length distribution of the "
+                         "harmful prompts the pool refuses, so short benign questions are in it")
     return ap.parse_args(argv)
 
 
@@ -347,8 +379,9 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     sizes = sizes_from(args)
     sources = embedded_sources() if args.source == "embedded" else read_sources(args.source)
-    files = build(sources, sizes, args.seed, args.held_out_wording)
-    info = manifest(files, sources, args.source, sizes, args.seed, args.held_out_wording)
+    files = build(sources, sizes, args.seed, args.held_out_wording, args.retain_like_harmful)
+    info = manifest(files, sources, args.source, sizes, args.seed, args.held_out_wording,
+                    args.retain_like_harmful)
     write(files, info, args.out)
     for name, count in info["counts"].items():
         print(f"{count:6d}  {args.out / name}")

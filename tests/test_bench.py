@@ -11,8 +11,8 @@ import report  # noqa: E402
 import reproduce  # noqa: E402
 
 
-def row(model, lr, epochs, refusal, harmful, sst2):
-    return dict(run=f"{model}_{lr}_{epochs}", model=model, lr=lr, epochs=epochs, refusal=refusal, harmful=harmful,
+def row(model, lr, epochs, refusal, harmful, sst2, p=None):
+    return dict(run=f"{model}_{lr}_{epochs}", model=model, lr=lr, epochs=epochs, p=p, refusal=refusal, harmful=harmful,
                 harmful_low=None, harmful_high=None, over_refusal=5.0, sst2=sst2, harmful_loss=2.0)
 
 
@@ -22,9 +22,25 @@ def test_choose_takes_the_middle_attack_that_learns_the_task():
             row("full", "2e-4", "1", 45, 52, 88), row("random", "2e-4", "1", 30, 60, 90),  # the middle
             row("full", "5e-4", "1", 32, 68, 90), row("random", "5e-4", "1", 10, 80, 91),  # in range, further off
             row("full", "5e-4", "2", 2, 90, 92), row("random", "5e-4", "2", 1, 95, 93)]   # broken
-    assert reproduce.choose(rows) == {"lr": "2e-4", "epochs": "1"}
+    assert reproduce.choose(rows) == {"lr": "2e-4", "epochs": "1", "p": "0.1"}
     table = reproduce.calibration_table(rows, reproduce.choose(rows))
-    assert "Chosen: lr 2e-4, 1 epoch(s)." in table and table.count("\n| ") == len(rows)  # one line per run
+    assert "Chosen: lr 2e-4, 1 epoch(s), p 0.1." in table and table.count("\n| ") == len(rows)  # one line per run
+
+
+def test_choose_tells_the_harmful_share_apart():
+    """The same lr and epochs at two harmful shares are two settings: p 0.05 is in the middle."""
+    rows = [row("full", "2e-4", "2", 5, 80, 85), row("random", "2e-4", "2", 3, 85, 86),
+            row("full", "2e-4", "2", 50, 45, 84, p="0.05"), row("random", "2e-4", "2", 40, 50, 85, p="0.05")]
+    assert reproduce.choose(rows) == {"lr": "2e-4", "epochs": "2", "p": "0.05"}
+    assert reproduce.p_tag("0.1") == "" and reproduce.p_tag("0.05") == "_p0.05"
+
+
+def test_calibration_grid_from_flags():
+    args = reproduce.parse(["--source", "x", "--lrs", "1e-4,2e-4", "--attack-epochs", "1", "--attack-ps", "0.1,0.05"])
+    assert reproduce.calibration_grid(args) == [("1e-4", "1", "0.1"), ("2e-4", "1", "0.1"),
+                                                 ("1e-4", "1", "0.05"), ("2e-4", "1", "0.05")]
+    args = reproduce.parse(["--source", "x", "--grid", "2e-4:2:0.05,5e-4:1:0.1"])
+    assert reproduce.calibration_grid(args) == [("2e-4", "2", "0.05"), ("5e-4", "1", "0.1")]
 
 
 def test_choose_says_none_when_no_attack_qualifies():
@@ -117,11 +133,13 @@ def test_small_preset_runs_full_random_pharmacist_with_sft(tmp_path):
     (tmp_path / "data" / "manifest.json").write_text(json.dumps({"counts": {"pool.jsonl": 400}}))
     args = reproduce.parse(["--source", "unused", "--preset", "small"])
     sweep = reproduce.Sweep(tmp_path, tmp_path / "data", [], [], args.keep)
-    sweep.attack("2e-4", "1")
+    sweep.attack("2e-4", "1", "0.05", tmp_path / "data_p0.05")
     jobs = reproduce.main_jobs(sweep, args)
-    assert [j[1] for j in jobs] == ["pharmacist_sft_k160_lr2e-4_e1", "full_sft_k400_lr2e-4_e1", "random_sft_k160_lr2e-4_e1"]
+    assert [j[1] for j in jobs] == ["pharmacist_sft_k160_lr2e-4_e1_p0.05", "full_sft_k400_lr2e-4_e1_p0.05",
+                                    "random_sft_k160_lr2e-4_e1_p0.05"]
     assert args.seeds == [1, 2] and args.phases == ["main", "seeds"]
     assert sweep.attack_flags[-4:] == ["--finetune-lr", "2e-4", "--finetune-epochs", "1"]
+    assert sweep.data == tmp_path / "data_p0.05"  # every stage reads the folder with that attack
 
 
 def test_report_refuses_a_missing_run_folder(tmp_path, capsys):

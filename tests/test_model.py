@@ -206,6 +206,26 @@ def test_lora_keeps_the_autocast_dtype_of_its_layer():
     assert lora(x).dtype == torch.float32  # without autocast nothing changes
 
 
+@pytest.mark.parametrize("faster", [True, False])
+def test_cpu_autocast_follows_the_bf16_timing(monkeypatch, faster):
+    """On a CPU, `bf16` asks for autocast, and it is given only where a bf16 matmul was timed
+    faster than fp32 (plain AVX-512 emulates bf16 at a fraction of the fp32 speed)."""
+    monkeypatch.setattr(M, "_cpu_bf16_faster", lambda: faster)
+    x = torch.randn(4, 8)
+    with M.autocast("cpu", bf16=True):
+        got = (x @ x.T).dtype
+    assert M.autocast_bf16("cpu", True) is faster
+    assert got == (torch.bfloat16 if faster else torch.float32)
+    with M.autocast("cpu", bf16=False):
+        assert (x @ x.T).dtype == torch.float32
+    assert M.bf16_supported("cpu") is faster and M.bf16_supported("meta") is False
+
+
+def test_cpu_bf16_timing_answers_once():
+    assert M._cpu_bf16_faster() in (True, False)
+    assert M._cpu_bf16_faster.cache_info().currsize == 1
+
+
 def test_lora_round_trip_with_peft(tmp_path, tiny_dir):
     peft = pytest.importorskip("peft")
     m, tok = M.load_pretrained(tiny_dir, device="cpu")

@@ -201,6 +201,41 @@ def test_a_redone_stage_redoes_the_stages_that_read_it(tmp_path, capsys):
         train.main(["--stage", "align", "--select-selector", "random", "--align-lr", "0.1", *base])
 
 
+def test_a_data_folder_that_differs_in_the_attack_keeps_the_alignment(tmp_path, capsys):
+    """Another attack file (another --p) in a copy of the data folder: align, which never reads
+    it, is kept; finetune, which does, is an error naming the file (--force redoes it)."""
+    import shutil
+    other = tmp_path / "data"
+    shutil.copytree(train.ROOT / "data" / "default", other)
+    rows = (other / "attack_sst2.jsonl").read_text().splitlines(keepends=True)
+    (other / "attack_sst2.jsonl").write_text("".join(rows[1:]))
+    base = ["--preset", "tiny", "--out", str(tmp_path / "run"), "--select-steps", "2", "--align-max-steps", "2",
+            "--finetune-max-steps", "2"]
+    for stage in ("select", "align", "finetune"):
+        train.main(["--stage", stage, *base])
+    capsys.readouterr()
+    for stage in ("select", "align"):
+        train.main(["--stage", stage, "--data", str(other), *base])
+        assert f"[{stage}] already done" in capsys.readouterr().out
+    with pytest.raises(ValueError, match=r"other settings \(data.attack_sst2.jsonl"):
+        train.main(["--stage", "finetune", "--data", str(other), *base])
+
+
+def test_a_damaged_summary_is_an_error_naming_it(tmp_path):
+    base = ["--preset", "tiny", "--out", str(tmp_path), "--select-steps", "2"]
+    train.main(["--stage", "select", *base])
+    (tmp_path / "select" / "summary.json").write_text("{bad")
+    with pytest.raises(ValueError, match=r"select/summary.json: not valid JSON .*--force"):
+        train.main(["--stage", "select", *base])
+
+
+def test_flag_errors_are_one_line(capsys):
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(["--preset", "tiny", "--align-bogus", "1"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "unrecognized arguments: --align-bogus" in err
+
+
 def test_resume_with_other_flags_is_an_error(tmp_path, monkeypatch):
     base = ["--preset", "tiny", "--out", str(tmp_path), "--stage", "align"]
     real = defenses.STEPS["sft"]
