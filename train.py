@@ -72,6 +72,7 @@ class TrainConfig:
 class AttackData:
     """What the attack trains on (built by data/prepare.py)."""
     task: str = "sst2"  # sst2|agnews|gsm8k: reads attack_{task}.jsonl from the data folder
+    p: float = -1.0  # harmful share of the attack's n rows (-1: attack_{task}.jsonl's own; see attack_rows)
 
 
 @dataclass
@@ -181,6 +182,8 @@ def config_problem(cfg: Config) -> str | None:
         if t.retain and not (data_dir(cfg) / t.retain).is_file() and cfg.stage in ("all", section):
             checks.append(f"{flag}retain {t.retain}: no such file in {data_dir(cfg)} (rebuild the data with "
                           f"data/prepare.py, or {flag}retain '' to train without it)")
+    if cfg.attack.p != -1 and not 0 <= cfg.attack.p <= 1:
+        checks.append(f"--attack-p {cfg.attack.p}: a share in [0, 1] (or -1 for the attack file's own)")
     if cfg.eval.max_new_tokens < 1 or cfg.eval.batch_size < 1 or cfg.eval.limit < 0:
         checks.append(f"--eval-max-new-tokens and --eval-batch-size at least 1, --eval-limit >= 0 (0: all), got "
                       f"{cfg.eval.max_new_tokens}, {cfg.eval.batch_size}, {cfg.eval.limit}")
@@ -417,11 +420,29 @@ def stage_align(cfg: Config, out: Path) -> dict:
                 n_align=len(data), n_retain=len(retain), align_time_s=summary["wall_time_s"])
 
 
+def attack_rows(cfg: Config) -> list[Sample]:
+    """attack_{task}.jsonl (n rows, a share p of them harmful), or with --attack-p another share
+    of the same n rows: the first n - k task rows of finetune_{task}.jsonl (the attack file's own
+    task rows come first there) and the first k of the attack file's harmful rows, shuffled. The
+    data folder stays as it is, so select and align are shared by every p."""
+    rows = read_split(cfg, f"attack_{cfg.attack.task}.jsonl")
+    if cfg.attack.p == -1:
+        return rows
+    harmful = [s for s in rows if s.is_safe is False]
+    k = math.floor(cfg.attack.p * len(rows) + 0.5)
+    if k > len(harmful):
+        raise ValueError(f"--attack-p {cfg.attack.p}: {k} harmful rows needed, {data_dir(cfg)}/attack_"
+                         f"{cfg.attack.task}.jsonl has {len(harmful)}; rebuild the data with a larger --p")
+    mixed = read_split(cfg, f"finetune_{cfg.attack.task}.jsonl")[:len(rows) - k] + harmful[:k]
+    random.Random(f"{cfg.finetune.seed}:attack_p").shuffle(mixed)
+    return mixed
+
+
 def stage_finetune(cfg: Config, out: Path) -> dict:
     """The harmful fine-tuning attack: task samples plus a fraction p of harmful ones, new LoRA."""
     aligned = require(Path(cfg.out) / "align" / "model", "align")
     model, tok, device = load_model(cfg, aligned)
-    data = read_split(cfg, f"attack_{cfg.attack.task}.jsonl")
+    data = attack_rows(cfg)
     data += read_split(cfg, cfg.finetune.retain) if cfg.finetune.retain else []
     subset_file = Path(cfg.out) / "select" / "subset.jsonl"
     align = load_jsonl(subset_file) if subset_file.exists() else read_split(cfg, "pool.jsonl")
@@ -475,6 +496,7 @@ def stage_files(cfg: Config, stage: str) -> list[str]:
         return ["pool.jsonl", "harmful.jsonl", *([cfg.align.retain] if cfg.align.retain else [])]
     if stage == "finetune":
         return [f"attack_{cfg.attack.task}.jsonl", "pool.jsonl", "harmful.jsonl",
+                *([f"finetune_{cfg.attack.task}.jsonl"] if cfg.attack.p != -1 else []),
                 *([cfg.finetune.retain] if cfg.finetune.retain else [])]
     return [f"eval_{t}.jsonl" for t in cfg.eval.tasks.split(",")] + ["eval_harmful_qa.jsonl"]
 

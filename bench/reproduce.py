@@ -4,8 +4,8 @@
     python bench/reproduce.py --source DATA_DIR --out runs/small --preset small   # Full / Random / Pharmacist, 3 seeds
 
 Phases (each run is a folder under --out; a finished stage is skipped, so re-running resumes):
-  calibrate  the attack (lr x epochs at p=0.1) on Full+SFT and Random+SFT, each also evaluated before
-             any attack: results/repro/calibration.md and calibration.json; the setting `choose`
+  calibrate  the attack (lr x epochs x harmful share p) on Full+SFT and Random+SFT, each also evaluated
+             before any attack: results/repro/calibration.md and calibration.json; the setting `choose`
              picks (the attacked model in the middle, the task learned) is used by every later
              attack (ATTACK when --out has no calibration.json);
   main       selectors full, random, pharmacist, seal, loss (same k) x defenses sft, vaccine;
@@ -86,11 +86,11 @@ class Sweep:
             self.rankings[selector] = self.select(selector, self.k_of(selector))
         return self.rankings[selector]
 
-    def attack(self, lr: str, epochs: str, p: str, data: Path):
-        """Every later attack uses this lr, these epochs and the attack files of `data` (built
-        with this p); run names carry them as a tag."""
-        self.attack_flags += ["--finetune-lr", lr, "--finetune-epochs", epochs]
-        self.data, self.tag = data, f"_lr{lr}_e{epochs}{p_tag(p)}"
+    def attack(self, lr: str, epochs: str, p: str):
+        """Every later attack uses this lr, these epochs and this harmful share; run names carry
+        them as a tag."""
+        self.attack_flags += attack_flags(lr, epochs, p)
+        self.tag = f"_lr{lr}_e{epochs}{p_tag(p)}"
 
     def run(self, name: str, *args, **kwargs):
         """`config`, with a failure recorded instead of stopping the sweep."""
@@ -189,16 +189,14 @@ DEFAULT_P = "0.1"  # the harmful share of data/prepare.py's attack files
 
 
 def p_tag(p: str) -> str:
-    """The run-name suffix of an attack with harmful share p ('' for the default p)."""
+    """The run-name suffix of an attack with harmful share p ('' for the data's own p)."""
     return "" if float(p) == float(DEFAULT_P) else f"_p{p}"
 
 
-def attack_data(sweep: "Sweep", source: str, p: str) -> Path:
-    """The data folder whose attack files hold the harmful share p (the sweep's own for the
-    default p; otherwise a rebuild that differs from it only in the attack files)."""
-    if float(p) == float(DEFAULT_P):
-        return sweep.data
-    return build_data(source, sweep.out / f"data_p{p}", sweep.log, "--p", p)
+def attack_flags(lr: str, epochs: str, p: str) -> list[str]:
+    """train.py's flags for an attack; another p than the data's takes the same n rows with that
+    harmful share (train.attack_rows), so every p shares the select and align stages."""
+    return ["--finetune-lr", lr, "--finetune-epochs", epochs, *(["--attack-p", p] if p_tag(p) else [])]
 
 
 def run_metrics(run: Path, model: str, lr: str | None, epochs: str | None, p: str | None = None) -> dict:
@@ -211,7 +209,7 @@ def run_metrics(run: Path, model: str, lr: str | None, epochs: str | None, p: st
                 over_refusal=r["over_refusal"], sst2=r["accuracy"]["sst2"], harmful_loss=r["harmful_loss"])
 
 
-def calibrate(sweep: "Sweep", models: dict, grid: list[tuple[str, str, str]], source: str) -> list[dict]:
+def calibrate(sweep: "Sweep", models: dict, grid: list[tuple[str, str, str]]) -> list[dict]:
     """The attack sweep: each model (name -> (selection run, k)) aligned with SFT and evaluated
     before any attack, then attacked at every (lr, epochs, p) of the grid from that same model."""
     rows = []
@@ -220,8 +218,7 @@ def calibrate(sweep: "Sweep", models: dict, grid: list[tuple[str, str, str]], so
         rows.append(run_metrics(before, name, None, None))
         for lr, ep, p in grid:
             run = sweep.config(f"calib_{name}_sft_lr{lr}_e{ep}{p_tag(p)}", selection, k, "sft",
-                               attack=["--finetune-lr", lr, "--finetune-epochs", ep],
-                               data=attack_data(sweep, source, p), align_from=before)
+                               attack=attack_flags(lr, ep, p), align_from=before)
             rows.append(run_metrics(run, name, lr, ep, p))
     return rows
 
@@ -299,7 +296,7 @@ def phase_calibrate(sweep: Sweep, args, out: Path, results: Path) -> dict:
     calibration = out / "calibration.json"
     if "calibrate" in args.phases and not calibration.exists():
         models = {"full": (sweep.ranking("full"), sweep.n_pool), "random": (sweep.ranking("random"), args.keep)}
-        rows = calibrate(sweep, models, calibration_grid(args), args.source)
+        rows = calibrate(sweep, models, calibration_grid(args))
         choice = choose(rows)
         calibration.write_text(json.dumps({"runs": rows, "chosen": choice}, indent=2))
         results.mkdir(parents=True, exist_ok=True)
@@ -363,10 +360,10 @@ def main(argv=None):
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     data = build_data(args.source, out / "data", out / "sweep.log")
-    sweep = Sweep(out, data, ["--align-epochs", "2", "--align-bf16"], ["--finetune-bf16"], args.keep)
+    sweep = Sweep(out, data, ["--align-epochs", "2"], [], args.keep)  # bf16 wherever the device has bf16 units
     results = Path(args.results) if args.results else ROOT / "results" / ("small" if args.preset == "small" else "repro")
     attack = phase_calibrate(sweep, args, out, results)
-    sweep.attack(attack["lr"], attack["epochs"], attack["p"], attack_data(sweep, args.source, attack["p"]))
+    sweep.attack(attack["lr"], attack["epochs"], attack["p"])
     for _, name, selector, k, defense in main_jobs(sweep, args):
         sweep.run(name, sweep.ranking(selector), k, defense)
     pair = [s for s in ("random", "pharmacist") if s in args.selectors]  # baseline and ours

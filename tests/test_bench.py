@@ -133,13 +133,12 @@ def test_small_preset_runs_full_random_pharmacist_with_sft(tmp_path):
     (tmp_path / "data" / "manifest.json").write_text(json.dumps({"counts": {"pool.jsonl": 400}}))
     args = reproduce.parse(["--source", "unused", "--preset", "small"])
     sweep = reproduce.Sweep(tmp_path, tmp_path / "data", [], [], args.keep)
-    sweep.attack("2e-4", "1", "0.05", tmp_path / "data_p0.05")
+    sweep.attack("2e-4", "1", "0.05")
     jobs = reproduce.main_jobs(sweep, args)
     assert [j[1] for j in jobs] == ["pharmacist_sft_k160_lr2e-4_e1_p0.05", "full_sft_k400_lr2e-4_e1_p0.05",
                                     "random_sft_k160_lr2e-4_e1_p0.05"]
     assert args.seeds == [1, 2] and args.phases == ["main", "seeds"]
-    assert sweep.attack_flags[-4:] == ["--finetune-lr", "2e-4", "--finetune-epochs", "1"]
-    assert sweep.data == tmp_path / "data_p0.05"  # every stage reads the folder with that attack
+    assert sweep.attack_flags[-6:] == ["--finetune-lr", "2e-4", "--finetune-epochs", "1", "--attack-p", "0.05"]
 
 
 def test_report_refuses_a_missing_run_folder(tmp_path, capsys):
