@@ -221,6 +221,19 @@ def test_a_data_folder_that_differs_in_the_attack_keeps_the_alignment(tmp_path, 
         train.main(["--stage", "finetune", "--data", str(other), *base])
 
 
+def test_attack_p_takes_another_harmful_share_of_the_same_rows():
+    own = train.attack_rows(train.parse_args(["--preset", "tiny"]))
+    half = train.attack_rows(train.parse_args(["--preset", "tiny", "--attack-p", "0.05"]))
+    harmful = [s for s in own if s.is_safe is False]
+    assert (len(own), len(harmful)) == (40, 4) and len(half) == 40
+    assert {s.id for s in half if s.is_safe is False} == {s.id for s in harmful[:2]}  # fewer of the same rows
+    assert len({s.id for s in half}) == 40  # task rows fill the rest, none twice
+    with pytest.raises(ValueError, match="--attack-p 0.5: 20 harmful rows needed"):
+        train.attack_rows(train.parse_args(["--preset", "tiny", "--attack-p", "0.5"]))
+    with pytest.raises(SystemExit):
+        train.parse_args(["--preset", "tiny", "--attack-p", "1.5"])
+
+
 def test_a_damaged_summary_is_an_error_naming_it(tmp_path):
     base = ["--preset", "tiny", "--out", str(tmp_path), "--select-steps", "2"]
     train.main(["--stage", "select", *base])
