@@ -130,8 +130,9 @@ class Checkpoint:
     weights), objects with a `drawn` position (data streams) and plain objects (their attributes);
     `values` (step counters, held tensors) are handed back to the caller. With the RNG states."""
 
-    def __init__(self, path, every: int, **parts):
+    def __init__(self, path, every: int, writes: bool = True, **parts):
         self.path, self.every, self.parts, self.boundary = Path(path) if path else None, every, parts, None
+        self.writes = writes  # False: loads but never writes (the other ranks of a parallel run)
 
     @staticmethod
     def _state(obj):
@@ -166,7 +167,7 @@ class Checkpoint:
             self.save()
 
     def save(self):
-        if self.path and self.boundary is not None:
+        if self.path and self.writes and self.boundary is not None:
             with atomic_file(self.path) as tmp:
                 torch.save(self.boundary, tmp)
 

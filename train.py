@@ -34,6 +34,7 @@ import default_weights
 import defenses
 import evaluate
 import model as M
+import parallel as P
 import pharmacist
 from data.batches import Batches, Stream, collate, encode_samples
 from data.samples import Sample, load_jsonl, save_jsonl
@@ -287,20 +288,22 @@ def train(model, examples, pad_id: int, cfg: TrainConfig, ctx: defenses.Context,
     total = per_epoch * cfg.epochs if not cfg.max_steps else min(cfg.max_steps, per_epoch * cfg.epochs)
     opt = make_optimizer(model, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, cfg.warmup))
-    ckpt = Checkpoint(out / "checkpoint.pt", cfg.save_every, params=params, optimizer=opt, scheduler=sched,
-                      defense=ctx, **{f"stream_{k}": v for k, v in streams.items()})
+    main = P.is_main()  # with torchrun: rank 0 writes, every rank computes
+    ckpt = Checkpoint(out / "checkpoint.pt", cfg.save_every, writes=main, params=params, optimizer=opt,
+                      scheduler=sched, defense=ctx, **{f"stream_{k}": v for k, v in streams.items()})
     metrics_path, step, tokens, elapsed = out / "metrics.jsonl", 0, 0, 0.0
     if resume and ckpt.path.exists():
         step, counters = ckpt.load()
         tokens, elapsed = counters["tokens"], counters["elapsed"]
-        keep_metrics(metrics_path, step)
-    else:
+        if main:
+            keep_metrics(metrics_path, step)
+    elif main:
         if resume:
             print(f"no checkpoint in {out}: {out.name} starts from step 0", file=sys.stderr)
         metrics_path.unlink(missing_ok=True)
     clock = Clock(device)
     ckpt.mark(step, tokens=tokens, elapsed=elapsed)
-    bar = tqdm(total=total, initial=step, desc=f"{out.name} [{cfg.defense}]", dynamic_ncols=True)
+    bar = tqdm(total=total, initial=step, desc=f"{out.name} [{cfg.defense}]", dynamic_ncols=True, disable=not main)
     stats = {}
     with ckpt.saved_on_interrupt():
         while step < total:
@@ -310,13 +313,15 @@ def train(model, examples, pad_id: int, cfg: TrainConfig, ctx: defenses.Context,
             for p in params:
                 p.grad = None
             for batch in chunk:
-                batch = {k: v.to(device) for k, v in batch.items()}
+                batch, share = P.shard({k: v.to(device) for k, v in batch.items()})
                 ctx.step = step
                 with M.autocast(device, cfg.bf16):
                     grads, stats = step_fn(ctx, batch)
+                grads, stats = P.weighted_sum(grads, share), P.weighted_stats(stats, share, device)
                 if not all(math.isfinite(v) for v in stats.values() if isinstance(v, float)):
                     bar.close()
-                    write_json(dict(step=step, stats=stats, rows=batch["index"].tolist()), out / "nonfinite.json")
+                    if main:
+                        write_json(dict(step=step, stats=stats, rows=batch["index"].tolist()), out / "nonfinite.json")
                     raise NonFiniteLoss(f"{out.name}: non-finite loss at step {step} ({stats}, the batch's rows in "
                                         f"{out / 'nonfinite.json'}); the last good checkpoint is "
                                         f"{ckpt.path if ckpt.path.exists() else 'none'}: lower the learning "
@@ -324,7 +329,7 @@ def train(model, examples, pad_id: int, cfg: TrainConfig, ctx: defenses.Context,
                 for p, g in zip(params, grads):
                     g = g / len(chunk)
                     p.grad = g if p.grad is None else p.grad + g
-                tokens += int(batch["attention_mask"].sum())
+                tokens += int(P.total(int(batch["attention_mask"].sum()) * (share > 0), device))
             gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.clip)
             lr = sched.get_last_lr()[0]  # the rate this step uses
             opt.step()
@@ -333,8 +338,9 @@ def train(model, examples, pad_id: int, cfg: TrainConfig, ctx: defenses.Context,
             t = elapsed + clock.seconds()
             rec = dict(step=step, lr=lr, grad_norm=float(gnorm), tokens=tokens,
                        tokens_per_s=tokens / max(t, 1e-9), time_s=t, **stats)
-            with open(metrics_path, "a") as f:
-                f.write(json_line(rec))
+            if main:
+                with open(metrics_path, "a") as f:
+                    f.write(json_line(rec))
             bar.set_postfix(loss=f"{stats.get('loss', float('nan')):.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
             bar.update(1)
             ckpt.mark(step, tokens=tokens, elapsed=t)  # written every save_every steps
@@ -392,8 +398,9 @@ def run_training(cfg: Config, tcfg: TrainConfig, model, tok, device, data: list[
                            cfg=cfg.defense, next_harmful=streams["harmful"], next_align=streams["align"],
                            n_samples=len(data))
     summary = train(model, enc(data), tok.pad_id, tcfg, ctx, out, streams, resume=cfg.resume)
-    M.save_lora(model, out / "adapter")
-    if tcfg.defense == "bds":
+    if P.is_main():
+        M.save_lora(model, out / "adapter")
+    if tcfg.defense == "bds" and P.is_main():
         defenses.save_state(ctx, out)  # the learned per-sample weights (and the amortized scorer)
     return dict(summary, n_train=len(data))
 
@@ -415,7 +422,8 @@ def stage_align(cfg: Config, out: Path) -> dict:
     summary = run_training(cfg, cfg.align, model, tok, device, data + retain, read_split(cfg, "harmful.jsonl"),
                            data + retain, out)
     M.merge_lora(model)
-    M.save_pretrained(model, tok, out / "model")
+    if P.is_main():
+        M.save_pretrained(model, tok, out / "model")
     return dict(summary, selector=selector["selector"], select_time_s=selector.get("select_time_s", 0.0),
                 n_align=len(data), n_retain=len(retain), align_time_s=summary["wall_time_s"])
 
@@ -479,6 +487,7 @@ def require(path: Path, stage: str) -> Path:
     return path
 
 
+PARALLEL_STAGES = ("align", "finetune")  # data parallel under torchrun (parallel.py); the others run on rank 0
 REDO = "redo the stage that wrote it (--force), or delete its folder"  # the fix for a damaged summary
 RUNNERS = {"select": stage_select, "align": stage_align, "finetune": stage_finetune, "eval": stage_eval}
 
@@ -548,7 +557,8 @@ def run_stage(cfg: Config, stage: str):
     if (out / "summary.json").exists() and not cfg.force:
         done = read_json(out / "summary.json", REDO)
         if done.get("fingerprint", fp) == fp:
-            print(f"[{stage}] already done ({out / 'summary.json'}); --force to redo it")
+            if P.is_main():
+                print(f"[{stage}] already done ({out / 'summary.json'}); --force to redo it")
             return
         diff = changed(done.get("settings", settings), settings)
         if diff:
@@ -561,18 +571,23 @@ def run_stage(cfg: Config, stage: str):
         if diff:
             raise ValueError(f"--resume with other flags than {out} started with ({'; '.join(diff[:4])}); "
                              "resume with the same flags, or --force to start over")
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(settings, started_file)
-    print(f"[{stage}] -> {out}")
+    main = P.is_main()  # with torchrun: every rank trains, rank 0 alone selects, evaluates and writes
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(settings, started_file)
+        print(f"[{stage}] -> {out}" + (f" ({P.world()} processes)" if stage in PARALLEL_STAGES and P.world() > 1 else ""))
     t0 = time.perf_counter()
-    summary = RUNNERS[stage](cfg, out)
-    summary = dict(summary, stage=stage, stage_time_s=time.perf_counter() - t0,
-                   data=str(data_dir(cfg)), model=cfg.model, fingerprint=fp, settings=settings)
-    write_json(dataclasses.asdict(cfg), out / "config.json")
-    write_json(summary, out / "summary.json")
-    started_file.unlink()
-    print(f"[{stage}] wrote {', '.join(sorted(p.name for p in out.iterdir() if not p.name.startswith('.')))} "
-          f"in {out}")
+    if main or stage in PARALLEL_STAGES:
+        summary = RUNNERS[stage](cfg, out)
+    if main:
+        summary = dict(summary, stage=stage, stage_time_s=time.perf_counter() - t0, processes=P.world(),
+                       data=str(data_dir(cfg)), model=cfg.model, fingerprint=fp, settings=settings)
+        write_json(dataclasses.asdict(cfg), out / "config.json")
+        write_json(summary, out / "summary.json")
+        started_file.unlink()
+        print(f"[{stage}] wrote {', '.join(sorted(p.name for p in out.iterdir() if not p.name.startswith('.')))} "
+              f"in {out}")
+    P.barrier()  # the next stage reads what rank 0 wrote
 
 
 @contextlib.contextmanager
@@ -595,9 +610,15 @@ def run_lock(folder: Path):
 
 def main(argv=None):
     cfg = parse_args(argv)
-    with run_lock(Path(cfg.out)):
-        for stage in STAGES if cfg.stage == "all" else (cfg.stage,):
-            run_stage(cfg, stage)
+    device = P.init(torch.device(cfg.device) if cfg.device else M.default_device())  # torchrun: join the group
+    if P.world() > 1:
+        cfg.device = str(device)  # cuda:LOCAL_RANK on a GPU machine
+    try:
+        with run_lock(Path(cfg.out)) if P.is_main() else contextlib.nullcontext():
+            for stage in STAGES if cfg.stage == "all" else (cfg.stage,):
+                run_stage(cfg, stage)
+    finally:
+        P.close()
 
 
 if __name__ == "__main__":

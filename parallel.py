@@ -1,0 +1,108 @@
+"""Data parallelism with torch.distributed: `torchrun --nproc_per_node N train.py ...`.
+
+Every process (rank) holds the whole model and the same LoRA; each takes a disjoint shard of
+every batch (rows rank, rank + N, ...), computes its gradients with the defense's step, and the
+ranks sum them, each weighted by its share of the batch's response tokens:
+
+    g = sum_r (n_r / n) g_r,   n_r = response tokens of shard r,  n = sum_r n_r
+
+which is the gradient of the token-mean loss over the whole batch (defenses.batch_loss), so N
+processes take the same steps as one process on the same global batch. The auxiliary batches a
+defense draws (harmful, alignment streams) are not sharded: every rank draws the same ones from
+the same seeded stream, so terms computed on them are equal on every rank and the weighted sum
+(the weights sum to 1) keeps them as they are. Exact for sft, booster and repnoise (whose
+perturbations come from those streams); vaccine and tvaccine normalise a perturbation over the
+rows of their own shard, and bds keeps per-sample weights of its own shard's rows, so those are
+data parallel but not equal to one process.
+
+Only rank 0 writes files, logs and checkpoints; a checkpoint holds no rank-specific state, so a
+run resumes with another process count. Communication is torch.distributed's: `all_reduce` and
+`barrier`, over gloo on a CPU and NCCL on CUDA.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+from data.batches import IGNORE
+
+
+def init(device: torch.device) -> torch.device:
+    """Join the process group when torchrun started several processes; the device of this rank
+    (cuda:LOCAL_RANK on a GPU machine)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if dist.is_initialized() and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    return device
+
+
+def world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def is_main() -> bool:
+    """Rank 0: the one process that writes files, logs and checkpoints."""
+    return rank() == 0
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def shard(batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], float]:
+    """This rank's rows of a batch (rank, rank + N, ...) and its share n_r / n of the batch's
+    response tokens; (the batch, 1.0) with one process. A rank left without rows (a last batch
+    smaller than N) computes on the first row with share 0, so every rank runs the same
+    collectives."""
+    if world() == 1:
+        return batch, 1.0
+    mine = {k: v[rank()::world()] for k, v in batch.items()}
+    responses = lambda b: int((b["labels"][:, 1:] != IGNORE).sum())
+    n = total(responses(mine), batch["labels"].device)
+    if len(mine["labels"]) == 0:
+        return {k: v[:1] for k, v in batch.items()}, 0.0
+    return mine, responses(mine) / n if n else 1.0 / world()
+
+
+def total(x: float, device=None) -> float:
+    """The sum of x over the ranks (device: where NCCL needs the tensor)."""
+    if world() == 1:
+        return x
+    t = torch.tensor([float(x)], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t)
+
+
+def weighted_sum(grads: list[torch.Tensor], share: float) -> list[torch.Tensor]:
+    """sum_r share_r * grads_r over the ranks, the same list on every rank after the call."""
+    if world() == 1:
+        return [g * share if share != 1 else g for g in grads]
+    flat = torch.cat([g.reshape(-1).float() for g in grads]) * share  # one collective per step
+    dist.all_reduce(flat)
+    out, i = [], 0
+    for g in grads:
+        out.append(flat[i:i + g.numel()].view_as(g).to(g.dtype))
+        i += g.numel()
+    return out
+
+
+def weighted_stats(stats: dict, share: float, device=None) -> dict:
+    """A step's float stats as the share-weighted sum over the ranks (the batch's token-mean
+    loss for `loss`); other entries as this rank has them."""
+    if world() == 1:
+        return stats
+    return {k: total(v * share, device) if isinstance(v, float) else v for k, v in sorted(stats.items())}
+
+
+def close() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
