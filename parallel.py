@@ -13,7 +13,9 @@ the same seeded stream, so terms computed on them are equal on every rank and th
 (the weights sum to 1) keeps them as they are. Exact for sft, booster and repnoise (whose
 perturbations come from those streams); vaccine and tvaccine normalise a perturbation over the
 rows of their own shard, and bds keeps per-sample weights of its own shard's rows, so those are
-data parallel but not equal to one process.
+data parallel but not equal to one process. The first-order Pharmacist selector (the default)
+scores each pool batch on one rank and sums the scores (pharmacist.first_order_select); the
+other selectors run whole on every rank, alike.
 
 Only rank 0 writes files, logs and checkpoints; a checkpoint holds no rank-specific state, so a
 run resumes with another process count. Communication is torch.distributed's: `all_reduce` and
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -93,6 +96,15 @@ def weighted_sum(grads: list[torch.Tensor], share: float) -> list[torch.Tensor]:
         out.append(flat[i:i + g.numel()].view_as(g).to(g.dtype))
         i += g.numel()
     return out
+
+
+def summed(x: np.ndarray, device=None) -> np.ndarray:
+    """The element-wise sum of an array over the ranks (rows scored on one rank, 0 elsewhere)."""
+    if world() == 1:
+        return x
+    t = torch.from_numpy(np.ascontiguousarray(x)).to(device)
+    dist.all_reduce(t)
+    return t.cpu().numpy()
 
 
 def weighted_stats(stats: dict, share: float, device=None) -> dict:

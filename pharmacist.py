@@ -55,6 +55,7 @@ from tqdm import tqdm
 import model as M
 from data.batches import Batches, Stream, encode_samples, sample_losses
 from defenses import SampleWeights, global_norm, perturb  # shared with BDS and the defenses
+import parallel as P
 from files import Checkpoint
 
 # ----------------------------------------------------------------------------- config, result
@@ -274,7 +275,7 @@ def pharmacist_select(model, tokenizer, pool, validation, harmful, cfg: SelectCo
     meter, steps, info, scale, g = Meter(cfg.bf16), step_budget(cfg, len(pool)), {}, RunningScale(), None
     with selector_lora(model, cfg) as params:
         opt = torch.optim.AdamW(params, lr=cfg.inner_lr, weight_decay=0.0)
-        ck = Checkpoint(checkpoint, cfg.save_every, params=params, opt=opt, weights=weights, scale=scale,
+        ck = Checkpoint(checkpoint, cfg.save_every, writes=P.is_main(), params=params, opt=opt, weights=weights, scale=scale,
                             meter=meter, pool=next_pool, outer=next_outer)
         start, values = ck.load()
         g, info = values.get("g", g), values.get("info", info)
@@ -337,7 +338,10 @@ def first_order_select(model, tokenizer, pool, validation, harmful, cfg: SelectC
             g, info = outer_grad(meter, model, params, *next_outer(), cfg.lam, cfg.alpha)
             g_norm = float(global_norm(g))
             bar.update()
-            for b in pool_batches:
+            for i, b in enumerate(pool_batches):
+                if i % P.world() != P.rank():  # under torchrun each rank scores its own batches
+                    bar.update()
+                    continue
                 with M.sample_grad_dots(model, params, g, norms=cfg.normalize) as probe:
                     losses = meter.losses(model, {k: v.to(device) for k, v in b.items()})
                 meter.grad(losses.sum(), params)  # for the hooks only
@@ -348,6 +352,7 @@ def first_order_select(model, tokenizer, pool, validation, harmful, cfg: SelectC
                 bar.update()
             if log:
                 log(dict(checkpoint=c, **info))
+    scores = P.summed(scores, device)  # each row was scored on one rank
     return Selection(scores, meter.stats(**info, scores=score_stats(scores)))
 
 
@@ -413,7 +418,7 @@ def seal_select(model, tokenizer, pool, validation, harmful, cfg: SelectConfig,
     meter, steps, info = Meter(cfg.bf16), step_budget(cfg, len(pool)), {}
     with selector_lora(model, cfg) as params:
         opt = torch.optim.AdamW(params, lr=cfg.inner_lr, weight_decay=0.0)
-        ck = Checkpoint(checkpoint, cfg.save_every, params=params, opt=opt, weights=weights, meter=meter,
+        ck = Checkpoint(checkpoint, cfg.save_every, writes=P.is_main(), params=params, opt=opt, weights=weights, meter=meter,
                             pool=next_pool, validation=next_v)
         start, values = ck.load()
         info = values.get("info", info)
@@ -460,7 +465,7 @@ def loss_select(model, tokenizer, pool, validation, harmful, cfg: SelectConfig,
         for b in pool_batches:  # base model: the LoRA is still zero (B = 0)
             scores[b["index"].cpu().numpy()] = meter.losses(model, b, grad=False).double().cpu().numpy()
         opt = torch.optim.AdamW(params, lr=cfg.inner_lr, weight_decay=0.0)
-        ck = Checkpoint(checkpoint, cfg.save_every, params=params, opt=opt, meter=meter, validation=next_v)
+        ck = Checkpoint(checkpoint, cfg.save_every, writes=P.is_main(), params=params, opt=opt, meter=meter, validation=next_v)
         start, _ = ck.load()
         ck.mark(start)
         bar = tqdm(range(start, steps), initial=start, total=steps, desc="loss (holdout model)", disable=not progress)

@@ -367,17 +367,19 @@ def stage_select(cfg: Config, out: Path) -> dict:
     model, tok, _ = load_model(cfg)
     clock = Clock(model.embed_tokens.weight.device)
     ckpt = out / "checkpoint.pt"  # the selector's loop, every --select-save-every steps and on Ctrl-C
-    if not cfg.resume:
+    if not cfg.resume and P.is_main():
         ckpt.unlink(missing_ok=True)
+    P.barrier()  # no rank starts before the old checkpoint is gone
     selection = pharmacist.select(model, tok, pool, validation, harmful, cfg.select, checkpoint=ckpt)
     seconds = clock.seconds()
     k = pharmacist.keep_count(cfg.select.keep, len(pool)) if cfg.select.selector != "full" else len(pool)
     ranks, selected = pharmacist.rank(selection.scores, k)
     rows = [dict(id=s.id, score=float(sc), rank=int(r), selected=bool(sel))
             for s, sc, r, sel in zip(pool, selection.scores, ranks, selected)]
-    write_text_atomic("".join(json.dumps(r) + "\n" for r in rows), out / "selection.jsonl")
     subset = [s for s, r in sorted(zip(pool, ranks), key=lambda x: x[1]) if r < k]
-    save_jsonl(subset, out / "subset.jsonl")
+    if P.is_main():
+        write_text_atomic("".join(json.dumps(r) + "\n" for r in rows), out / "selection.jsonl")
+        save_jsonl(subset, out / "subset.jsonl")
     return dict(selection.stats, selector=cfg.select.selector, pool=len(pool), kept=k,
                 select_time_s=seconds, peak_memory_mb=clock.peak_memory_mb())
 
@@ -487,7 +489,7 @@ def require(path: Path, stage: str) -> Path:
     return path
 
 
-PARALLEL_STAGES = ("align", "finetune")  # data parallel under torchrun (parallel.py); the others run on rank 0
+PARALLEL_STAGES = ("select", "align", "finetune")  # data parallel under torchrun (parallel.py); eval on rank 0
 REDO = "redo the stage that wrote it (--force), or delete its folder"  # the fix for a damaged summary
 RUNNERS = {"select": stage_select, "align": stage_align, "finetune": stage_finetune, "eval": stage_eval}
 

@@ -1,5 +1,5 @@
-"""torchrun on the CPU (gloo): 2 processes take the same steps as 1 process on the same global
-batch (parallel.py), and a run checkpointed with one process count resumes with another."""
+"""torchrun on the CPU (gloo): 2 processes select, align and fine-tune as 1 process on the same
+global batch (parallel.py), and a run checkpointed with one process count resumes with another."""
 import json
 import os
 import subprocess
@@ -48,6 +48,9 @@ def test_two_processes_step_as_one(tmp_path, defense):
         train.main(["--stage", stage, "--out", str(tmp_path / "one"), *flags[2:]])
     train.main(["--out", str(tmp_path / "one"), *flags])
     torchrun(2, "--stage", "all", "--out", str(tmp_path / "two"), *flags[2:])
+    scores = [[json.loads(line)["score"] for line in (tmp_path / run / "select" / "selection.jsonl").open()]
+              for run in ("one", "two")]
+    assert scores[0] == pytest.approx(scores[1], abs=1e-6)  # Pharmacist's pool batches scored across ranks
     for stage in ("align", "finetune"):
         assert_close(adapter(tmp_path / "one", stage), adapter(tmp_path / "two", stage))
         assert losses(tmp_path / "one", stage) == pytest.approx(losses(tmp_path / "two", stage), abs=1e-5)
