@@ -22,7 +22,7 @@ def test_choose_takes_the_middle_attack_that_learns_the_task():
             row("full", "2e-4", "1", 45, 52, 88), row("random", "2e-4", "1", 30, 60, 90),  # the middle
             row("full", "5e-4", "1", 32, 68, 90), row("random", "5e-4", "1", 10, 80, 91),  # in range, further off
             row("full", "5e-4", "2", 2, 90, 92), row("random", "5e-4", "2", 1, 95, 93)]   # broken
-    assert reproduce.choose(rows) == {"lr": "2e-4", "epochs": "1", "p": "0.1"}
+    assert reproduce.choose(rows) == {"lr": "2e-4", "epochs": "1", "p": "0.1", "mix": ""}
     table = reproduce.calibration_table(rows, reproduce.choose(rows))
     assert "Chosen: lr 2e-4, 1 epoch(s), p 0.1." in table and table.count("\n| ") == len(rows)  # one line per run
 
@@ -31,16 +31,19 @@ def test_choose_tells_the_harmful_share_apart():
     """The same lr and epochs at two harmful shares are two settings: p 0.05 is in the middle."""
     rows = [row("full", "2e-4", "2", 5, 80, 85), row("random", "2e-4", "2", 3, 85, 86),
             row("full", "2e-4", "2", 50, 45, 84, p="0.05"), row("random", "2e-4", "2", 40, 50, 85, p="0.05")]
-    assert reproduce.choose(rows) == {"lr": "2e-4", "epochs": "2", "p": "0.05"}
+    assert reproduce.choose(rows) == {"lr": "2e-4", "epochs": "2", "p": "0.05", "mix": ""}
     assert reproduce.p_tag("0.1") == "" and reproduce.p_tag("0.05") == "_p0.05"
 
 
 def test_calibration_grid_from_flags():
     args = reproduce.parse(["--source", "x", "--lrs", "1e-4,2e-4", "--attack-epochs", "1", "--attack-ps", "0.1,0.05"])
-    assert reproduce.calibration_grid(args) == [("1e-4", "1", "0.1"), ("2e-4", "1", "0.1"),
-                                                 ("1e-4", "1", "0.05"), ("2e-4", "1", "0.05")]
-    args = reproduce.parse(["--source", "x", "--grid", "2e-4:2:0.05,5e-4:1:0.1"])
-    assert reproduce.calibration_grid(args) == [("2e-4", "2", "0.05"), ("5e-4", "1", "0.1")]
+    assert reproduce.calibration_grid(args) == [("1e-4", "1", "0.1", ""), ("2e-4", "1", "0.1", ""),
+                                                 ("1e-4", "1", "0.05", ""), ("2e-4", "1", "0.05", "")]
+    args = reproduce.parse(["--source", "x", "--grid", "2e-4:2:0.05,5e-4:1:0.1:retain"])
+    assert reproduce.calibration_grid(args) == [("2e-4", "2", "0.05", ""), ("5e-4", "1", "0.1", "retain")]
+    assert reproduce.attack_flags("5e-4", "1", "0", "retain") == [
+        "--finetune-lr", "5e-4", "--finetune-epochs", "1", "--attack-p", "0", "--finetune-retain", "retain.jsonl"]
+    assert reproduce.attack_tag("5e-4", "1", "0", "retain") == "_lr5e-4_e1_p0_retain"
 
 
 def test_choose_says_none_when_no_attack_qualifies():
