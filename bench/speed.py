@@ -4,7 +4,8 @@
 
 Prints a markdown table of LoRA training tokens/s (random ids labelled at every token, and an
 alignment batch whose prompt and padding carry no label), batched greedy generation tokens/s and
-the cached load time, each as a ratio ours / theirs, and writes results/speed_<device>.{json,md}.
+the cached load time, each as a ratio ours / theirs, the model FLOP/s of each LoRA step against
+this machine's measured matmul rate, and writes results/speed/<device>_<processor>.{json,md}.
 Each side computes its loss its own way: ours runs the LM head only where a label is predicted,
 transformers + peft at every position.
 """
@@ -55,6 +56,17 @@ def timed(fns, device, repeats):
             sync(device)
             ts.append(time.perf_counter() - t0)
     return times
+
+
+def processor(device) -> str:
+    """The device's name: the GPU's, or the CPU model from /proc/cpuinfo (where there is one)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return "unknown CPU"
 
 
 def matmul_rate(device, dtype, m: int, k: int, n: int, repeats: int = 10) -> float:
@@ -182,7 +194,8 @@ def main():
     rows.append(row("greedy generation (tok/s)", n, g_o, g_t))
 
     name = f"{device.type}{'-bf16' if M.autocast_bf16(device, args.bf16) else ''}"
-    lines = [f"{args.model}, batch {args.batch}, seq {args.seq}, {args.new_tokens} new tokens, device {name}, "
+    lines = [f"{args.model}, batch {args.batch}, seq {args.seq}, {args.new_tokens} new tokens, device {name} "
+             f"({processor(device)}, {torch.get_num_threads()} threads), "
              f"{args.repeats} rounds, torch {torch.__version__}, transformers {transformers.__version__}, "
              f"peft {peft.__version__}", "",
              "| measure | ours | transformers+peft | ours / theirs (speed) | ratio min-max over rounds |",
@@ -201,8 +214,9 @@ def main():
         lines.append(f"\npeak CUDA memory (both models loaded): {torch.cuda.max_memory_allocated() / 2**20:.0f} MB")
     text = "\n".join(lines) + "\n"
     print("\n" + text)
-    out = ROOT / "results" / f"speed_{name}"
-    out.parent.mkdir(exist_ok=True)
+    slug = "".join(c if c.isalnum() else "-" for c in processor(device).lower()).strip("-")
+    out = ROOT / "results" / "speed" / f"{name}_{'-'.join(slug.split('-')[:4])}"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"args": vars(args), "rows": rows, "matmul_flops": peak,
                                                     "step_flops": flops}, indent=2))
     out.with_suffix(".md").write_text(text + f"\ncommand: python bench/speed.py {' '.join(sys.argv[1:])}\n")
