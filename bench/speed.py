@@ -214,8 +214,8 @@ def main():
         lines.append(f"\npeak CUDA memory (both models loaded): {torch.cuda.max_memory_allocated() / 2**20:.0f} MB")
     text = "\n".join(lines) + "\n"
     print("\n" + text)
-    slug = "".join(c if c.isalnum() else "-" for c in processor(device).lower()).strip("-")
-    out = ROOT / "results" / "speed" / f"{name}_{'-'.join(slug.split('-')[:4])}"
+    words = "".join(c if c.isalnum() else " " for c in processor(device).lower()).split()
+    out = ROOT / "results" / "speed" / f"{name}_{'-'.join(words[:4])}"  # e.g. cpu_intel-r-xeon-r
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"args": vars(args), "rows": rows, "matmul_flops": peak,
                                                     "step_flops": flops}, indent=2))
