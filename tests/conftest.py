@@ -82,3 +82,16 @@ def interrupt_selector_at(monkeypatch, step: int):
             raise KeyboardInterrupt
         return real(meter, *args, **kwargs)
     monkeypatch.setattr(pharmacist.Meter, "losses", interrupted)
+
+
+def interrupt_at(monkeypatch, defense: str, step: int):
+    """Make the defense's step raise Ctrl-C (KeyboardInterrupt) when the loop reaches `step`."""
+    import defenses
+    real = defenses.STEPS[defense]
+
+    def interrupted(ctx, batch):
+        if ctx.step == step:
+            raise KeyboardInterrupt
+        return real(ctx, batch)
+    monkeypatch.setitem(defenses.STEPS, defense, interrupted)
+

@@ -7,10 +7,9 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, interrupt_at
 from safetensors.torch import load_file
 
-import defenses
 import train
 
 TINY = ["--preset", "tiny", "--select-steps", "2", "--align-max-steps", "4", "--align-batch-size", "4",
@@ -66,13 +65,7 @@ def test_resume_with_another_process_count(tmp_path, monkeypatch):
     train.main(["--stage", "select", "--out", str(tmp_path / "whole"), *flags])
     train.main(["--stage", "align", "--out", str(tmp_path / "whole"), *flags])
     train.main(["--stage", "select", "--out", str(tmp_path / "cut"), *flags])
-    real = defenses.STEPS["sft"]
-
-    def interrupted(ctx, batch):
-        if ctx.step == 2:
-            raise KeyboardInterrupt
-        return real(ctx, batch)
-    monkeypatch.setitem(defenses.STEPS, "sft", interrupted)
+    interrupt_at(monkeypatch, "sft", 2)
     with pytest.raises(KeyboardInterrupt):
         train.main(["--stage", "align", "--out", str(tmp_path / "cut"), *flags])
     monkeypatch.undo()

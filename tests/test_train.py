@@ -6,7 +6,7 @@ import signal
 
 import pytest
 import torch
-from conftest import interrupt_selector_at, make_model, make_tokenizer
+from conftest import interrupt_at, interrupt_selector_at, make_model, make_tokenizer
 
 import defenses
 import model as M
@@ -251,13 +251,7 @@ def test_flag_errors_are_one_line(capsys):
 
 def test_resume_with_other_flags_is_an_error(tmp_path, monkeypatch):
     base = ["--preset", "tiny", "--out", str(tmp_path), "--stage", "align"]
-    real = defenses.STEPS["sft"]
-
-    def interrupted(ctx, batch):
-        if ctx.step == 1:
-            raise KeyboardInterrupt
-        return real(ctx, batch)
-    monkeypatch.setitem(defenses.STEPS, "sft", interrupted)
+    interrupt_at(monkeypatch, "sft", 1)
     with pytest.raises(KeyboardInterrupt):
         train.main(base)
     monkeypatch.undo()
