@@ -38,10 +38,11 @@ def losses(run, stage):
     return [json.loads(line)["loss"] for line in (run / stage / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("defense", ["sft", "booster"])
+@pytest.mark.parametrize("defense", ["sft", "booster", "repnoise"])
 def test_two_processes_step_as_one(tmp_path, defense):
     """Each rank a shard of every batch, gradients summed by token share: the same adapters and
-    losses as one process (booster's harmful-stream terms are computed alike on both ranks)."""
+    losses as one process (booster's and repnoise's harmful-stream terms, repnoise's noise
+    included, are computed alike on both ranks)."""
     flags = ["--stage", "finetune", *TINY, "--align-defense", defense]
     for stage in ("select", "align"):
         train.main(["--stage", stage, "--out", str(tmp_path / "one"), *flags[2:]])
