@@ -7,4 +7,4 @@ set -euo pipefail
 DATA=${DATA:-../shared/data}
 python bench/reproduce.py --source "$DATA" --out runs/small --results results/small/control --phases calibrate \
   --selectors full --defenses sft \
-  --grid 2e-4:2:0.05,5e-4:1:0.05,2e-4:2:0.02,2e-4:2:0,1e-4:2:0.1,1e-4:2:0,5e-4:1:0.1:retain,5e-4:1:0:retain
+  --grid 2e-4:2:0.05,5e-4:1:0.05,5e-4:1:0,2e-4:2:0.02,2e-4:2:0,1e-4:2:0.1,1e-4:2:0,5e-4:1:0.1:retain,5e-4:1:0:retain
