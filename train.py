@@ -38,6 +38,7 @@ import parallel as P
 import pharmacist
 from data.batches import Batches, Stream, collate, encode_samples
 from data.samples import Sample, load_jsonl, save_jsonl
+from data.prepare import round_half_up
 from files import Checkpoint, finite, read_json, write_json, write_text_atomic
 from flags import Parser, add_flags
 
@@ -313,6 +314,7 @@ def train(model, examples, pad_id: int, cfg: TrainConfig, ctx: defenses.Context,
             for p in params:
                 p.grad = None
             for batch in chunk:
+                tokens += int(batch["attention_mask"].sum())  # the whole batch's, on every rank
                 batch, share = P.shard({k: v.to(device) for k, v in batch.items()})
                 ctx.step = step
                 with M.autocast(device, cfg.bf16):
@@ -329,7 +331,6 @@ def train(model, examples, pad_id: int, cfg: TrainConfig, ctx: defenses.Context,
                 for p, g in zip(params, grads):
                     g = g / len(chunk)
                     p.grad = g if p.grad is None else p.grad + g
-                tokens += int(P.total(int(batch["attention_mask"].sum()) * (share > 0), device))
             gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.clip)
             lr = sched.get_last_lr()[0]  # the rate this step uses
             opt.step()
@@ -439,7 +440,7 @@ def attack_rows(cfg: Config) -> list[Sample]:
     if cfg.attack.p == -1:
         return rows
     harmful = [s for s in rows if s.is_safe is False]
-    k = math.floor(cfg.attack.p * len(rows) + 0.5)
+    k = round_half_up(cfg.attack.p * len(rows))  # as data/prepare.py counts the harmful rows
     if k > len(harmful):
         raise ValueError(f"--attack-p {cfg.attack.p}: {k} harmful rows needed, {data_dir(cfg)}/attack_"
                          f"{cfg.attack.task}.jsonl has {len(harmful)}; rebuild the data with a larger --p")
