@@ -17,6 +17,12 @@ data parallel but not equal to one process. The first-order Pharmacist selector 
 scores each pool batch on one rank and sums the scores (pharmacist.first_order_select); the
 other selectors run whole on every rank, alike.
 
+With `--fsdp` the frozen weights are sharded as well (FSDP, `torch.distributed.fsdp.fully_shard`):
+each rank keeps 1/N of every frozen tensor, a block's weights are gathered for its forward and
+backward and freed after. The LoRA parameters are left out of FSDP, whole on every rank, so their
+gradients go through `weighted_sum` as above and the steps are the same as without it. Align and
+finetune shard; select keeps the whole model on every rank.
+
 Only rank 0 writes files, logs and checkpoints; a checkpoint holds no rank-specific state, so a
 run resumes with another process count. Communication is torch.distributed's: `all_reduce` and
 `barrier`, over gloo on a CPU and NCCL on CUDA.
@@ -113,6 +119,39 @@ def weighted_stats(stats: dict, share: float, device=None) -> dict:
     if world() == 1:
         return stats
     return {k: total(v * share, device) if isinstance(v, float) else v for k, v in sorted(stats.items())}
+
+
+def shard_weights(model: torch.nn.Module, device: torch.device) -> None:
+    """FSDP over the frozen weights: each Block a unit (gathered for its own forward and backward),
+    the root holding the embeddings, final norm and head; trainable (LoRA) parameters ignored."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+    mesh = init_device_mesh(device.type, (world(),))
+    trained = lambda m: {p for p in m.parameters() if p.requires_grad}
+    for block in model.layers:
+        fully_shard(block, mesh=mesh, ignored_params=trained(block))
+    fully_shard(model, mesh=mesh, ignored_params=trained(model))
+    for method in ("hidden", "head"):  # the training losses call these, not forward
+        register_fsdp_forward_method(model, method)
+
+
+def gather_weights(model: torch.nn.Module) -> None:
+    """Every sharded weight whole again on every rank (one all-gather per tensor; every rank calls),
+    so adapters can be merged into them and the model saved. For saving only: FSDP's hooks stay."""
+    from torch.distributed.tensor import DTensor
+    whole = {}  # tied weights (one tensor under two names) gathered once
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            if isinstance(p, DTensor):
+                if id(p) not in whole:
+                    whole[id(p)] = torch.nn.Parameter(p.full_tensor(), requires_grad=p.requires_grad)
+                module._parameters[name] = whole[id(p)]
+
+
+def local_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the frozen weights this rank holds (1/N of them under FSDP)."""
+    local = lambda p: p.to_local() if hasattr(p, "to_local") else p
+    return sum(local(p).numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
 
 
 def close() -> None:

@@ -87,6 +87,7 @@ class Config:
     device: str = ""  # cuda|mps|cpu ('' = the best available)
     resume: bool = False  # continue an interrupted stage from its checkpoint
     force: bool = False  # redo stages that already finished
+    fsdp: bool = False  # under torchrun: shard the frozen weights over the processes in align and finetune (parallel.py)
     select: pharmacist.SelectConfig = field(default_factory=pharmacist.SelectConfig)
     align: TrainConfig = field(default_factory=lambda: TrainConfig(retain="retain.jsonl"))  # benign rows, see stage_align
     finetune: TrainConfig = field(default_factory=lambda: TrainConfig(defense="sft", lr=2e-4))
@@ -161,6 +162,9 @@ def config_problem(cfg: Config) -> str | None:
                 for t in cfg.eval.tasks.split(",")]]
     if cfg.eval.judge == "moderation" and not cfg.eval.moderation_model:
         checks.append("--eval-judge moderation needs --eval-moderation-model DIR (a beaver-dam-7b HF folder)")
+    if cfg.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        checks.append("--fsdp shards the frozen weights over torchrun's processes: start with "
+                      "`torchrun --nproc_per_node N train.py ...` (N >= 2), or leave --fsdp out")
     if cfg.device and cfg.device != "cpu" and not (cfg.device.startswith("cuda") and torch.cuda.is_available()
                                                      or cfg.device == "mps" and torch.backends.mps.is_available()):
         checks.append(f"--device {cfg.device}: not available on this machine (use cpu, or leave it out for the best one)")
@@ -394,6 +398,9 @@ def run_training(cfg: Config, tcfg: TrainConfig, model, tok, device, data: list[
     """Shared by align and finetune: a fresh LoRA, the defense's context, the loop."""
     seed_everything(tcfg.seed)
     M.add_lora(model, tcfg.lora_rank, tcfg.lora_alpha, lora_targets(tcfg))
+    if cfg.fsdp:
+        P.shard_weights(model, device)
+    weights_bytes = P.local_bytes(model)
     enc = lambda samples: encode_samples(samples, tok, tcfg.max_len)
     streams = {"harmful": Stream(enc(harmful), tcfg.batch_size, tok.pad_id, tcfg.seed + 1, device),
                "align": Stream(enc(align), tcfg.batch_size, tok.pad_id, tcfg.seed + 2, device)}
@@ -405,7 +412,7 @@ def run_training(cfg: Config, tcfg: TrainConfig, model, tok, device, data: list[
         M.save_lora(model, out / "adapter")
     if tcfg.defense == "bds" and P.is_main():
         defenses.save_state(ctx, out)  # the learned per-sample weights (and the amortized scorer)
-    return dict(summary, n_train=len(data))
+    return dict(summary, n_train=len(data), weights_mb_per_process=weights_bytes / 2**20)
 
 
 def stage_align(cfg: Config, out: Path) -> dict:
@@ -424,6 +431,8 @@ def stage_align(cfg: Config, out: Path) -> dict:
     model, tok, device = load_model(cfg)
     summary = run_training(cfg, cfg.align, model, tok, device, data + retain, read_split(cfg, "harmful.jsonl"),
                            data + retain, out)
+    if cfg.fsdp:
+        P.gather_weights(model)  # the whole weights to merge into and save
     M.merge_lora(model)
     if P.is_main():
         M.save_pretrained(model, tok, out / "model")

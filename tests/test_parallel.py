@@ -74,3 +74,25 @@ def test_resume_with_another_process_count(tmp_path, monkeypatch):
     done = torchrun(2, "--stage", "align", "--resume", "--out", str(tmp_path / "cut"), *flags)
     assert "resumed at step 2" in done.stdout
     assert_close(adapter(tmp_path / "whole", "align"), adapter(tmp_path / "cut", "align"))
+
+
+def test_fsdp_shards_the_frozen_weights_and_steps_as_one(tmp_path):
+    """--fsdp: each of 2 ranks holds half the frozen weights, and align (merged and saved from
+    the gathered weights) and finetune end as one process without FSDP."""
+    flags = [*TINY, "--align-defense", "sft"]
+    train.main(["--stage", "all", "--out", str(tmp_path / "one"), *flags])
+    torchrun(2, "--stage", "all", "--fsdp", "--out", str(tmp_path / "two"), *flags)
+    for stage in ("align", "finetune"):
+        assert_close(adapter(tmp_path / "one", stage), adapter(tmp_path / "two", stage))
+        assert losses(tmp_path / "one", stage) == pytest.approx(losses(tmp_path / "two", stage), abs=1e-5)
+        one, two = (json.loads((tmp_path / r / stage / "summary.json").read_text())["weights_mb_per_process"]
+                    for r in ("one", "two"))
+        assert two == pytest.approx(one / 2, rel=0.02)
+    merged = [load_file(str(tmp_path / r / "align" / "model" / "model.safetensors")) for r in ("one", "two")]
+    assert_close(*merged)
+
+
+def test_fsdp_without_torchrun_is_a_one_line_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.main(["--stage", "align", "--fsdp", "--out", str(tmp_path), *TINY])
+    assert e.value.code == 2 and "torchrun --nproc_per_node N" in capsys.readouterr().err
