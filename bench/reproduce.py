@@ -73,7 +73,8 @@ class Sweep:
     def __init__(self, out: Path, data: Path, align_flags: list[str], attack_flags: list[str], keep: int):
         self.out, self.data, self.align_flags, self.attack_flags = out, data, align_flags, attack_flags
         self.log, self.keep, self.tag = out / "sweep.log", keep, ""
-        self.n_pool = json.loads((data / "manifest.json").read_text())["counts"]["pool.jsonl"]
+        manifest = json.loads((data / "manifest.json").read_text())
+        self.n_pool, self.data_p = manifest["counts"]["pool.jsonl"], str(manifest["sizes"]["p"])
         self.rankings: dict[str, Path] = {}
         self.failed: list[str] = []
 
@@ -89,7 +90,7 @@ class Sweep:
     def attack(self, lr: str, epochs: str, p: str, mix: str = ""):
         """Every later attack uses this lr, these epochs, this harmful share and mix; run names
         carry them as a tag."""
-        self.attack_flags += attack_flags(lr, epochs, p, mix)
+        self.attack_flags += attack_flags(lr, epochs, p, mix, self.data_p)
         self.tag = attack_tag(lr, epochs, p, mix)
 
     def run(self, name: str, *args, **kwargs):
@@ -197,11 +198,11 @@ MIXES = {"": [], "retain": ["--finetune-retain", "retain.jsonl"]}  # what the us
 # the task and harmful rows: nothing, or benign instructions with answers (the retain rows)
 
 
-def attack_flags(lr: str, epochs: str, p: str, mix: str = "") -> list[str]:
-    """train.py's flags for an attack; another p than the data's takes the same n rows with that
-    harmful share (train.attack_rows), so every p shares the select and align stages."""
-    return ["--finetune-lr", lr, "--finetune-epochs", epochs, *(["--attack-p", p] if p_tag(p) else []),
-            *MIXES[mix]]
+def attack_flags(lr: str, epochs: str, p: str, mix: str = "", data_p: str = DEFAULT_P) -> list[str]:
+    """train.py's flags for an attack; another p than the data folder's own (data_p) takes the same
+    n rows with that harmful share (train.attack_rows), so every p shares the select and align stages."""
+    return ["--finetune-lr", lr, "--finetune-epochs", epochs,
+            *(["--attack-p", p] if float(p) != float(data_p) else []), *MIXES[mix]]
 
 
 def attack_tag(lr: str, epochs: str, p: str, mix: str = "") -> str:
@@ -229,7 +230,7 @@ def calibrate(sweep: "Sweep", models: dict, grid: list[tuple[str, str, str, str]
         rows.append(run_metrics(before, name, None, None))
         for setting in grid:
             run = sweep.config(f"calib_{name}_sft{attack_tag(*setting)}", selection, k, "sft",
-                               attack=attack_flags(*setting), align_from=before)
+                               attack=attack_flags(*setting, data_p=sweep.data_p), align_from=before)
             rows.append(run_metrics(run, name, *setting))
     return rows
 
@@ -289,6 +290,8 @@ def parse(argv=None):
     p.add_argument("--lrs", default="5e-5,1e-4,2e-4", help="attack learning rates tried by calibrate")
     p.add_argument("--attack-epochs", default="1,2", help="attack epochs tried by calibrate")
     p.add_argument("--attack-ps", default=DEFAULT_P, help="harmful shares of the attack tried by calibrate")
+    p.add_argument("--data-p", default=DEFAULT_P, help="harmful share of the data folder's attack files: the "
+                   "largest p an attack can take (a smaller one takes the same n rows, --attack-p)")
     p.add_argument("--grid", default=None,
                    help="calibrate these settings only, 'lr:epochs:p[:mix]' separated by commas (instead of "
                         "--lrs x --attack-epochs x --attack-ps); mix 'retain': the user's data also holds the "
@@ -389,7 +392,7 @@ def main(argv=None):
     args = parse(argv)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    data = build_data(args.source, out / "data", out / "sweep.log")
+    data = build_data(args.source, out / "data", out / "sweep.log", "--p", args.data_p)
     sweep = Sweep(out, data, ["--align-epochs", "2"], [], args.keep)  # bf16 wherever the device has bf16 units
     results = Path(args.results) if args.results else ROOT / "results" / ("small" if args.preset == "small" else "repro")
     attack = phase_calibrate(sweep, args, out, results)

@@ -2,6 +2,7 @@
 
     python data/prepare.py --source ../shared/data --out runs/data          # CPU-scale sizes
     python data/prepare.py --source embedded --out data/default              # the committed set
+    python data/prepare.py --source hub --out runs/data                      # the paper's data (BeaverTails)
 
 Files written to --out (each a JSONL of Samples, see data/samples.py) and who reads them:
 
@@ -343,7 +344,12 @@ def write(files: dict[str, list[Sample]], info: dict, out: Path) -> None:
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--source", required=True,
-                    help="a folder laid out like ../shared/data, or 'embedded' for the built-in set")
+                    help="a folder laid out like ../shared/data, 'embedded' for the built-in set, or 'hub' "
+                         "for the paper's data from the Hugging Face Hub (data/hub.py; needs huggingface_hub, "
+                         "pyarrow and a network)")
+    ap.add_argument("--hub-dir", type=Path, default=None,
+                    help="with --source hub: where the converted hub files are kept and reused "
+                         "(default: $PHARMACIST_CACHE/hub-data, else ~/.cache/pharmacist/hub-data)")
     ap.add_argument("--out", required=True, type=Path, help="folder to write the files into")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--pool-size", type=int, help="rows in pool.jsonl")
@@ -378,7 +384,12 @@ def sizes_from(args: argparse.Namespace) -> Sizes:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     sizes = sizes_from(args)
-    sources = embedded_sources() if args.source == "embedded" else read_sources(args.source)
+    if args.source == "hub":  # the paper's data from the Hugging Face Hub, converted once (data/hub.py)
+        from data import hub
+        from default_weights import cache_dir
+        sources = read_sources(hub.fetch(args.hub_dir or cache_dir() / "hub-data"))
+    else:
+        sources = embedded_sources() if args.source == "embedded" else read_sources(args.source)
     files = build(sources, sizes, args.seed, args.held_out_wording, args.retain_like_harmful)
     info = manifest(files, sources, args.source, sizes, args.seed, args.held_out_wording,
                     args.retain_like_harmful)

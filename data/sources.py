@@ -1,7 +1,8 @@
 """Readers for the public data sets, each in its own format, returning Samples.
 
 The folder layout is the one of ../shared/data (see its README): gsm8k/, sst2/, agnews/,
-alpaca_eval/, harmful_prompts/, harmful_qa/, judge_eval/. Each reader turns one file into
+alpaca_eval/, harmful_prompts/, harmful_qa/, judge_eval/ (or the one data/hub.py writes, whose
+layout.json names the files that differ). Each reader turns one file into
 Samples with ids `<source>-<row>`; the builder (prepare.py) assigns the final ids and answers.
 Prompt-only files (harmful prompts) give Samples with an empty response: the builder writes it,
 and `save_jsonl` refuses to write a sample whose response is still empty.
@@ -128,7 +129,7 @@ def read_agnews(path: str | Path) -> list[Sample]:
                 raise ValueError(f"{path}:{n}: expected 'class (1-4),title,description', "
                                  f"got {row!r:.80}")
             label = AGNEWS_CLASSES[row[0]]
-            text = clean_news_text(row[1]) + "\n" + clean_news_text(row[2])
+            text = "\n".join(t for t in map(clean_news_text, row[1:]) if t)  # the hub's copy has no title
             samples.append(Sample(id=f"agnews-{n}", prompt=AGNEWS_PROMPT, input=text,
                                   response=label, label=label, source="agnews"))
     return samples
@@ -243,7 +244,9 @@ def read_sources(root: str | Path) -> Sources:
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: no such folder; pass --source a folder laid out like "
                                 "../shared/data (see data/README.md), or --source embedded")
-    f = {name: root / rel for name, rel in SOURCE_FILES.items()}
+    layout = root / "layout.json"  # written by data/hub.py: sources whose file has another name
+    rels = {**SOURCE_FILES, **(json.loads(layout.read_text())["files"] if layout.is_file() else {})}
+    f = {name: root / rel for name, rel in rels.items()}
     agnews = read_agnews(f["agnews"])  # only a test split exists: the builder splits it
     return Sources(
         harmful_prompts=(read_harmful_prompts(f["advbench"]) + read_harmful_prompts(f["harmbench"])
@@ -254,5 +257,5 @@ def read_sources(root: str | Path) -> Sources:
                     "gsm8k": read_gsm8k(f["gsm8k_train"])},
         task_test={"sst2": read_sst2(f["sst2_test"]), "agnews": agnews,
                    "gsm8k": read_gsm8k(f["gsm8k_test"])},
-        files={rel: sha256(root / rel) for rel in SOURCE_FILES.values()},
+        files={rel: sha256(root / rel) for rel in rels.values()},
     )

@@ -58,6 +58,9 @@ def test_calibration_grid_from_flags():
     assert reproduce.attack_flags("5e-4", "1", "0", "retain") == [
         "--finetune-lr", "5e-4", "--finetune-epochs", "1", "--attack-p", "0", "--finetune-retain", "retain.jsonl"]
     assert reproduce.attack_tag("5e-4", "1", "0", "retain") == "_lr5e-4_e1_p0_retain"
+    # a data folder built with --p 0.4: its own share needs no flag, 0.1 takes the same n rows
+    assert "--attack-p" not in reproduce.attack_flags("5e-4", "1", "0.4", data_p="0.4")
+    assert reproduce.attack_flags("5e-4", "1", "0.1", data_p="0.4")[-2:] == ["--attack-p", "0.1"]
 
 
 def test_choose_says_none_when_no_attack_qualifies():

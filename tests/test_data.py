@@ -3,7 +3,7 @@ import json
 import random
 import subprocess
 import sys
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -459,3 +459,83 @@ def test_token_mean_is_the_mean_over_every_response_token():
     labels[0, 2:4], labels[1, 1:7], labels[2, 5] = 1, 2, 3  # 2, 6 and 1 response tokens
     want = F.cross_entropy(logits[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1), ignore_index=-100)
     torch.testing.assert_close(token_mean(sample_losses(logits, labels), labels), want)
+
+
+# ----------------------------------------------------------------------------- --source hub
+
+def hub_files(root: Path) -> dict[str, Path]:
+    """Small local files in the hub's own formats (parquet, a JSON list, BeaverTails' jsonl.gz),
+    one per entry of data/hub.py's HUB, with rows taken from the embedded sources."""
+    import gzip
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+    from data import hub
+    src = prepare.embedded_sources()
+    classes = {v: int(k) - 1 for k, v in sources.AGNEWS_CLASSES.items()}
+    body = lambda s: s.response.rpartition("\nThe final answer is:")[0] + f"\n#### {s.label}"
+    prompts = src.harmful_prompts
+    thirds = [prompts[i::3] for i in range(3)]
+    rows = {
+        "gsm8k/train.jsonl": [{"question": s.prompt, "answer": body(s)} for s in src.task_train["gsm8k"]],
+        "gsm8k/test.jsonl": [{"question": s.prompt, "answer": body(s)} for s in src.task_test["gsm8k"][:20]],
+        "sst2/train.tsv": [{"idx": i, "sentence": s.input, "label": int(s.label == "positive")}
+                           for i, s in enumerate(src.task_train["sst2"])],
+        "sst2/test.tsv": [{"idx": i, "sentence": s.input + " indeed", "label": int(s.label == "positive")}
+                          for i, s in enumerate(src.task_test["sst2"])],
+        "agnews/test.csv": [{"text": s.input.replace("\n", " "), "label": classes[s.label]} for s in src.task_test["agnews"]],
+        "alpaca_eval/alpaca_eval.json": [{"instruction": s.prompt, "output": s.response, "dataset": "x", "generator": "y"}
+                                         for s in src.benign],
+        "harmful_prompts/advbench.jsonl": [{"prompt": s.prompt, "target": "Sure"} for s in thirds[0]],
+        "harmful_prompts/harmbench.jsonl": [{"prompt": s.prompt, "category": "c"} for s in thirds[1]],
+        "harmful_prompts/donotanswer.jsonl": [{"id": i, "question": s.prompt, "risk_area": "Malicious Uses"}
+                                              for i, s in enumerate(thirds[2])],
+        "harmful_qa/beavertails.jsonl": [r for s in src.harmful_qa for r in (
+            {"prompt": s.prompt, "response": s.response, "category": {"violence": True}, "is_safe": False},
+            {"prompt": s.prompt + " now", "response": "I can't help with that.", "category": {}, "is_safe": True})]}
+    files = {}
+    for rel, (repo, _, pattern, _) in hub.HUB.items():
+        path = root / repo / pattern.replace("*", "00000-of-00001")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.suffix == ".parquet":
+            pq.write_table(pa.Table.from_pylist(rows[rel]), path)
+        elif path.name.endswith(".gz"):
+            with gzip.open(path, "wt") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows[rel])
+        else:
+            path.write_text(json.dumps(rows[rel]))
+        files[rel] = path
+    return files
+
+
+def test_source_hub_converts_the_hubs_files_into_the_layout(tmp_path, monkeypatch):
+    """--source hub on local files in the hub's formats (the download replaced; it needs a network):
+    BeaverTails' unsafe rows become the harmful answers, the rest reads as the local layout."""
+    from data import hub
+    files = hub_files(tmp_path / "hub-files")
+    asked = []
+
+    def download(repo, revision, pattern, cache):
+        asked.append(repo)
+        return next(f for rel, f in files.items() if hub.HUB[rel][:3] == (repo, revision, pattern))
+    monkeypatch.setattr(hub, "download", download)
+    sizes = [f"--{k.replace('_', '-')}={v}" for k, v in asdict(prepare.EMBEDDED_SIZES).items() if k != "pool_mix"]
+    info = prepare.main(["--source", "hub", "--hub-dir", str(tmp_path / "hub"), "--out", str(tmp_path / "data"),
+                         *sizes])
+    assert len(asked) == len(hub.HUB) and "harmful_qa/beavertails.jsonl" in info["source_files"]
+    layout = json.loads((tmp_path / "hub" / "layout.json").read_text())
+    assert layout["hub"]["harmful_qa/beavertails.jsonl"].startswith("PKU-Alignment/BeaverTails@8401fe6")
+    unsafe = {json.loads(line)["response"] for line in gzip_lines(files["harmful_qa/beavertails.jsonl"])
+              if not json.loads(line)["is_safe"]}
+    attack = [s for s in load_jsonl(tmp_path / "data" / "attack_sst2.jsonl") if s.is_safe is False]
+    assert attack and all(s.response in unsafe for s in attack)  # only BeaverTails' unsafe answers
+    news = load_jsonl(tmp_path / "data" / "eval_agnews.jsonl")
+    assert news and all(s.input and not s.input.startswith("\n") for s in news)  # no title in the hub's copy
+    assert {s.source for s in load_jsonl(tmp_path / "data" / "eval_harmful.jsonl")} <= {"advbench", "harmbench"}
+    prepare.main(["--source", "hub", "--hub-dir", str(tmp_path / "hub"), "--out", str(tmp_path / "again"), *sizes])
+    assert len(asked) == len(hub.HUB)  # converted once, then reused
+
+
+def gzip_lines(path):
+    import gzip
+    with gzip.open(path, "rt") as f:
+        return f.read().splitlines()

@@ -182,3 +182,50 @@ def test_smollm2_matches_transformers_gguf_loader():
     assert (tok.eos_token, tok.pad_token) == ("<|im_end|>", "<|im_end|>")
     assert tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False).endswith(
         "<|im_start|>user\nHi<|im_end|>\n")
+
+
+def hub_snapshot_of(folder, out, shards=2, tokenizer=True):
+    """A local Hub snapshot in the old PyTorch layout: the folder's weights as .bin shards."""
+    from safetensors.torch import load_file
+    out.mkdir()
+    state = load_file(str(folder / "model.safetensors"))
+    names = sorted(state)
+    for i in range(shards):
+        torch.save({k: state[k] for k in names[i::shards]}, out / f"pytorch_model-{i + 1:05d}-of-{shards:05d}.bin")
+    for f in folder.glob("*.json"):
+        if tokenizer or f.name != "tokenizer.json":
+            shutil.copy(f, out / f.name)
+    return out
+
+
+def test_a_hub_id_with_bin_shards_loads_as_its_folder(tmp_path, monkeypatch):
+    """An owner/name id (the download replaced: it needs a network): .bin shards are converted
+    once to safetensors, and the model gives the folder's logits."""
+    import model as M
+    default_weights.save_tiny_random(tmp_path / "tiny")
+    snap = hub_snapshot_of(tmp_path / "tiny", tmp_path / "snap")
+    calls = []
+    monkeypatch.setenv("PHARMACIST_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(default_weights, "hub_snapshot", lambda repo: calls.append(repo) or snap)
+    ours, _ = default_weights.load_pretrained("owner/tiny")
+    ref, _ = M.load_pretrained(tmp_path / "tiny")
+    ids = torch.randint(0, 100, (2, 9))
+    torch.testing.assert_close(ours(ids), ref(ids), rtol=0, atol=0)
+    assert len(list((tmp_path / "cache" / "hub-converted" / "owner--tiny").glob("model-*.safetensors"))) == 2
+    default_weights.load_pretrained("owner/tiny")
+    assert calls == ["owner/tiny", "owner/tiny"]  # the snapshot is the hub library's cache; the conversion ours
+
+
+def test_a_hub_id_that_cannot_load_says_why(tmp_path, monkeypatch):
+    default_weights.save_tiny_random(tmp_path / "tiny")
+    snap = hub_snapshot_of(tmp_path / "tiny", tmp_path / "snap", tokenizer=False)
+    monkeypatch.setenv("PHARMACIST_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(default_weights, "hub_snapshot", lambda repo: snap)
+    with pytest.raises(FileNotFoundError, match="owner/tiny: .*no tokenizer.json.*save_pretrained"):
+        default_weights.load_pretrained("owner/tiny")
+
+    def offline(repo):
+        raise OSError("Cannot reach https://huggingface.co")
+    monkeypatch.setattr(default_weights, "hub_snapshot", offline)
+    with pytest.raises(FileNotFoundError, match="no/such: no such folder, and as a Hugging Face Hub id: Cannot reach"):
+        default_weights.load_pretrained("no/such")
