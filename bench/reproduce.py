@@ -221,6 +221,20 @@ def run_metrics(run: Path, model: str, lr: str | None, epochs: str | None, p: st
                 over_refusal=r["over_refusal"], sst2=r["accuracy"]["sst2"], harmful_loss=r["harmful_loss"])
 
 
+AUDIT = {"align/config.json": "align_config.json", "align/summary.json": "align_summary.json",
+         "finetune/config.json": "finetune_config.json", "finetune/summary.json": "finetune_summary.json",
+         "eval/results.json": "results.json", "eval/generations.jsonl": "generations.jsonl"}
+
+
+def export(run: Path, results: Path) -> None:
+    """What lets anyone audit a run, in results/<run name>/: its configs, summaries, numbers and
+    every generated answer (the weights stay in the run folder)."""
+    (results / run.name).mkdir(parents=True, exist_ok=True)
+    for src, name in AUDIT.items():
+        if (run / src).is_file():
+            (results / run.name / name).write_bytes((run / src).read_bytes())
+
+
 def calibrate(sweep: "Sweep", models: dict, grid: list[tuple[str, str, str, str]]) -> list[dict]:
     """The attack sweep: each model (name -> (selection run, k)) aligned with SFT and evaluated
     before any attack, then attacked at every (lr, epochs, p, mix) of the grid from that model."""
@@ -326,6 +340,8 @@ def phase_calibrate(sweep: Sweep, args, out: Path, results: Path) -> dict:
         calibration.write_text(json.dumps({"runs": rows, "chosen": choice}, indent=2))
         results.mkdir(parents=True, exist_ok=True)
         (results / "calibration.md").write_text(calibration_table(rows, choice))
+        for r in rows:
+            export(sweep.out / r["run"], results)
     chosen = json.loads(calibration.read_text())["chosen"] if calibration.exists() else None
     return dict(ATTACK, **(chosen or {}))
 

@@ -180,3 +180,15 @@ def test_memory_plan_of_a_7b_shape_on_the_meta_device():
     assert sharded["batch_per_device"] == 1 and sharded["weights_fsdp"] < one["weights"] / 3
     rows = memory.advice(one, device_bytes=one["weights"] + one["lora_state"] + one["activations_checkpointed"] + 1)
     assert [fits for _, _, fits in rows] == [False, True, False, False]  # one device: FSDP only adds a gathered block
+
+
+def test_export_copies_what_audits_a_run(tmp_path):
+    run = tmp_path / "runs" / "calib_full_sft_lr5e-4_e1"
+    for src in reproduce.AUDIT:
+        (run / src).parent.mkdir(parents=True, exist_ok=True)
+        (run / src).write_text(src)
+    (run / "finetune" / "adapter").mkdir()  # weights stay behind
+    reproduce.export(run, tmp_path / "results")
+    out = tmp_path / "results" / run.name
+    assert sorted(p.name for p in out.iterdir()) == sorted(reproduce.AUDIT.values())
+    assert (out / "generations.jsonl").read_text() == "eval/generations.jsonl"
