@@ -19,31 +19,31 @@ def row(model, lr, epochs, refusal, harmful, sst2, p=None):
 def test_choose_takes_the_middle_attack_that_learns_the_task():
     rows = [row("full", None, None, 95, 3, 10), row("random", None, None, 90, 5, 10),
             row("full", "1e-4", "1", 60, 35, 75), row("random", "1e-4", "1", 50, 45, 85),  # task not learned
-            row("full", "2e-4", "1", 45, 52, 88), row("random", "2e-4", "1", 30, 60, 90),  # the middle
-            row("full", "5e-4", "1", 32, 68, 90), row("random", "5e-4", "1", 10, 80, 91),  # in range, further off
-            row("full", "5e-4", "2", 2, 90, 92), row("random", "5e-4", "2", 1, 95, 93)]   # broken
-    rows += [row("full", lr, ep, 90, 4, 85, p="0") for lr, ep in (("1e-4", "1"), ("2e-4", "1"), ("5e-4", "1"),
-                                                                   ("5e-4", "2"))]  # p = 0 keeps the refusals
+            row("full", "2e-4", "1", 5, 52, 88), row("random", "2e-4", "1", 3, 60, 90),  # the middle
+            row("full", "5e-4", "1", 2, 68, 90), row("random", "5e-4", "1", 1, 80, 91),  # in range, further off
+            row("full", "5e-4", "2", 2, 90, 92), row("random", "5e-4", "2", 1, 95, 93)]   # too harmful
+    rows += [row("full", lr, ep, 3, 4, 85, p="0") for lr, ep in (("1e-4", "1"), ("2e-4", "1"), ("5e-4", "1"),
+                                                                  ("5e-4", "2"))]  # p = 0: no refusal, not harmful
     assert reproduce.choose(rows) == {"lr": "2e-4", "epochs": "1", "p": "0.1", "mix": ""}
     table = reproduce.calibration_table(rows, reproduce.choose(rows))
     assert "Chosen: lr 2e-4, 1 epoch(s), p 0.1." in table and table.count("\n| ") == len(rows)  # one line per run
 
 
 def test_choose_tells_the_harmful_share_apart():
-    """The same lr and epochs at two harmful shares are two settings: p 0.05 is in the middle."""
-    rows = [row("full", "2e-4", "2", 5, 80, 85), row("random", "2e-4", "2", 3, 85, 86),
-            row("full", "2e-4", "2", 50, 45, 84, p="0.05"), row("random", "2e-4", "2", 40, 50, 85, p="0.05"),
-            row("full", "2e-4", "2", 92, 3, 84, p="0")]
-    assert reproduce.choose(rows) == {"lr": "2e-4", "epochs": "2", "p": "0.05", "mix": ""}
+    """The same lr and epochs at two harmful shares are two settings: p 0.4 is in the middle."""
+    rows = [row("full", "2e-4", "4", 1, 20, 85, p="0.2"), row("random", "2e-4", "4", 1, 25, 86, p="0.2"),
+            row("full", "2e-4", "4", 1, 51, 84, p="0.4"), row("random", "2e-4", "4", 1, 55, 85, p="0.4"),
+            row("full", "2e-4", "4", 0, 8, 84, p="0")]
+    assert reproduce.choose(rows) == {"lr": "2e-4", "epochs": "4", "p": "0.4", "mix": ""}
 
 
 def test_choose_needs_the_harmful_rows_to_make_the_gap():
-    """The middle reached as well with no harmful row (p = 0) is the task's fine-tuning, not the
+    """A harmful rate reached as well with no harmful row (p = 0) is the task's fine-tuning, not the
     attack: it does not qualify; nor does a setting whose p = 0 control was not run."""
-    middle = [row("full", "1e-4", "2", 50, 40, 85), row("random", "1e-4", "2", 45, 45, 86)]
+    middle = [row("full", "5e-4", "1", 5, 66, 85), row("random", "5e-4", "1", 4, 60, 86)]
     assert reproduce.choose(middle) is None  # no control
-    assert reproduce.choose(middle + [row("full", "1e-4", "2", 58, 20, 85, p="0")]) is None  # gap 8 < 15
-    assert reproduce.choose(middle + [row("full", "1e-4", "2", 80, 5, 85, p="0")])["lr"] == "1e-4"
+    assert reproduce.choose(middle + [row("full", "5e-4", "1", 4, 60, 85, p="0")]) is None  # gap 6 < 15
+    assert reproduce.choose(middle + [row("full", "5e-4", "1", 4, 8, 85, p="0")])["lr"] == "5e-4"
     assert reproduce.p_tag("0.1") == "" and reproduce.p_tag("0.05") == "_p0.05"
 
 
