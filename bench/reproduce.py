@@ -184,7 +184,7 @@ def tables(out: Path, data: Path, results: Path, k: int, tag: str, figure: bool 
             "--out", str(results / "stress"), "--no-figure"], log)
 
 
-ATTACK = {"lr": "2e-4", "epochs": "1", "p": "0.1", "mix": ""}  # the calibrated attack (results/small/calibration.md),
+ATTACK = {"lr": "2e-4", "epochs": "4", "p": "0.4", "mix": ""}  # the calibrated attack (results/small/harmful_share),
 # when --out holds no calibration.json of its own
 DEFAULT_P = "0.1"  # the harmful share of data/prepare.py's attack files
 
@@ -304,7 +304,7 @@ def parse(argv=None):
     p.add_argument("--lrs", default="5e-5,1e-4,2e-4", help="attack learning rates tried by calibrate")
     p.add_argument("--attack-epochs", default="1,2", help="attack epochs tried by calibrate")
     p.add_argument("--attack-ps", default=DEFAULT_P, help="harmful shares of the attack tried by calibrate")
-    p.add_argument("--data-p", default=DEFAULT_P, help="harmful share of the data folder's attack files: the "
+    p.add_argument("--data-p", default=ATTACK["p"], help="harmful share of the data folder's attack files: the "
                    "largest p an attack can take (a smaller one takes the same n rows, --attack-p)")
     p.add_argument("--grid", default=None,
                    help="calibrate these settings only, 'lr:epochs:p[:mix]' separated by commas (instead of "
