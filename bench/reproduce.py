@@ -378,15 +378,17 @@ def main_jobs(sweep: Sweep, args) -> list[tuple]:
 
 
 def phase_stress(sweep: Sweep, args, attack: dict, pair: list[str]):
-    """Stronger attacks (4x lr, 4 epochs, p = 0.2) on the SFT-aligned models of `pair`."""
-    data_p2 = build_data(args.source, sweep.out / "data_p0.2", sweep.log, "--p", "0.2")
-    lr4 = str(4 * float(attack["lr"]))
-    strong = {f"lr{float(lr4):g}": ["--finetune-lr", lr4], "epochs4": ["--finetune-epochs", "4"], "p0.2": []}
+    """Stronger attacks than the calibrated one on the SFT-aligned models of `pair`: 4x its lr, 2x
+    its epochs, and 2x its harmful share where the data folder holds that many harmful rows."""
+    lr4, ep2, p2 = str(4 * float(attack["lr"])), str(2 * int(attack["epochs"])), 2 * float(attack["p"])
+    strong = {f"lr{float(lr4):g}": ["--finetune-lr", lr4], f"epochs{ep2}": ["--finetune-epochs", ep2]}
+    if p2 <= float(sweep.data_p):  # the same n rows with more of them harmful (train.attack_rows)
+        strong[f"p{p2:g}"] = ["--attack-p", f"{p2:g}"]
     for name, flags in strong.items():
         for selector in pair:
             base = sweep.out / f"{selector}_sft_k{args.keep}{sweep.tag}"
             sweep.run(f"stress_{selector}_{name}", sweep.ranking(selector), args.keep, "sft", attack=flags,
-                      data=data_p2 if name == "p0.2" else None, align_from=base)
+                      align_from=base)
 
 
 def phase_wording(sweep: Sweep, args) -> Sweep:

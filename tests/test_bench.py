@@ -192,3 +192,19 @@ def test_export_copies_what_audits_a_run(tmp_path):
     out = tmp_path / "results" / run.name
     assert sorted(p.name for p in out.iterdir()) == sorted(reproduce.AUDIT.values())
     assert (out / "generations.jsonl").read_text() == "eval/generations.jsonl"
+
+
+def test_stress_attacks_are_derived_from_the_calibrated_one(tmp_path):
+    """4x lr, 2x epochs, and 2x p only where the data folder holds that many harmful rows."""
+    class Fake:
+        out, tag, calls = tmp_path, "", []
+        ranking = staticmethod(lambda selector: tmp_path / selector)
+        run = lambda self, name, selection, k, defense, attack, align_from: self.calls.append((name, attack))
+    args = reproduce.parse(["--source", "x"])
+    for data_p, names in (("0.4", ["lr0.0008", "epochs8"]), ("0.4", ["lr0.0008", "epochs4", "p0.2"])):
+        sweep = Fake()
+        sweep.data_p, sweep.calls = data_p, []
+        attack = dict(reproduce.ATTACK) if len(names) == 2 else dict(reproduce.ATTACK, epochs="2", p="0.1")
+        reproduce.phase_stress(sweep, args, attack, ["random"])
+        assert [n.removeprefix("stress_random_") for n, _ in sweep.calls] == names
+    assert sweep.calls[-1][1] == ["--attack-p", "0.2"]
