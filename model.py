@@ -133,10 +133,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim) if offset else torch.ones(dim))
 
     def forward(self, x):
-        x32 = x.float()
+        x32 = x.to(torch.promote_types(x.dtype, torch.float32))  # float32 at least
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         if self.offset:
-            return (x32 * (1.0 + self.weight.float())).to(x.dtype)
+            return (x32 * (1.0 + self.weight.to(x32.dtype))).to(x.dtype)
         return self.weight * x32.to(x.dtype)
 
 
@@ -192,6 +192,17 @@ class KVCache(nn.Module):
         self.k, self.v = self.k[rows], self.v[rows]
 
 
+def attend(q, k, v, mask, scale, enable_gqa: bool):
+    """Causal (or masked) scaled dot-product attention. A bf16 CPU training pass runs it in float32:
+    the CPU flash kernel's bf16 backward is 2-4x slower than its float32 one at the lengths we train
+    on (bench/speed.py, attention table), and the casts cost less than the difference."""
+    up = q.device.type == "cpu" and q.dtype == torch.bfloat16 and torch.is_grad_enabled() and (
+        q.requires_grad or k.requires_grad or v.requires_grad)
+    y = F.scaled_dot_product_attention(*(t.float() if up else t for t in (q, k, v)), attn_mask=mask,
+                                       is_causal=mask is None, enable_gqa=enable_gqa, scale=scale)
+    return y.to(q.dtype)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -213,8 +224,7 @@ class Attention(nn.Module):
         if self.cache is not None:
             k, v = self.cache.update(start, k, v)
         if self.softcap is None:  # grouped-query attention: SDPA repeats each KV head for n_head / n_kv queries
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                               enable_gqa=self.n_kv != self.n_head, scale=self.scale)
+            y = attend(q, k, v, mask, self.scale, enable_gqa=self.n_kv != self.n_head)
         else:  # soft-capped scores: SDPA has no such option, so the attention is written out
             k, v = (t.repeat_interleave(self.n_head // self.n_kv, dim=1) for t in (k, v))
             scores = softcap(q @ k.transpose(-1, -2) * (self.scale or self.hd ** -0.5), self.softcap)
@@ -376,19 +386,11 @@ def _cpu_bf16_faster(n: int = 512, reps: int = 5) -> bool:
     return best(a.bfloat16(), b.bfloat16()) < best(a, b)
 
 
-def autocast_bf16(device, bf16: bool = True) -> bool:
-    """Does `autocast(device, bf16)` compute in bf16? On CUDA always; on a CPU when asked and
-    it has bf16 units."""
-    device = torch.device(device)
-    return device.type == "cuda" or (bf16 and bf16_supported(device))
-
-
-def autocast(device, bf16: bool = True):
-    """bf16 autocast where `autocast_bf16` says so; a no-op otherwise."""
-    device = torch.device(device)
-    if autocast_bf16(device, bf16):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def train_dtype(device, bf16: bool = True) -> torch.dtype:
+    """The dtype of the frozen weights (and so of the activations) in select, align and finetune:
+    bf16 where asked and the device has bf16 units, float32 elsewhere. The LoRA adapters and their
+    optimizer state stay float32 (LoRALinear); losses and norms are taken in float32."""
+    return torch.bfloat16 if bf16 and bf16_supported(device) else torch.float32
 
 
 # ----------------------------------------------------------------------------- loading, saving
@@ -584,10 +586,12 @@ class LoRALinear(nn.Module):
         self.probe = None  # a SampleGradDots while one is open (see sample_grad_dots)
 
     def forward(self, x):
-        y = self.base(x)  # under autocast: bf16, and the sum stays bf16 (no upcast of the layer)
-        x = self.dropout(x.to(self.lora_A.weight.dtype))
-        u = self.lora_A(x)
-        z = self.lora_B(u)
+        y = self.base(x)
+        # the float32 adapter runs in the activations' dtype: a cast of its r x (in + out) weights,
+        # not of the (B, T, in) activations (bf16 frozen weights: bf16 in, bf16 out)
+        x = self.dropout(x)
+        u = F.linear(x, self.lora_A.weight.to(x.dtype))
+        z = F.linear(u, self.lora_B.weight.to(u.dtype))
         if self.probe is not None and z.requires_grad:
             self.probe.watch(self, x, u, z)  # per-sample dot products in the backward pass
         return y + (z * self.scale).to(y.dtype)
@@ -604,7 +608,7 @@ def add_lora(model: nn.Module, rank: int = 8, alpha: float = 16, targets=LORA_TA
              dropout: float = 0.0):
     """Freeze the model and wrap every targeted Linear (by attribute name) with a LoRA adapter.
 
-    The adapter is kept in float32 (stable Adam under bf16 autocast), like PEFT's default."""
+    The adapter is kept in float32 (stable Adam over bf16 weights), like PEFT's default."""
     if lora_modules(model):
         raise ValueError("the model already has LoRA adapters: merge_lora(model) first")
     model.requires_grad_(False)

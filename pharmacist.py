@@ -76,7 +76,7 @@ class SelectConfig:
     lora_alpha: float = 16.0  # LoRA scale alpha
     lora_layers: int = 8  # adapters on the last this many blocks only (0: every block); a shorter backward, and better rankings
     inner_lr: float = 5e-4  # AdamW learning rate of the inner (model) step
-    bf16: bool = True  # bf16 autocast where the device has bf16 units (model.bf16_supported); fp32 elsewhere
+    bf16: bool = True  # bf16 frozen weights where the device has bf16 units (model.train_dtype); fp32 elsewhere
     mode: str = "first_order"  # Pharmacist: first_order (one scoring pass) or bilevel (learned weights)
     outer_every: int = 8  # Pharmacist bilevel: steps between two outer gradients g = ∇F
     outer_batch_size: int = 32  # Pharmacist: validation and harmful rows of each outer gradient
@@ -128,16 +128,16 @@ def rank(scores, k: int) -> tuple[np.ndarray, np.ndarray]:
 class Meter:
     """What a selector cost: steps, forward and backward passes, tokens through the model."""
 
-    def __init__(self, bf16: bool = False):
+    def __init__(self):
         self.steps = self.forward = self.backward = self.tokens = 0
-        self.bf16, self.t0 = bf16, time.perf_counter()
+        self.t0 = time.perf_counter()
 
     def losses(self, model, batch, grad: bool = True) -> torch.Tensor:
-        """ℓ_i of every row of the batch (B,), with or without a graph; bf16 autocast with
-        --select-bf16 where the device has bf16 units."""
+        """ℓ_i of every row of the batch (B,), with or without a graph, in the model's own dtype
+        (bf16 weights with --select-bf16 where the device has bf16 units: train.load_model)."""
         self.forward += 1
         self.tokens += int(batch["attention_mask"].sum())
-        with torch.set_grad_enabled(grad), M.autocast(batch["input_ids"].device, self.bf16):
+        with torch.set_grad_enabled(grad):
             return sample_losses(model.hidden(batch["input_ids"]), batch["labels"], model.head)
 
     def grad(self, loss, params) -> list[torch.Tensor]:
@@ -272,7 +272,7 @@ def pharmacist_select(model, tokenizer, pool, validation, harmful, cfg: SelectCo
     next_pool = stream(pool, tokenizer, cfg, cfg.seed, device)
     next_outer = OuterStreams(validation, harmful, tokenizer, cfg, device)
     weights = SampleWeights(len(pool), cfg.weighting, cfg.selector_lr, optimizer="sgd", device=device)
-    meter, steps, info, scale, g = Meter(cfg.bf16), step_budget(cfg, len(pool)), {}, RunningScale(), None
+    meter, steps, info, scale, g = Meter(), step_budget(cfg, len(pool)), {}, RunningScale(), None
     with selector_lora(model, cfg) as params:
         opt = torch.optim.AdamW(params, lr=cfg.inner_lr, weight_decay=0.0)
         ck = Checkpoint(checkpoint, cfg.save_every, writes=P.is_main(), params=params, opt=opt, weights=weights, scale=scale,
@@ -321,7 +321,7 @@ def first_order_select(model, tokenizer, pool, validation, harmful, cfg: SelectC
     pool_batches = Batches(examples, cfg.batch_size, tokenizer.pad_id, seed=cfg.seed).epoch(0)  # length-bucketed
     next_pool = Stream(examples, cfg.batch_size, tokenizer.pad_id, cfg.seed, device)  # SFT between checkpoints
     next_outer = OuterStreams(validation, harmful, tokenizer, cfg, device)
-    meter, scores, info = Meter(cfg.bf16), np.zeros(len(pool)), {}
+    meter, scores, info = Meter(), np.zeros(len(pool)), {}
     with selector_lora(model, cfg) as params:
         opt = torch.optim.AdamW(params, lr=cfg.inner_lr, weight_decay=0.0)
         bar = tqdm(total=cfg.checkpoints * (len(pool_batches) + 1) + (cfg.checkpoints - 1) * len(pool_batches),
@@ -415,7 +415,7 @@ def seal_select(model, tokenizer, pool, validation, harmful, cfg: SelectConfig,
     next_pool = stream(pool, tokenizer, cfg, cfg.seed, device)
     next_v = stream(validation, tokenizer, cfg, cfg.seed + 1, device)
     weights = SampleWeights(len(pool), cfg.weighting, cfg.selector_lr, device=device)
-    meter, steps, info = Meter(cfg.bf16), step_budget(cfg, len(pool)), {}
+    meter, steps, info = Meter(), step_budget(cfg, len(pool)), {}
     with selector_lora(model, cfg) as params:
         opt = torch.optim.AdamW(params, lr=cfg.inner_lr, weight_decay=0.0)
         ck = Checkpoint(checkpoint, cfg.save_every, writes=P.is_main(), params=params, opt=opt, weights=weights, meter=meter,
@@ -459,7 +459,7 @@ def loss_select(model, tokenizer, pool, validation, harmful, cfg: SelectConfig,
                     Batches(encode_samples(pool, tokenizer, cfg.max_len), cfg.batch_size,
                             tokenizer.pad_id, shuffle=False).epoch(0)]
     next_v = stream(validation, tokenizer, cfg, cfg.seed + 1, device)
-    meter, steps = Meter(cfg.bf16), step_budget(cfg, len(pool))
+    meter, steps = Meter(), step_budget(cfg, len(pool))
     scores = np.zeros(len(pool))
     with selector_lora(model, cfg) as params:
         for b in pool_batches:  # base model: the LoRA is still zero (B = 0)

@@ -64,7 +64,7 @@ class TrainConfig:
     lora_rank: int = 8  # LoRA rank r
     lora_alpha: float = 16.0  # LoRA scale alpha (the update is alpha/r * B A)
     lora_targets: str = ",".join(M.LORA_TARGETS)  # comma list of projections that get an adapter
-    bf16: bool = True  # bf16 autocast where the device has bf16 units (model.bf16_supported); fp32 elsewhere
+    bf16: bool = True  # bf16 frozen weights where the device has bf16 units (model.train_dtype); fp32 elsewhere
     save_every: int = 50  # checkpoint every this many optimizer steps
     seed: int = 0  # data order, LoRA init, dropout
     retain: str = ""  # a file of the data folder trained on beside the stage's own rows ('' = none)
@@ -321,8 +321,7 @@ def train(model, examples, pad_id: int, cfg: TrainConfig, ctx: defenses.Context,
                 tokens += int(batch["attention_mask"].sum())  # the whole batch's, on every rank
                 batch, share = P.shard({k: v.to(device) for k, v in batch.items()})
                 ctx.step = step
-                with M.autocast(device, cfg.bf16):
-                    grads, stats = step_fn(ctx, batch)
+                grads, stats = step_fn(ctx, batch)
                 grads, stats = P.weighted_sum(grads, share), P.weighted_stats(stats, share, device)
                 if not all(math.isfinite(v) for v in stats.values() if isinstance(v, float)):
                     bar.close()
@@ -355,21 +354,24 @@ def train(model, examples, pad_id: int, cfg: TrainConfig, ctx: defenses.Context,
     return dict(steps=step, final_loss=stats.get("loss"), tokens=tokens, wall_time_s=seconds, tokens_per_s=tokens / max(seconds, 1e-9),
                 peak_memory_mb=clock.peak_memory_mb(), passes_per_step=defenses.PASSES[cfg.defense],
                 defense=cfg.defense, device=str(device),
-                precision="bf16" if M.autocast_bf16(device, cfg.bf16) else "fp32")
+                precision="bf16" if model.embed_tokens.weight.dtype == torch.bfloat16 else "fp32")
 
 
 # ----------------------------------------------------------------------------- the stages
 
-def load_model(cfg: Config, path=None):
+def load_model(cfg: Config, path=None, bf16: bool | None = None):
+    """(model, tokenizer, device). The weights' dtype: M.train_dtype(device, bf16) (bf16 where asked
+    and the device has bf16 units, float32 elsewhere); the device's default when bf16 is None."""
     device = torch.device(cfg.device) if cfg.device else M.default_device()
-    model, tok = default_weights.load_pretrained(path or cfg.model, device=device)
+    dtype = None if bf16 is None else M.train_dtype(device, bf16)
+    model, tok = default_weights.load_pretrained(path or cfg.model, device=device, dtype=dtype)
     return model, tok, device
 
 
 def stage_select(cfg: Config, out: Path) -> dict:
     """Rank the alignment pool and keep the core subset (Pharmacist or a baseline)."""
     pool, validation, harmful = (read_split(cfg, f) for f in ("pool.jsonl", "validation.jsonl", "harmful.jsonl"))
-    model, tok, _ = load_model(cfg)
+    model, tok, _ = load_model(cfg, bf16=cfg.select.bf16)
     clock = Clock(model.embed_tokens.weight.device)
     ckpt = out / "checkpoint.pt"  # the selector's loop, every --select-save-every steps and on Ctrl-C
     if not cfg.resume and P.is_main():
@@ -428,14 +430,18 @@ def stage_align(cfg: Config, out: Path) -> dict:
         print(f"no {subset_file}: aligning on the whole pool (run --stage select first to curate it)")
         data, selector = read_split(cfg, "pool.jsonl"), {"selector": "full", "select_time_s": 0.0}
     retain = read_split(cfg, cfg.align.retain) if cfg.align.retain else []
-    model, tok, device = load_model(cfg)
+    model, tok, device = load_model(cfg, bf16=cfg.align.bf16)
     summary = run_training(cfg, cfg.align, model, tok, device, data + retain, read_split(cfg, "harmful.jsonl"),
                            data + retain, out)
-    if cfg.fsdp:
+    if model.embed_tokens.weight.dtype != torch.float32:  # a small update is lost when added to bf16 weights:
+        del model  # merge into the float32 weights, read again, and save those
+        if P.is_main():
+            model, tok, _ = load_model(cfg, bf16=False)
+            M.load_lora(model, out / "adapter")
+    elif cfg.fsdp:
         P.gather_weights(model)  # the whole weights to merge into and save
-    M.merge_lora(model)
     if P.is_main():
-        M.save_pretrained(model, tok, out / "model")
+        M.save_pretrained(M.merge_lora(model), tok, out / "model")
     return dict(summary, selector=selector["selector"], select_time_s=selector.get("select_time_s", 0.0),
                 n_align=len(data), n_retain=len(retain), align_time_s=summary["wall_time_s"])
 
@@ -461,7 +467,7 @@ def attack_rows(cfg: Config) -> list[Sample]:
 def stage_finetune(cfg: Config, out: Path) -> dict:
     """The harmful fine-tuning attack: task samples plus a fraction p of harmful ones, new LoRA."""
     aligned = require(Path(cfg.out) / "align" / "model", "align")
-    model, tok, device = load_model(cfg, aligned)
+    model, tok, device = load_model(cfg, aligned, bf16=cfg.finetune.bf16)
     data = attack_rows(cfg)
     data += read_split(cfg, cfg.finetune.retain) if cfg.finetune.retain else []
     subset_file = Path(cfg.out) / "select" / "subset.jsonl"

@@ -2,6 +2,10 @@
 
     python bench/speed.py [--model smollm2-135m-instruct] [--batch 8] [--seq 128] [--bf16]
 
+With --bf16 (where the device has bf16 units) both models hold their frozen weights in bf16 and
+their LoRA adapters in float32, each in its own best setting: ours as train.py runs it,
+transformers + peft with SDPA attention and peft's float32 adapters; without it, both in float32.
+
 Prints a markdown table of LoRA training tokens/s (random ids labelled at every token, and an
 alignment batch whose prompt and padding carry no label), batched greedy generation tokens/s and
 the cached load time, each as a ratio ours / theirs, the model FLOP/s of each LoRA step against
@@ -102,14 +106,31 @@ def lora_step_flops(model, batch: int, seq: int, labelled: int, head_rows: int) 
     return 4 * frozen * tokens + attention + head + 6 * lora * tokens
 
 
-def train_step(loss_of, opt, device, bf16):
+def train_step(loss_of, opt):
     def step():
-        with M.autocast(device, bf16):
-            loss = loss_of()
+        loss = loss_of()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
     return step
+
+
+def attention_table(cfg, device, dtype, batch: int, lengths=(64, 128, 256), repeats: int = 5) -> list[str]:
+    """Forward + backward of one layer's attention at the model's head shape in `dtype`: SDPA as
+    is, and `M.attend` (on a CPU in bf16: SDPA in float32 around casts), in ms."""
+    import torch.nn.functional as F
+    lines = [f"Attention forward + backward, one layer ({batch} x {cfg.num_attention_heads} heads x "
+             f"{cfg.head_dim}, {cfg.num_key_value_heads} KV heads, {str(dtype).removeprefix('torch.')}):", "",
+             "| length | SDPA as is (ms) | M.attend (ms) | SDPA / attend |", "|---|---|---|---|"]
+    for T in lengths:
+        q, k, v = (torch.randn(batch, h, T, cfg.head_dim, device=device, dtype=dtype, requires_grad=True)
+                   for h in (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.num_key_value_heads))
+        fwd_bwd = lambda f: lambda: f().sum().backward()
+        plain = fwd_bwd(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
+        ours = fwd_bwd(lambda: M.attend(q, k, v, None, None, enable_gqa=True))
+        t_p, t_o = (statistics.median(t) for t in timed([plain, ours], device, repeats))
+        lines.append(f"| {T} | {t_p * 1e3:.1f} | {t_o * 1e3:.1f} | {t_p / t_o:.2f}x |")
+    return lines
 
 
 def training_batch(tok, batch: int, seq: int, device):
@@ -128,21 +149,23 @@ def main():
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--bf16", action="store_true",
-                   help="bf16 autocast on a CPU with bf16 units (always on CUDA; fp32 on a CPU without)")
+                   help="bf16 frozen weights where the device has bf16 units (M.train_dtype); fp32 otherwise")
     args = p.parse_args()
     import peft
     import transformers
 
     device = M.default_device()
+    dtype = M.train_dtype(device, args.bf16)
     torch.manual_seed(0)
     folder = Path(args.model) if Path(args.model).exists() else default_weights.resolve(args.model)
     loaded = {}
 
     def load_ours():
-        loaded["ours"] = default_weights.load_pretrained(args.model, device=device)
+        loaded["ours"] = default_weights.load_pretrained(args.model, device=device, dtype=dtype)
 
     def load_theirs():  # what a user waits for on both sides: the model and its tokenizer
-        loaded["theirs"] = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device)
+        loaded["theirs"] = transformers.AutoModelForCausalLM.from_pretrained(
+            folder, dtype=dtype, attn_implementation="sdpa").to(device)
         transformers.AutoTokenizer.from_pretrained(folder)
 
     l_o, l_t = timed([load_ours, load_theirs], device, 3)  # the file is in the page cache after warm-up
@@ -159,9 +182,8 @@ def main():
     flops = []
     for name, (x, y) in {"every token labelled": (ids, ids),
                          "alignment batch": training_batch(tok, args.batch, args.seq, device)}.items():
-        s_o, s_t = timed([train_step(lambda: D.losses(ours, {"input_ids": x, "labels": y}).mean(), opt_o,
-                                     device, args.bf16),
-                          train_step(lambda: theirs(input_ids=x, labels=y).loss, opt_t, device, args.bf16)],
+        s_o, s_t = timed([train_step(lambda: D.losses(ours, {"input_ids": x, "labels": y}).mean(), opt_o),
+                          train_step(lambda: theirs(input_ids=x, labels=y).loss, opt_t)],
                          device, args.repeats)
         labelled = int((y[:, 1:] != IGNORE).sum())
         rows.append(row(f"LoRA train step, {name} {tuple(x.shape)}, {labelled} labels (tok/s)", x.numel(),
@@ -181,11 +203,11 @@ def main():
     n = args.new_tokens * len(prompts)  # equal work: eos is switched off on both sides
 
     def gen_ours():
-        with torch.no_grad(), M.autocast(device, args.bf16):
+        with torch.no_grad():
             M.generate_ids(ours, enc, args.new_tokens, eos_id=-1, pad_id=tok.pad_id)
 
     def gen_theirs():
-        with torch.no_grad(), M.autocast(device, args.bf16):
+        with torch.no_grad():
             theirs.generate(input_ids=hf_ids, attention_mask=hf_mask, do_sample=False,
                             max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
                             eos_token_id=None, pad_token_id=tok.pad_id)
@@ -193,7 +215,7 @@ def main():
     g_o, g_t = timed([gen_ours, gen_theirs], device, max(1, args.repeats // 2))
     rows.append(row("greedy generation (tok/s)", n, g_o, g_t))
 
-    name = f"{device.type}{'-bf16' if M.autocast_bf16(device, args.bf16) else ''}"
+    name = f"{device.type}{'-bf16' if dtype == torch.bfloat16 else ''}"
     lines = [f"{args.model}, batch {args.batch}, seq {args.seq}, {args.new_tokens} new tokens, device {name} "
              f"({processor(device)}, {torch.get_num_threads()} threads), "
              f"{args.repeats} rounds, torch {torch.__version__}, transformers {transformers.__version__}, "
@@ -201,7 +223,6 @@ def main():
              "| measure | ours | transformers+peft | ours / theirs (speed) | ratio min-max over rounds |",
              "|---|---|---|---|---|"]
     lines += [f"| {r[0]} | {r[1]:.2f} | {r[2]:.2f} | {r[3]:.2f}x | {r[4]} |" for r in rows]
-    dtype = torch.bfloat16 if M.autocast_bf16(device, args.bf16) else torch.float32
     cfg = ours.config  # the MLP's up projection over a batch's tokens: the model's largest matmul shape
     peak = matmul_rate(device, dtype, args.batch * args.seq, cfg.hidden_size, cfg.intermediate_size)
     lines += ["", f"Model FLOPs of a LoRA step (bench/speed.py lora_step_flops) against this machine's "
@@ -210,6 +231,7 @@ def main():
               "| LoRA step | model GFLOP | ours TFLOP/s | transformers+peft TFLOP/s | ours, share of the matmul rate |",
               "|---|---|---|---|---|"]
     lines += [f"| {n} | {w / 1e9:.0f} | {o / 1e12:.3f} | {t / 1e12:.3f} | {o / peak:.0%} |" for n, w, o, t in flops]
+    lines += [""] + attention_table(cfg, device, dtype, args.batch)
     if device.type == "cuda":
         lines.append(f"\npeak CUDA memory (both models loaded): {torch.cuda.max_memory_allocated() / 2**20:.0f} MB")
     text = "\n".join(lines) + "\n"

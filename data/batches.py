@@ -121,17 +121,81 @@ def sample_losses(h: torch.Tensor, labels: torch.Tensor, head=None) -> torch.Ten
 
     `h` are logits (B, T, vocab), or hidden states with `head` their output head: the head then
     runs only where a response token is predicted, so prompt and padding positions never reach the
-    vocabulary-wide matmul. Position t predicts the label at t + 1. A row without response tokens
-    gets 0.
+    vocabulary-wide matmul, and it runs a block of rows at a time (`head_cross_entropy`). Position t
+    predicts the label at t + 1. A row without response tokens gets 0.
     """
     targets = labels[:, 1:]
     keep = targets != IGNORE  # (B, T-1)
     h = h[:, :-1][keep]  # (N, D): the positions that predict a response token
-    logits = h if head is None else head(h)
-    token_loss = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets[keep],
-                                 reduction="none")
+    if head is None:
+        token_loss = F.cross_entropy(h.to(torch.promote_types(h.dtype, torch.float32)), targets[keep],
+                                     reduction="none")
+    else:
+        token_loss = head_cross_entropy(h, targets[keep], head)
     total = token_loss.new_zeros(len(labels)).index_add(0, keep.nonzero()[:, 0], token_loss)
     return total / keep.sum(dim=1).clamp(min=1)
+
+
+HEAD_ROWS = 256  # rows per block of the vocabulary-wide head matmul (256 x 49k logits: 50 MB in float32)
+SOFTMAX_ROWS = 32  # rows per softmax piece on a CPU: 32 x 49k float32 logits stay in a 2 MB L2 cache
+
+
+def head_cross_entropy(h: torch.Tensor, targets: torch.Tensor, head) -> torch.Tensor:
+    """Token losses (N,) of head(h) (N, vocab) against targets (N,), in float32, without keeping
+    the vocabulary-wide logits: `HeadCrossEntropy` where only h needs a gradient, plain
+    autograd where the head itself trains (its parameters need theirs)."""
+    dt = torch.promote_types(h.dtype, torch.float32)
+    if len(h) and head(h[:1].detach()).requires_grad:  # the head's own parameters train: plain autograd
+        return F.cross_entropy(head(h).to(dt), targets, reduction="none")
+    if not (h.requires_grad and torch.is_grad_enabled()):  # no backward: the losses alone
+        with torch.no_grad():
+            return torch.cat([h.new_zeros(0, dtype=dt)] + [
+                softmax_cross_entropy(head(h[i:i + HEAD_ROWS]), targets[i:i + HEAD_ROWS], dt)[0]
+                for i in range(0, len(h), HEAD_ROWS)])
+    return HeadCrossEntropy.apply(h, targets, head)
+
+
+def softmax_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, dt=torch.float32, grad: bool = False):
+    """(loss, d loss / d logits) of each row: −log softmax at the target, and softmax − one-hot
+    (in float32, then the logits' dtype); on a CPU in pieces that stay in the cache."""
+    loss = logits.new_empty(len(logits), dtype=dt)
+    g = torch.empty_like(logits) if grad else None
+    step = SOFTMAX_ROWS if logits.device.type == "cpu" else max(1, len(logits))
+    for i in range(0, len(logits), step):
+        t = targets[i:i + step]
+        rows = torch.arange(len(t), device=logits.device)
+        logp = F.log_softmax(logits[i:i + step], -1, dtype=dt)
+        loss[i:i + step] = -logp[rows, t]
+        if grad:
+            p = logp.exp_()
+            p[rows, t] -= 1
+            g[i:i + step] = p
+    return loss, g
+
+
+class HeadCrossEntropy(torch.autograd.Function):
+    """Cross entropy through a frozen output head, a block of `HEAD_ROWS` rows at a time: each
+    block's logits are formed, turned into losses and d loss / d h (softmax − one-hot, back
+    through the head) and dropped, so memory holds (N, D) gradients instead of (N, vocab) logits
+    and the softmax runs on cache-sized pieces. The backward pass is one multiply."""
+
+    @staticmethod
+    def forward(ctx, h, targets, head):
+        dt = torch.promote_types(h.dtype, torch.float32)
+        losses, grad = h.new_empty(len(h), dtype=dt), torch.empty_like(h)
+        for i in range(0, len(h), HEAD_ROWS):
+            hc = h[i:i + HEAD_ROWS].detach().requires_grad_()
+            with torch.enable_grad():
+                logits = head(hc)
+            losses[i:i + HEAD_ROWS], g = softmax_cross_entropy(logits.detach(), targets[i:i + HEAD_ROWS], dt, grad=True)
+            grad[i:i + HEAD_ROWS] = torch.autograd.grad(logits, hc, g)[0]
+        ctx.save_for_backward(grad)
+        return losses
+
+    @staticmethod
+    def backward(ctx, grad_losses):
+        grad, = ctx.saved_tensors
+        return grad * grad_losses[:, None].to(grad.dtype), None, None
 
 
 class Stream:

@@ -195,30 +195,44 @@ def test_lora_identity_at_init_and_merge_after_training():
         assert (m(IDS) - trained).abs().max() <= 1e-4
 
 
-def test_lora_keeps_the_autocast_dtype_of_its_layer():
-    """Under bf16 autocast the adapted layer returns bf16 like the base layer: the fp32 adapter
-    must not upcast the activations of every layer after it (that made bf16 training slower)."""
+def test_lora_runs_in_the_dtype_of_its_layer():
+    """Over bf16 frozen weights the float32 adapter computes in bf16 and returns bf16 (its weights
+    are cast, not the activations); its gradients reach the float32 parameters."""
     torch.manual_seed(0)
-    lora = M.LoRALinear(torch.nn.Linear(16, 32, bias=False), rank=4, alpha=8)
-    x = torch.randn(2, 16)  # fp32 input, as after RMSNorm
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert lora.base(x).dtype == lora(x).dtype == torch.bfloat16
-    assert lora(x).dtype == torch.float32  # without autocast nothing changes
+    lora = M.LoRALinear(torch.nn.Linear(16, 32, bias=False).bfloat16(), rank=4, alpha=8)
+    torch.nn.init.normal_(lora.lora_B.weight)
+    x = torch.randn(2, 16, dtype=torch.bfloat16)
+    y = lora(x)
+    assert y.dtype == torch.bfloat16 and lora.lora_A.weight.dtype == torch.float32
+    y.float().sum().backward()
+    assert lora.lora_A.weight.grad.dtype == lora.lora_B.weight.grad.dtype == torch.float32
+    want = x.float() @ lora.base.weight.float().T + 2 * (x.float() @ lora.lora_A.weight.T) @ lora.lora_B.weight.T
+    torch.testing.assert_close(y.float(), want, rtol=0.05, atol=0.05)
 
 
 @pytest.mark.parametrize("faster", [True, False])
-def test_cpu_autocast_follows_the_bf16_timing(monkeypatch, faster):
-    """On a CPU, `bf16` asks for autocast, and it is given only where a bf16 matmul was timed
+def test_cpu_bf16_follows_the_bf16_timing(monkeypatch, faster):
+    """On a CPU, `bf16` asks for bf16 weights, and gets them only where a bf16 matmul was timed
     faster than fp32 (plain AVX-512 emulates bf16 at a fraction of the fp32 speed)."""
     monkeypatch.setattr(M, "_cpu_bf16_faster", lambda: faster)
-    x = torch.randn(4, 8)
-    with M.autocast("cpu", bf16=True):
-        got = (x @ x.T).dtype
-    assert M.autocast_bf16("cpu", True) is faster
-    assert got == (torch.bfloat16 if faster else torch.float32)
-    with M.autocast("cpu", bf16=False):
-        assert (x @ x.T).dtype == torch.float32
+    assert M.train_dtype("cpu", True) == (torch.bfloat16 if faster else torch.float32)
+    assert M.train_dtype("cpu", False) == torch.float32
     assert M.bf16_supported("cpu") is faster and M.bf16_supported("meta") is False
+
+
+def test_bf16_cpu_training_attention_matches_the_bf16_kernel():
+    """`attend` runs a bf16 training pass in float32 on a CPU (the bf16 flash backward is slow):
+    output and gradients agree with the bf16 kernel's within bf16 rounding, and stay bf16."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, h, 16, 8, dtype=torch.bfloat16, requires_grad=True) for h in (4, 2, 2))
+    y = M.attend(q, k, v, None, None, enable_gqa=True)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), ref.float(), rtol=0.02, atol=0.02)
+    g = torch.randn_like(y)
+    for a, b in zip(torch.autograd.grad(y, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
+        assert a.dtype == torch.bfloat16
+        torch.testing.assert_close(a.float(), b.float(), rtol=0.05, atol=0.05)
 
 
 def test_cpu_bf16_timing_answers_once():
