@@ -26,6 +26,7 @@ precision.md, calibration.json and per_run/; the wording phase's into results/re
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -77,6 +78,7 @@ class Sweep:
         self.n_pool, self.data_p = manifest["counts"]["pool.jsonl"], str(manifest.get("sizes", {}).get("p", DEFAULT_P))
         self.rankings: dict[str, Path] = {}
         self.failed: list[str] = []
+        self.before = False  # also evaluate each run's aligned model before the attack (before_<name>)
 
     def k_of(self, selector: str) -> int:
         return self.n_pool if selector == "full" else self.keep
@@ -136,6 +138,12 @@ class Sweep:
         if align_from is not None and not (run / "align").exists():
             (run / "align").symlink_to((align_from / "align").resolve())
         self.train(run, "align", "--align-defense", defense, *self.align_flags, *align)
+        if self.before:  # the same aligned model with no attack, in before_<name> (its align/ is this run's)
+            plain = self.out / f"before_{name}"
+            cut(selection, k, plain)
+            if not (plain / "align").exists():
+                (plain / "align").symlink_to((run / "align").resolve())
+            self.train(plain, "eval", *EVAL, *(["--data", str(data)] if data else []))
         finetune = [*self.attack_flags, *(attack or [])]
         data_flags = ["--data", str(data)] if data else []
         self.train(run, "finetune", *finetune, *data_flags)
@@ -172,7 +180,9 @@ def tables(out: Path, data: Path, results: Path, k: int, tag: str, figure: bool 
     (results / "per_run").mkdir(exist_ok=True)
     for r in runs:  # every evaluated run's numbers, calibration and stress included
         (results / "per_run" / f"{r.name}.json").write_text((r / "eval" / "results.json").read_text())
-    main_runs = [r for r in runs if tag in r.name and not r.name.startswith(("stress_", "calib_"))]  # the calibrated attack
+    main_runs = [r for r in runs if tag in r.name and not r.name.startswith(("stress_", "calib_", "before_"))]  # the calibrated attack
+    if any(r.name.startswith("before_") for r in runs):
+        (results / "before_after.md").write_text(before_after_table(out, main_runs))
     stress_runs = [r for r in runs if r.name.startswith("stress_")]
     baselines = [out / f"{s}_sft_k{k}{tag}" for s in ("random", "pharmacist")]
     log = out / "sweep.log"
@@ -182,6 +192,34 @@ def tables(out: Path, data: Path, results: Path, k: int, tag: str, figure: bool 
     if stress_runs:
         sh([PY, "bench/report.py", *map(str, stress_runs + [b for b in baselines if b in runs]),
             "--out", str(results / "stress"), "--no-figure"], log)
+
+
+def before_after_table(out: Path, runs: list[Path]) -> str:
+    """Each configuration before and after the attack (before_<run> beside <run>), seeds merged:
+    the mean over seeds ± its standard error, and the attack's gap (after − before) per seed."""
+    import statistics
+    groups: dict[str, list[tuple[dict, dict]]] = {}
+    for run in runs:
+        if (out / f"before_{run.name}" / "eval" / "results.json").exists():
+            config = re.sub(r"_s\d+$", "", run.name)
+            groups.setdefault(config, []).append(tuple(run_metrics(r, "", None, None) for r in
+                                                       (out / f"before_{run.name}", run)))
+    measures = [("refusal", "refusal on harmful (%)"), ("harmful", "judged harmful (%)"),
+                ("over_refusal", "over-refusal (%)"), ("sst2", "SST-2 (%)")]
+
+    def cell(values):
+        m = statistics.mean(values)
+        return f"{m:.1f} ± {statistics.stdev(values) / len(values) ** 0.5:.1f}" if len(values) > 1 else f"{m:.1f}"
+    head = ["configuration", "seeds", *[f"{label}: before → after" for _, label in measures],
+            "harmful gap (after − before), per seed"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for config, pairs in sorted(groups.items()):
+        cells = [f"{cell([b[k] for b, _ in pairs])} → {cell([a[k] for _, a in pairs])}" for k, _ in measures]
+        gaps = [a["harmful"] - b["harmful"] for b, a in pairs]
+        lines.append(f"| {config} | {len(pairs)} | " + " | ".join(cells) +
+                     f" | {cell(gaps)} ({' / '.join(f'{g:.0f}' for g in gaps)}) |")
+    return "\n".join(lines) + ("\n\nmean over seeds ± its standard error (one seed: the value); refusal by the "
+                               "refusal rule, judged harmful by the trained judge, over-refusal on benign prompts\n")
 
 
 ATTACK = {"lr": "2e-4", "epochs": "4", "p": "0.4", "mix": ""}  # the calibrated attack (results/small/harmful_share),
@@ -412,6 +450,7 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     data = build_data(args.source, out / "data", out / "sweep.log", "--p", args.data_p)
     sweep = Sweep(out, data, ["--align-epochs", "2"], [], args.keep)  # bf16 wherever the device has bf16 units
+    sweep.before = args.preset == "small"  # the before/after table
     results = Path(args.results) if args.results else ROOT / "results" / ("small" if args.preset == "small" else "repro")
     attack = phase_calibrate(sweep, args, out, results)
     sweep.attack(attack["lr"], attack["epochs"], attack["p"], attack.get("mix", ""))

@@ -1,6 +1,7 @@
 """Our model against transformers + peft on the same weights and inputs, in one process.
 
     python bench/speed.py [--model smollm2-135m-instruct] [--batch 8] [--seq 128] [--bf16]
+    python bench/speed.py --shape llama2-7b --batch 10 --seq 256 --bf16   # FLOP utilisation, random weights
 
 With --bf16 (where the device has bf16 units) both models hold their frozen weights in bf16 and
 their LoRA adapters in float32, each in its own best setting: ours as train.py runs it,
@@ -133,6 +134,41 @@ def attention_table(cfg, device, dtype, batch: int, lengths=(64, 128, 256), repe
     return lines
 
 
+def shape_utilisation(spec: str, batch: int, seq: int, device, dtype, repeats: int) -> list[str]:
+    """Our LoRA step (r 8 on every projection, every token labelled, AdamW) on a randomly
+    initialised model of a given shape (bench/memory.py's built-in shapes or a config.json): its
+    tokens/s and model FLOP utilisation against the measured matmul rate, no weights needed."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from memory import read_config
+    cfg = read_config(spec)
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = M.Transformer(cfg).to(dtype)
+    model.to_empty(device=device)  # the weights in `dtype` at once: no float32 copy of a 7B model
+    with torch.no_grad():
+        for name, w in model.named_parameters():
+            w.fill_(1.0) if "norm" in name else w.normal_(0, 0.02)
+    model.inv_freq = M.rope_inv_freq(cfg, device)
+    M.add_lora(model, 8, 16, M.LORA_TARGETS)
+    model.train()
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq), device=device)
+    opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4)
+    [times] = timed([train_step(lambda: D.losses(model, {"input_ids": ids, "labels": ids}).mean(), opt)],
+                    device, repeats)
+    seconds = statistics.median(times)
+    work = lora_step_flops(model, batch, seq, batch * (seq - 1), head_rows=batch * (seq - 1))
+    peak = matmul_rate(device, dtype, batch * seq, cfg.hidden_size, cfg.intermediate_size)
+    lines = [f"{spec} (random weights, {str(dtype).removeprefix('torch.')}), LoRA r 8 on every projection, "
+             f"batch {batch} x {seq}, every token labelled, {repeats} rounds, {processor(device)}", "",
+             "| tok/s | model TFLOP/s | matmul rate at the MLP shape (TFLOP/s) | model FLOP utilisation |",
+             "|---|---|---|---|",
+             f"| {batch * seq / seconds:.0f} | {work / seconds / 1e12:.3f} | {peak / 1e12:.3f} | "
+             f"{work / seconds / peak:.0%} |"]
+    if device.type == "cuda":
+        lines.append(f"\npeak CUDA memory: {torch.cuda.max_memory_allocated() / 2**20:.0f} MB")
+    return lines
+
+
 def training_batch(tok, batch: int, seq: int, device):
     """`batch` rows of the embedded alignment pool as the training loop sees them: prompt and
     right padding unlabelled (IGNORE), the loss on the response only."""
@@ -150,12 +186,24 @@ def main():
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--bf16", action="store_true",
                    help="bf16 frozen weights where the device has bf16 units (M.train_dtype); fp32 otherwise")
+    p.add_argument("--shape", default=None,
+                   help="instead: our LoRA step's FLOP utilisation on a random-initialised model of this shape "
+                        "(llama2-7b, qwen2-7b or a config.json; bench/memory.py)")
     args = p.parse_args()
+    device = M.default_device()
+    dtype = M.train_dtype(device, args.bf16)
+    if args.shape:
+        text = "\n".join(shape_utilisation(args.shape, args.batch, args.seq, device, dtype, args.repeats)) + "\n"
+        print(text)
+        name = f"{device.type}{'-bf16' if dtype == torch.bfloat16 else ''}"
+        words = "".join(c if c.isalnum() else " " for c in processor(device).lower()).split()
+        out = ROOT / "results" / "speed" / f"{Path(args.shape).stem}_{name}_{'-'.join(words[:8])}.md"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + f"\ncommand: python bench/speed.py {' '.join(sys.argv[1:])}\n")
+        return
     import peft
     import transformers
 
-    device = M.default_device()
-    dtype = M.train_dtype(device, args.bf16)
     torch.manual_seed(0)
     folder = Path(args.model) if Path(args.model).exists() else default_weights.resolve(args.model)
     loaded = {}
@@ -237,7 +285,7 @@ def main():
     text = "\n".join(lines) + "\n"
     print("\n" + text)
     words = "".join(c if c.isalnum() else " " for c in processor(device).lower()).split()
-    out = ROOT / "results" / "speed" / f"{name}_{'-'.join(words[:4])}"  # e.g. cpu_intel-r-xeon-r
+    out = ROOT / "results" / "speed" / f"{name}_{'-'.join(words[:8])}"  # e.g. cpu-bf16_intel-r-xeon-r-processor
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"args": vars(args), "rows": rows, "matmul_flops": peak,
                                                     "step_flops": flops}, indent=2))

@@ -208,3 +208,35 @@ def test_stress_attacks_are_derived_from_the_calibrated_one(tmp_path):
         reproduce.phase_stress(sweep, args, attack, ["random"])
         assert [n.removeprefix("stress_random_") for n, _ in sweep.calls] == names
     assert sweep.calls[-1][1] == ["--attack-p", "0.2"]
+
+
+def test_before_after_table_pairs_each_run_with_its_unattacked_model(tmp_path):
+    """Each configuration's seeds merged: before → after as mean ± standard error, the gap per seed."""
+    def write(name, refusal, harmful):
+        (tmp_path / name / "eval").mkdir(parents=True)
+        (tmp_path / name / "eval" / "results.json").write_text(json.dumps(dict(
+            outcomes={"refusal": refusal, "degenerate": 0.0}, harmful_score=harmful, over_refusal=20.0,
+            accuracy={"sst2": 80.0}, harmful_loss=1.0)))
+        return tmp_path / name
+    runs = []
+    for name, before, after in (("full_sft_k400", 3, 51), ("full_sft_k400_s1", 5, 45), ("random_sft_k50", 4, 60)):
+        write(f"before_{name}", 95, before)
+        runs.append(write(name, 2, after))
+    table = reproduce.before_after_table(tmp_path, runs)
+    full = next(line for line in table.splitlines() if line.startswith("| full_sft_k400 |"))
+    assert "| 2 |" in full and "4.0 ± 1.0 → 48.0 ± 3.0" in full and "(48 / 40)" in full
+    assert "| random_sft_k50 | 1 |" in table and "95.0 → 2.0" in table
+
+
+def test_shape_utilisation_runs_a_random_model_of_a_given_shape(tmp_path):
+    """`bench/speed.py --shape`: a LoRA step on random weights of a config's shape (here a tiny
+    Llama config), with its tokens/s and FLOP utilisation; the 7B shapes run the same code."""
+    import torch
+    import speed
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(dict(architectures=["LlamaForCausalLM"], vocab_size=300, hidden_size=64,
+                                      intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, tie_word_embeddings=False)))
+    lines = speed.shape_utilisation(str(config), 2, 16, torch.device("cpu"), torch.float32, repeats=1)
+    tok_s, tflops, rate, util = (c.strip() for c in lines[-1].strip("|").split("|"))
+    assert float(tok_s) > 0 and float(tflops) > 0 and float(rate) > 0 and util.endswith("%")
