@@ -183,6 +183,9 @@ def tables(out: Path, data: Path, results: Path, k: int, tag: str, figure: bool 
     main_runs = [r for r in runs if tag in r.name and not r.name.startswith(("stress_", "calib_", "before_"))]  # the calibrated attack
     if any(r.name.startswith("before_") for r in runs):
         (results / "before_after.md").write_text(before_after_table(out, main_runs))
+        for r in main_runs + [out / f"before_{m.name}" for m in main_runs]:  # what audits each of its numbers
+            if (r / "eval" / "results.json").exists():
+                export(r, results / "runs")
     stress_runs = [r for r in runs if r.name.startswith("stress_")]
     baselines = [out / f"{s}_sft_k{k}{tag}" for s in ("random", "pharmacist")]
     log = out / "sweep.log"
