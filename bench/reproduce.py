@@ -26,7 +26,6 @@ precision.md, calibration.json and per_run/; the wording phase's into results/re
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -34,6 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from data.samples import load_jsonl, save_jsonl  # noqa: E402
+from report import SEED_SUFFIX  # noqa: E402  (bench/, this file's folder)
 
 PY = sys.executable
 EVAL = ["--eval-tasks", "harmful,harmful_qa,benign,sst2", "--eval-max-new-tokens", "48", "--eval-limit", "100"]
@@ -138,14 +138,14 @@ class Sweep:
         if align_from is not None and not (run / "align").exists():
             (run / "align").symlink_to((align_from / "align").resolve())
         self.train(run, "align", "--align-defense", defense, *self.align_flags, *align)
+        data_flags = ["--data", str(data)] if data else []
         if self.before:  # the same aligned model with no attack, in before_<name> (its align/ is this run's)
             plain = self.out / f"before_{name}"
             cut(selection, k, plain)
             if not (plain / "align").exists():
                 (plain / "align").symlink_to((run / "align").resolve())
-            self.train(plain, "eval", *EVAL, *(["--data", str(data)] if data else []))
+            self.train(plain, "eval", *EVAL, *data_flags)
         finetune = [*self.attack_flags, *(attack or [])]
-        data_flags = ["--data", str(data)] if data else []
         self.train(run, "finetune", *finetune, *data_flags)
         self.train(run, "eval", *EVAL, *data_flags)
         return run
@@ -204,7 +204,7 @@ def before_after_table(out: Path, runs: list[Path]) -> str:
     groups: dict[str, list[tuple[dict, dict]]] = {}
     for run in runs:
         if (out / f"before_{run.name}" / "eval" / "results.json").exists():
-            config = re.sub(r"_s\d+$", "", run.name)
+            config = SEED_SUFFIX.sub("", run.name)
             groups.setdefault(config, []).append(tuple(run_metrics(r, "", None, None) for r in
                                                        (out / f"before_{run.name}", run)))
     measures = [("refusal", "refusal on harmful (%)"), ("harmful", "judged harmful (%)"),

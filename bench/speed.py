@@ -74,6 +74,18 @@ def processor(device) -> str:
         return "unknown CPU"
 
 
+def device_name(device, dtype) -> str:
+    return f"{device.type}{'-bf16' if dtype == torch.bfloat16 else ''}"
+
+
+def results_file(device, dtype, prefix: str = "") -> Path:
+    """results/speed/<prefix><device>_<processor> (no suffix), e.g. cpu-bf16_intel-r-xeon-r-processor."""
+    words = "".join(c if c.isalnum() else " " for c in processor(device).lower()).split()
+    out = ROOT / "results" / "speed" / f"{prefix}{device_name(device, dtype)}_{'-'.join(words[:8])}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out
+
+
 def matmul_rate(device, dtype, m: int, k: int, n: int, repeats: int = 10) -> float:
     """FLOP/s of one (m x k) @ (k x n) matmul in `dtype`, best of `repeats`: the rate this machine
     reaches on the model's own shapes, against which a step's FLOP/s is read."""
@@ -195,10 +207,7 @@ def main():
     if args.shape:
         text = "\n".join(shape_utilisation(args.shape, args.batch, args.seq, device, dtype, args.repeats)) + "\n"
         print(text)
-        name = f"{device.type}{'-bf16' if dtype == torch.bfloat16 else ''}"
-        words = "".join(c if c.isalnum() else " " for c in processor(device).lower()).split()
-        out = ROOT / "results" / "speed" / f"{Path(args.shape).stem}_{name}_{'-'.join(words[:8])}.md"
-        out.parent.mkdir(parents=True, exist_ok=True)
+        out = results_file(device, dtype, prefix=f"{Path(args.shape).stem}_").with_suffix(".md")
         out.write_text(text + f"\ncommand: python bench/speed.py {' '.join(sys.argv[1:])}\n")
         return
     import peft
@@ -263,7 +272,7 @@ def main():
     g_o, g_t = timed([gen_ours, gen_theirs], device, max(1, args.repeats // 2))
     rows.append(row("greedy generation (tok/s)", n, g_o, g_t))
 
-    name = f"{device.type}{'-bf16' if dtype == torch.bfloat16 else ''}"
+    name = device_name(device, dtype)
     lines = [f"{args.model}, batch {args.batch}, seq {args.seq}, {args.new_tokens} new tokens, device {name} "
              f"({processor(device)}, {torch.get_num_threads()} threads), "
              f"{args.repeats} rounds, torch {torch.__version__}, transformers {transformers.__version__}, "
@@ -284,9 +293,7 @@ def main():
         lines.append(f"\npeak CUDA memory (both models loaded): {torch.cuda.max_memory_allocated() / 2**20:.0f} MB")
     text = "\n".join(lines) + "\n"
     print("\n" + text)
-    words = "".join(c if c.isalnum() else " " for c in processor(device).lower()).split()
-    out = ROOT / "results" / "speed" / f"{name}_{'-'.join(words[:8])}"  # e.g. cpu-bf16_intel-r-xeon-r-processor
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = results_file(device, dtype)
     out.with_suffix(".json").write_text(json.dumps({"args": vars(args), "rows": rows, "matmul_flops": peak,
                                                     "step_flops": flops}, indent=2))
     out.with_suffix(".md").write_text(text + f"\ncommand: python bench/speed.py {' '.join(sys.argv[1:])}\n")

@@ -144,15 +144,26 @@ def head_cross_entropy(h: torch.Tensor, targets: torch.Tensor, head) -> torch.Te
     """Token losses (N,) of head(h) (N, vocab) against targets (N,), in float32, without keeping
     the vocabulary-wide logits: `HeadCrossEntropy` where only h needs a gradient, plain
     autograd where the head itself trains (its parameters need theirs)."""
-    dt = torch.promote_types(h.dtype, torch.float32)
     if len(h) and head(h[:1].detach()).requires_grad:  # the head's own parameters train: plain autograd
-        return F.cross_entropy(head(h).to(dt), targets, reduction="none")
-    if not (h.requires_grad and torch.is_grad_enabled()):  # no backward: the losses alone
-        with torch.no_grad():
-            return torch.cat([h.new_zeros(0, dtype=dt)] + [
-                softmax_cross_entropy(head(h[i:i + HEAD_ROWS]), targets[i:i + HEAD_ROWS], dt)[0]
-                for i in range(0, len(h), HEAD_ROWS)])
-    return HeadCrossEntropy.apply(h, targets, head)
+        return F.cross_entropy(head(h).to(torch.promote_types(h.dtype, torch.float32)), targets, reduction="none")
+    if h.requires_grad and torch.is_grad_enabled():
+        return HeadCrossEntropy.apply(h, targets, head)
+    return head_blocks(h.detach(), targets, head, grad=False)[0]  # no backward: the losses alone
+
+
+def head_blocks(h: torch.Tensor, targets: torch.Tensor, head, grad: bool):
+    """Losses (N,) of head(h) and, with grad, d loss / d h (N, D), a block of HEAD_ROWS rows at a
+    time: each block's logits are formed, used and dropped."""
+    dt = torch.promote_types(h.dtype, torch.float32)
+    losses, dh = h.new_empty(len(h), dtype=dt), torch.empty_like(h) if grad else None
+    for i in range(0, len(h), HEAD_ROWS):
+        hc = h[i:i + HEAD_ROWS].detach().requires_grad_(grad)
+        with torch.set_grad_enabled(grad):
+            logits = head(hc)
+        losses[i:i + HEAD_ROWS], g = softmax_cross_entropy(logits.detach(), targets[i:i + HEAD_ROWS], dt, grad)
+        if grad:
+            dh[i:i + HEAD_ROWS] = torch.autograd.grad(logits, hc, g)[0]  # softmax − one-hot, back through the head
+    return losses, dh
 
 
 def softmax_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, dt=torch.float32, grad: bool = False):
@@ -181,15 +192,8 @@ class HeadCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, targets, head):
-        dt = torch.promote_types(h.dtype, torch.float32)
-        losses, grad = h.new_empty(len(h), dtype=dt), torch.empty_like(h)
-        for i in range(0, len(h), HEAD_ROWS):
-            hc = h[i:i + HEAD_ROWS].detach().requires_grad_()
-            with torch.enable_grad():
-                logits = head(hc)
-            losses[i:i + HEAD_ROWS], g = softmax_cross_entropy(logits.detach(), targets[i:i + HEAD_ROWS], dt, grad=True)
-            grad[i:i + HEAD_ROWS] = torch.autograd.grad(logits, hc, g)[0]
-        ctx.save_for_backward(grad)
+        losses, dh = head_blocks(h, targets, head, grad=True)
+        ctx.save_for_backward(dh)
         return losses
 
     @staticmethod
