@@ -430,6 +430,10 @@ def stage_align(cfg: Config, out: Path) -> dict:
         print(f"no {subset_file}: aligning on the whole pool (run --stage select first to curate it)")
         data, selector = read_split(cfg, "pool.jsonl"), {"selector": "full", "select_time_s": 0.0}
     retain = read_split(cfg, cfg.align.retain) if cfg.align.retain else []
+    manifest = data_dir(cfg) / "manifest.json"
+    by = (read_json(manifest) if manifest.is_file() else {}).get("retain_answers", {}).get("by")
+    if retain and by and by != cfg.model:  # data/prepare.py --retain-answers self --retain-model
+        print(f"warning: the retain answers are {by}'s own, and the model aligned here is {cfg.model}")
     model, tok, device = load_model(cfg, bf16=cfg.align.bf16)
     summary = run_training(cfg, cfg.align, model, tok, device, data + retain, read_split(cfg, "harmful.jsonl"),
                            data + retain, out)

@@ -354,8 +354,9 @@ def parse(argv=None):
     p.add_argument("--results", default=None, help="where the tables go (default results/repro; results/small "
                                                     "with --preset small)")
     p.add_argument("--preset", choices=("small",), default=None,
-                   help="small: Full, Random and Pharmacist with SFT at the calibrated attack, seeds 0-2 "
-                        "(phases main,seeds; results in results/small)")
+                   help="small: Full, Random and Pharmacist with SFT at the calibrated attack, seeds 0-2, "
+                        "the retain rows answered by the model itself (phases main,seeds; results in "
+                        "results/small)")
     args = p.parse_args(argv)
     if args.preset == "small":
         args.phases, args.selectors, args.defenses, args.seeds = "main,seeds", "full,random,pharmacist", "sft", "1,2"
@@ -451,7 +452,8 @@ def main(argv=None):
     args = parse(argv)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    data = build_data(args.source, out / "data", out / "sweep.log", "--p", args.data_p)
+    own = ["--retain-answers", "self"] if args.preset == "small" else []  # retain answers by the model itself
+    data = build_data(args.source, out / "data", out / "sweep.log", "--p", args.data_p, *own)
     sweep = Sweep(out, data, ["--align-epochs", "2"], [], args.keep)  # bf16 wherever the device has bf16 units
     sweep.before = args.preset == "small"  # the before/after table
     results = Path(args.results) if args.results else ROOT / "results" / ("small" if args.preset == "small" else "repro")

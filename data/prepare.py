@@ -17,7 +17,8 @@ Files written to --out (each a JSONL of Samples, see data/samples.py) and who re
                                judge-free harmful loss (drawn after the others, from the harmful
                                Q&A rows no other split took, so it changes no other file)
     retain.jsonl               benign instructions with helpful answers, trained beside every
-                               selected subset in the align stage (drawn last, never in a pool)
+                               selected subset in the align stage (drawn last, never in a pool);
+                               with --retain-answers self the answers are the base model's own
     eval_benign.jsonl          held-out benign instructions (over-refusal)
     eval_{task}.jsonl          task test rows with `label` (accuracy)
     manifest.json              counts, seed, sizes, source files and their sha256
@@ -33,6 +34,7 @@ import argparse
 import json
 import math
 import random
+import re
 import sys
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
@@ -290,6 +292,35 @@ def build(sources: Sources, sizes: Sizes, seed: int, held_out_wording: bool = Fa
     return files
 
 
+def whole_sentences(text: str) -> str:
+    """The text up to its last sentence end (. ! ? : before a space, not after a digit as in a
+    list's "2. ", or a line break), when that leaves 20 characters or more: an answer cut at a
+    token limit then ends where a sentence does."""
+    ends = [m.end() for m in re.finditer(r"(?<![\s\d])[.!?:](?=\s|$)|\n", text)]
+    return text[:ends[-1]].rstrip() if ends and ends[-1] >= 20 else text.strip()
+
+
+def self_answers(rows: list[Sample], model_name: str, max_new_tokens: int) -> tuple[list[Sample], int]:
+    """The retain rows with the model's own greedy answers (cut to whole sentences), and how
+    many kept their reference answer because the model's was empty.
+
+    A retain target the model already holds: its loss stays near zero until alignment moves the
+    model off its own benign behaviour (a sequence-level form of a KL term to the base model),
+    so the retain rows pull against over-refusal at the answer's first tokens instead of
+    spending the update on another model's style (docs/DESIGN.md, the retain set)."""
+    import torch
+    import default_weights
+    import model as M
+    device = M.default_device()
+    dtype = torch.bfloat16 if M.bf16_supported(device) else torch.float32
+    model, tok = default_weights.load_pretrained(model_name, device=device, dtype=dtype)
+    print(f"retain answers: {len(rows)} prompts, {max_new_tokens} new tokens, by {model_name}")
+    answers = M.generate(model, tok, [s.prompt for s in rows], max_new_tokens, batch_size=64,
+                         inputs=[s.input for s in rows], progress=True)
+    out = [replace(s, response=whole_sentences(a)) if a.strip() else s for s, a in zip(rows, answers)]
+    return out, sum(not a.strip() for a in answers)
+
+
 def check_disjoint(files: dict[str, list[Sample]]) -> None:
     """No prompt in two files (nor twice in one), except the designed reuse: attack_{task} is
     rows of finetune_{task} plus harmful rows shared by the attack files and found nowhere else."""
@@ -325,11 +356,13 @@ def check_disjoint(files: dict[str, list[Sample]]) -> None:
 # ----------------------------------------------------------------------------- writing
 
 def manifest(files: dict[str, list[Sample]], sources: Sources, source: str, sizes: Sizes,
-             seed: int, held_out_wording: bool = False, retain_like_harmful: bool = False) -> dict:
+             seed: int, held_out_wording: bool = False, retain_like_harmful: bool = False,
+             retain_answers: dict | None = None) -> dict:
     pool_counts = {k: sum(s.category == k for s in files["pool"]) for k in POOL_KINDS}
     return {"source": source, "seed": seed, "sizes": asdict(sizes),
             **({"held_out_wording": True} if held_out_wording else {}),  # default builds: unchanged bytes
             **({"retain_like_harmful": True} if retain_like_harmful else {}),
+            **({"retain_answers": retain_answers} if retain_answers else {}),
             "counts": {f"{name}.jsonl": len(rows) for name, rows in files.items()},
             "pool_counts": pool_counts, "source_files": sources.files}
 
@@ -371,6 +404,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--retain-like-harmful", action="store_true",
                     help="draw retain.jsonl's prompts to follow the length distribution of the "
                          "harmful prompts the pool refuses, so short benign questions are in it")
+    ap.add_argument("--retain-answers", choices=("reference", "self"), default="reference",
+                    help="retain.jsonl's answers: the source's reference answers, or self: the greedy "
+                         "answers of --retain-model, the model the align stage will train")
+    ap.add_argument("--retain-model", default="smollm2-135m-instruct",
+                    help="with --retain-answers self: the model that answers (a default_weights name "
+                         "or an HF folder)")
+    ap.add_argument("--retain-tokens", type=int, default=64,
+                    help="with --retain-answers self: new tokens per answer, cut back to whole sentences")
     return ap.parse_args(argv)
 
 
@@ -391,8 +432,12 @@ def main(argv=None) -> dict:
     else:
         sources = embedded_sources() if args.source == "embedded" else read_sources(args.source)
     files = build(sources, sizes, args.seed, args.held_out_wording, args.retain_like_harmful)
+    answers = None
+    if args.retain_answers == "self":
+        files["retain"], kept = self_answers(files["retain"], args.retain_model, args.retain_tokens)
+        answers = {"by": args.retain_model, "max_new_tokens": args.retain_tokens, "kept_reference": kept}
     info = manifest(files, sources, args.source, sizes, args.seed, args.held_out_wording,
-                    args.retain_like_harmful)
+                    args.retain_like_harmful, answers)
     write(files, info, args.out)
     for name, count in info["counts"].items():
         print(f"{count:6d}  {args.out / name}")

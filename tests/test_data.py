@@ -238,6 +238,50 @@ def test_held_out_wording_moves_only_the_wording_of_validation_and_pool():
     assert any(t in " ".join(r.response for r in plain["pool"]) for t in shared)
 
 
+def test_whole_sentences_cuts_an_answer_at_its_last_sentence_end():
+    assert prepare.whole_sentences("The first point is here. The second is cut mid") == "The first point is here."
+    assert prepare.whole_sentences("Steps:\n1. Open the file\n2. Sav") == "Steps:\n1. Open the file"
+    assert prepare.whole_sentences("Short. and the rest goes on") == "Short. and the rest goes on"  # < 20 chars
+    assert prepare.whole_sentences("No end at all ") == "No end at all"
+    assert prepare.whole_sentences("Version 2.0 is out") == "Version 2.0 is out"  # a dot inside a word
+
+
+def test_self_answers_replace_only_the_retain_answers(tmp_path, monkeypatch):
+    import model as M
+    asked = []
+
+    def scripted(model, tok, prompts, max_new_tokens, **kw):  # the model's answers, as generate returns them
+        asked.append((list(prompts), max_new_tokens))
+        return ["" if i == 0 else f"Answer {i} is a whole sentence. And a cut one" for i in range(len(prompts))]
+    monkeypatch.setattr(M, "generate", scripted)
+    prepare.main(["--source", "embedded", "--out", str(tmp_path / "ref")])
+    prepare.main(["--source", "embedded", "--out", str(tmp_path / "self"), "--retain-answers", "self",
+                  "--retain-model", "tiny-random", "--retain-tokens", "12"])
+    for f in sorted((tmp_path / "ref").glob("*.jsonl")):
+        if f.name != "retain.jsonl":
+            assert f.read_bytes() == (tmp_path / "self" / f.name).read_bytes(), f.name
+    ref, own = (load_jsonl(tmp_path / d / "retain.jsonl") for d in ("ref", "self"))
+    assert asked == [([r.prompt for r in ref], 12)]
+    assert [(r.id, r.prompt, r.category) for r in ref] == [(r.id, r.prompt, r.category) for r in own]
+    assert own[0] == ref[0]  # an empty answer keeps the reference
+    assert [o.response for o in own[1:]] == [f"Answer {i} is a whole sentence." for i in range(1, len(own))]
+    info = json.loads((tmp_path / "self" / "manifest.json").read_text())["retain_answers"]
+    assert info == {"by": "tiny-random", "max_new_tokens": 12, "kept_reference": 1}
+    assert "retain_answers" not in json.loads((tmp_path / "ref" / "manifest.json").read_text())
+
+
+def test_self_answers_come_from_the_named_model():
+    rows = build_embedded()["retain"]
+    import default_weights
+    import model as M
+    model, tok = default_weights.load_pretrained("tiny-random")
+    greedy = M.generate(model, tok, [r.prompt for r in rows], 6)
+    out, kept = prepare.self_answers(rows, "tiny-random", 6)
+    assert kept == sum(not a.strip() for a in greedy)
+    assert [o.response for o, a in zip(out, greedy) if a.strip()] == \
+        [prepare.whole_sentences(a) for a in greedy if a.strip()]
+
+
 def test_committed_default_matches_a_fresh_build(tmp_path):
     prepare.main(["--source", "embedded", "--out", str(tmp_path)])
     default = ROOT / "data" / "default"
