@@ -2,9 +2,13 @@
 # The commands behind results/small: the attack's first calibration (p = 0.1, runs/ and
 # calibration.md), then the small reproduction at the calibrated attack (lr 2e-4, 4 epochs, p = 0.4:
 # harmful_share/): report.md, before_after.md, precision.md, fig1.png, per_run/ and runs/ (each run's
-# configs, results and generations; before_<run> is the same aligned model with no attack). DATA is the folder of public data sets (data/README.md); every call resumes:
+# configs, results and generations; before_<run> is the same aligned model with no attack), the retain
+# rows with AlpacaEval's reference answers; then the same with the retain rows answered by the model
+# itself (data/prepare.py --retain-answers self, the preset's data now): own_answers/.
+# DATA is the folder of public data sets (data/README.md); every call resumes:
 # a finished run is skipped.
 set -euo pipefail
 DATA=${DATA:-../shared/data}
 python bench/reproduce.py --source "$DATA" --out runs/small --results results/small --phases calibrate --selectors full,random --defenses sft
-python bench/reproduce.py --source "$DATA" --out runs/small_p4 --preset small  # --data-p 0.4 by default
+python bench/reproduce.py --source "$DATA" --out runs/small_p4 --preset small  # --data-p 0.4 by default  # reference retain answers (an earlier preset)
+python bench/reproduce.py --source "$DATA" --out runs/small_own --preset small --results results/small/own_answers
