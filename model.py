@@ -286,7 +286,8 @@ class Transformer(nn.Module):
         h = self.norm(h)
         if self.config.num_labels:
             return self.score(h)
-        logits = F.linear(h, self.embed_tokens.weight) if self.config.tie_word_embeddings else self.lm_head(h)
+        tied = self.config.tie_word_embeddings and "lm_head" not in self._modules  # pack_linears adds one
+        logits = F.linear(h, self.embed_tokens.weight) if tied else self.lm_head(h)
         return softcap(logits, self.config.final_logit_softcapping)
 
     def forward(self, input_ids, attention_mask=None, start: int = 0):
@@ -758,6 +759,44 @@ def load_lora(model: nn.Module, path):
 
 
 # ----------------------------------------------------------------------------- generation
+
+class PackedLinear(nn.Module):
+    """A frozen bf16 linear layer for inference on a CPU, its weight reordered once into oneDNN's
+    blocked layout. A plain bf16 F.linear reorders the whole weight on every call, which at the
+    few rows of a decode step costs about as much as the product itself (bench/speed.py)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, rows: int):
+        super().__init__()
+        self.out_features = weight.shape[0]
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows)  # rows: a size hint
+        self.bias = bias
+
+    def forward(self, x):
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+
+def can_pack(model: nn.Module) -> bool:
+    w = model.embed_tokens.weight
+    return w.device.type == "cpu" and w.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
+
+
+@torch.no_grad()
+def pack_linears(model: Transformer, rows: int = 16) -> Transformer:
+    """Every nn.Linear of a bf16 model on a CPU, and a tied output head, as a PackedLinear, in
+    place, for inference only (packed weights neither train nor save); a no-op where `can_pack`
+    is false. `rows`: the rows a call usually has (a decode step's batch)."""
+    if lora_modules(model):
+        raise ValueError("pack_linears: merge the LoRA adapters first (merge_lora)")
+    if not can_pack(model):
+        return model
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is nn.Linear:
+                setattr(module, name, PackedLinear(child.weight, child.bias, rows))
+    if model.config.tie_word_embeddings and not model.config.num_labels:
+        model.lm_head = PackedLinear(model.embed_tokens.weight, None, rows)
+    return model
+
 
 def sample_next(logits, temperature: float, top_p: float, generator=None):
     """Greedy when temperature is 0, else nucleus sampling."""

@@ -15,6 +15,7 @@ Each side computes its loss its own way: ours runs the LM head only where a labe
 transformers + peft at every position.
 """
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -259,9 +260,12 @@ def main():
     hf_mask = torch.tensor([[0] * (L - len(e)) + [1] * len(e) for e in enc], device=device)
     n = args.new_tokens * len(prompts)  # equal work: eos is switched off on both sides
 
-    def gen_ours():
+    plain = copy.deepcopy(ours)  # the same weights without pack_linears, for the packing's own gain
+    M.pack_linears(ours, rows=len(prompts))  # as evaluation runs it (a no-op off a bf16 CPU)
+
+    def gen_ours(model=ours):
         with torch.no_grad():
-            M.generate_ids(ours, enc, args.new_tokens, eos_id=-1, pad_id=tok.pad_id)
+            M.generate_ids(model, enc, args.new_tokens, eos_id=-1, pad_id=tok.pad_id)
 
     def gen_theirs():
         with torch.no_grad():
@@ -269,8 +273,9 @@ def main():
                             max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
                             eos_token_id=None, pad_token_id=tok.pad_id)
 
-    g_o, g_t = timed([gen_ours, gen_theirs], device, max(1, args.repeats // 2))
+    g_o, g_t, g_p = timed([gen_ours, gen_theirs, lambda: gen_ours(plain)], device, max(1, args.repeats // 2))
     rows.append(row("greedy generation (tok/s)", n, g_o, g_t))
+    unpacked = row("", n, g_o, g_p)
 
     name = device_name(device, dtype)
     lines = [f"{args.model}, batch {args.batch}, seq {args.seq}, {args.new_tokens} new tokens, device {name} "
@@ -280,6 +285,8 @@ def main():
              "| measure | ours | transformers+peft | ours / theirs (speed) | ratio min-max over rounds |",
              "|---|---|---|---|---|"]
     lines += [f"| {r[0]} | {r[1]:.2f} | {r[2]:.2f} | {r[3]:.2f}x | {r[4]} |" for r in rows]
+    lines += ["", f"Our generation without M.pack_linears: {unpacked[2]:.2f} tok/s (packed / unpacked "
+              f"{unpacked[3]:.2f}x, {unpacked[4]} over rounds)."]
     cfg = ours.config  # the MLP's up projection over a batch's tokens: the model's largest matmul shape
     peak = matmul_rate(device, dtype, args.batch * args.seq, cfg.hidden_size, cfg.intermediate_size)
     lines += ["", f"Model FLOPs of a LoRA step (bench/speed.py lora_step_flops) against this machine's "
@@ -294,7 +301,8 @@ def main():
     text = "\n".join(lines) + "\n"
     print("\n" + text)
     out = results_file(device, dtype)
-    out.with_suffix(".json").write_text(json.dumps({"args": vars(args), "rows": rows, "matmul_flops": peak,
+    out.with_suffix(".json").write_text(json.dumps({"args": vars(args), "rows": rows, "unpacked_generation": unpacked[1:],
+                                                    "matmul_flops": peak,
                                                     "step_flops": flops}, indent=2))
     out.with_suffix(".md").write_text(text + f"\ncommand: python bench/speed.py {' '.join(sys.argv[1:])}\n")
 

@@ -329,6 +329,29 @@ def test_finished_rows_leave_the_batch():
         assert got == [tok.decode(w) for w in want], (batch_size, max_tokens)
 
 
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this torch build")
+@pytest.mark.parametrize("tie", [True, False])
+def test_packed_linears_give_the_same_logits_and_answers(tie):
+    """pack_linears (oneDNN's blocked weight layout, for bf16 inference on a CPU) changes where the
+    weights live, not what the model computes: the same logits and the same greedy answers."""
+    m, tok = make_model(tie_word_embeddings=tie), make_tokenizer()
+    m = m.to(torch.bfloat16).eval()
+    prompts = ["hi", "What is the capital of France?", "How do I bake bread at home today?"]
+    ids = torch.tensor([tok.encode_prompt(prompts[2])])
+    with torch.no_grad():
+        want_logits, want = m(ids).float(), M.generate(m, tok, prompts, 10)
+        packed = M.pack_linears(m, rows=3)
+        assert packed is m and isinstance(m.layers[0].mlp.up_proj, M.PackedLinear)
+        assert isinstance(m.lm_head, M.PackedLinear)
+        torch.testing.assert_close(m(ids).float(), want_logits, rtol=0, atol=1e-2)
+        assert M.generate(m, tok, prompts, 10) == want
+    fp32, lora = make_model(), make_model()
+    assert M.pack_linears(fp32) is fp32 and not any(isinstance(x, M.PackedLinear) for x in fp32.modules())
+    M.add_lora(lora.to(torch.bfloat16), 4, 8, M.LORA_TARGETS)
+    with pytest.raises(ValueError, match="merge"):
+        M.pack_linears(lora)
+
+
 def test_generation_matches_transformers_generate(tiny_dir):
     m, tok = M.load_pretrained(tiny_dir, device="cpu")
     ref = transformers.AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
