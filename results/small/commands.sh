@@ -10,5 +10,5 @@
 set -euo pipefail
 DATA=${DATA:-../shared/data}
 python bench/reproduce.py --source "$DATA" --out runs/small --results results/small --phases calibrate --selectors full,random --defenses sft
-python bench/reproduce.py --source "$DATA" --out runs/small_p4 --preset small  # --data-p 0.4 by default  # reference retain answers (an earlier preset)
+python bench/reproduce.py --source "$DATA" --out runs/small_p4 --preset small  # at commit 25a5993: reference retain answers
 python bench/reproduce.py --source "$DATA" --out runs/small_own --preset small --results results/small/own_answers
