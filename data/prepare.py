@@ -304,16 +304,14 @@ def self_answers(rows: list[Sample], model_name: str, max_new_tokens: int) -> tu
     """The retain rows with the model's own greedy answers (cut to whole sentences), and how
     many kept their reference answer because the model's was empty.
 
-    A retain target the model already holds: its loss stays near zero until alignment moves the
-    model off its own benign behaviour (a sequence-level form of a KL term to the base model),
+    A retain target the model already holds: its loss is low and grows only where alignment moves
+    the model off its own benign behaviour (a sequence-level form of a KL term to the base model),
     so the retain rows pull against over-refusal at the answer's first tokens instead of
     spending the update on another model's style (docs/DESIGN.md, the retain set)."""
-    import torch
     import default_weights
     import model as M
     device = M.default_device()
-    dtype = torch.bfloat16 if M.bf16_supported(device) else torch.float32
-    model, tok = default_weights.load_pretrained(model_name, device=device, dtype=dtype)
+    model, tok = default_weights.load_pretrained(model_name, device=device, dtype=M.train_dtype(device))
     print(f"retain answers: {len(rows)} prompts, {max_new_tokens} new tokens, by {model_name}")
     answers = M.generate(model, tok, [s.prompt for s in rows], max_new_tokens, batch_size=64,
                          inputs=[s.input for s in rows], progress=True)

@@ -11,4 +11,4 @@ set -euo pipefail
 DATA=${DATA:-../shared/data}
 python bench/reproduce.py --source "$DATA" --out runs/small --results results/small --phases calibrate --selectors full,random --defenses sft
 python bench/reproduce.py --source "$DATA" --out runs/small_p4 --preset small  # at commit 25a5993: reference retain answers
-python bench/reproduce.py --source "$DATA" --out runs/small_own --preset small --results results/small/own_answers
+python bench/reproduce.py --source "$DATA" --out runs/small_own --preset small --results results/small/own_answers  # at commit d56d8fc
