@@ -422,6 +422,7 @@ class EvalConfig:
     batch_size: int = 64  # prompts generated together (a finished row leaves its batch)
     classify: str = "likelihood"  # SST-2 / AG News: likelihood (the likeliest label word, one forward) | generate
     bf16: bool = True  # bf16 weights where the device has bf16 units (fp32 elsewhere)
+    compile: bool = False  # a compiled static-shape decode step (M.generate_static): pays on long generations only
     limit: int = 0  # at most this many rows of each eval set (0 = all)
     tasks: str = "harmful,harmful_qa,benign,sst2,agnews,gsm8k"  # eval sets to run, when their eval_*.jsonl exists
     judge: str = "trained"  # harmful-score judge: trained (data/judge) | refusal | phrase | keyword (Zou et al.) | moderation
@@ -475,19 +476,20 @@ def generate_answers(model, tokenizer, data_dir: Path, cfg: EvalConfig) -> dict:
         tokens = min(cfg.max_new_tokens, CLASSIFY_TOKENS) if task in LABELS else cfg.max_new_tokens
         print(f"[eval] {task}: {len(rows)} prompts, {tokens} new tokens")
         sets[task] = rows, M.generate(model, tokenizer, [s.prompt for s in rows], tokens,
-                                      batch_size=cfg.batch_size, inputs=[s.input for s in rows], progress=True)
+                                      batch_size=cfg.batch_size, inputs=[s.input for s in rows], progress=True,
+                                      compile=cfg.compile)
     return sets
 
 
 def inference_model(model, cfg: EvalConfig):
     """The model as evaluation runs it: adapters merged into the weights, bf16 weights where the
-    device has bf16 units and cfg.bf16, packed for oneDNN on a CPU (M.pack_linears; in place: the
-    caller's model changes, and can no longer train)."""
+    device has bf16 units and cfg.bf16, packed for oneDNN on a CPU unless cfg.compile (M.pack_linears;
+    in place: the caller's model changes, and can no longer train)."""
     if M.lora_modules(model):
         M.merge_lora(model)
     if cfg.bf16 and M.bf16_supported(model.embed_tokens.weight.device):
         model.to(torch.bfloat16)
-    return M.pack_linears(model, rows=cfg.batch_size).eval()
+    return (model if cfg.compile else M.pack_linears(model, rows=cfg.batch_size)).eval()  # inductor packs its own
 
 
 def outcome(refusal: float, answer: str) -> str:

@@ -181,7 +181,13 @@ class KVCache(nn.Module):
         self.k = torch.zeros(batch, n_kv, max_len, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
 
-    def update(self, start: int, k, v):
+    def update(self, start, k, v):
+        """Write k, v at positions start.. and return the keys and values seen so far; with a
+        tensor `start` (`Transformer.decode`), the whole cache: the same shapes at every step."""
+        if isinstance(start, torch.Tensor):
+            self.k.index_copy_(2, start.view(1), k)
+            self.v.index_copy_(2, start.view(1), v)
+            return self.k, self.v
         end = start + k.shape[2]
         self.k[:, :, start:end] = k
         self.v[:, :, start:end] = v
@@ -326,6 +332,25 @@ class Transformer(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, masks[self.config.layer_types[i]] if self.config.layer_types else mask, start)
         return x
+
+    def decode(self, token, attention_mask, pos):
+        """One decode step over the whole preallocated cache (gpt-fast's static shapes, so a
+        compiled step compiles once per batch shape): logits (B, vocab) for the tokens (B,) at
+        position `pos` (a 0-d long tensor). `attention_mask` (B, S = the cache's length) marks the
+        real tokens so far, this one included; what is not written yet is masked out."""
+        B, S = attention_mask.shape
+        x = self.embed_tokens(token[:, None])
+        if self.config.gemma:
+            x = x * torch.tensor(self.config.hidden_size ** 0.5, dtype=x.dtype)
+        positions = (attention_mask.long().cumsum(-1) - 1).gather(1, pos.view(1, 1).expand(B, 1))
+        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
+        masks = {"full_attention": attention_mask[:, None, None, :]}
+        if self.config.layer_types and "sliding_attention" in self.config.layer_types:
+            local = torch.arange(S, device=token.device) > pos - self.config.sliding_window
+            masks["sliding_attention"] = masks["full_attention"] & local
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, masks[self.config.layer_types[i] if self.config.layer_types else "full_attention"], pos)
+        return self.head(x[:, -1])
 
     def setup_cache(self, batch: int, max_len: int):
         p = self.embed_tokens.weight
@@ -811,6 +836,61 @@ def sample_next(logits, temperature: float, top_p: float, generator=None):
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def compiled_decode(model: Transformer):
+    """`model.decode` compiled by inductor with its weights frozen as constants (on a CPU they are
+    laid out for oneDNN, as pack_linears does); made once per model, recompiled per batch shape."""
+    if not hasattr(model, "_compiled_decode"):
+        import torch._inductor.config
+        torch._inductor.config.freezing = True
+        model._compiled_decode = torch.compile(model.decode, dynamic=False)
+    return model._compiled_decode
+
+
+def static_cache(model: Transformer, batch: int, max_len: int):
+    """Attach the KV caches of this shape, the same objects on every call (made on first use and
+    kept on the model): a compiled step checks it is given the caches it was compiled with."""
+    caches = model.__dict__.setdefault("_static_caches", {})
+    if (batch, max_len) not in caches:
+        model.setup_cache(batch, max_len)
+        caches[batch, max_len] = [layer.self_attn.cache for layer in model.layers]
+    for layer, cache in zip(model.layers, caches[batch, max_len]):
+        layer.self_attn.cache = cache
+
+
+@torch.no_grad()
+def generate_static(model: Transformer, prompts: list[list[int]], max_new_tokens: int, eos_id: int,
+                    pad_id: int, temperature=0.0, top_p=1.0, generator=None, compile: bool = False,
+                    bucket: int = 32) -> list[list[int]]:
+    """generate_ids with static shapes: the batch keeps its finished rows, every step attends over
+    the whole cache (`Transformer.decode`), and the prompt length is padded up to a multiple of
+    `bucket`, so a compiled step (compile=True) serves every batch of the same size."""
+    dev = model.embed_tokens.weight.device
+    B, L = len(prompts), -(-max(len(p) for p in prompts) // bucket) * bucket
+    ids = torch.full((B, L), pad_id, dtype=torch.long, device=dev)
+    mask = torch.zeros(B, L + max_new_tokens, dtype=torch.bool, device=dev)
+    for i, p in enumerate(prompts):
+        ids[i, L - len(p):] = torch.tensor(p, device=dev)
+        mask[i, L - len(p):L] = True
+    step = compiled_decode(model) if compile else model.decode
+    static_cache(model, B, L + max_new_tokens)
+    out, done = [[] for _ in prompts], torch.zeros(B, dtype=torch.bool, device=dev)
+    try:
+        logits = model.head(model.hidden(ids, mask[:, :L])[:, -1])
+        for t in range(max_new_tokens):
+            nxt = sample_next(logits.float(), temperature, top_p, generator)
+            done |= nxt == eos_id
+            for i, (tok, d) in enumerate(zip(nxt.tolist(), done.tolist())):
+                if not d:
+                    out[i].append(tok)
+            if t == max_new_tokens - 1 or done.all():
+                break
+            mask[:, L + t] = True
+            logits = step(nxt, mask, torch.tensor(L + t, device=dev))
+    finally:
+        model.clear_cache()
+    return out
+
+
 @torch.no_grad()
 def generate_ids(model: Transformer, prompts: list[list[int]], max_new_tokens: int, eos_id: int,
                  pad_id: int, temperature=0.0, top_p=1.0, generator=None) -> list[list[int]]:
@@ -849,12 +929,13 @@ def generate_ids(model: Transformer, prompts: list[list[int]], max_new_tokens: i
 def generate(model: Transformer, tokenizer: Tokenizer, prompts: list[str], max_new_tokens: int = 64,
              temperature: float = 0.0, top_p: float = 1.0, batch_size: int = 16, raw: bool = False,
              inputs: list | None = None, progress: bool = False, seed: int | None = None,
-             max_tokens: int = 4096) -> list[str]:
+             max_tokens: int = 4096, compile: bool = False) -> list[str]:
     """Answers to user messages (put in the tokenizer's prompt format unless raw=True).
 
     Prompts are sorted by length and cut into batches of at most `batch_size` rows and
     `max_tokens` padded prompt tokens, so a few long prompts do not pad a whole batch; answers
-    come back in input order."""
+    come back in input order. compile=True decodes with a compiled static-shape step
+    (`generate_static`): a compile per batch shape first, then faster steps."""
     from tqdm import tqdm
     inputs = inputs or [None] * len(prompts)
     enc = [tokenizer.encode(p, add_bos=tokenizer.add_bos) if raw else tokenizer.encode_prompt(p, i)
@@ -869,8 +950,9 @@ def generate(model: Transformer, tokenizer: Tokenizer, prompts: list[str], max_n
     was_training = model.training
     model.eval()
     for chunk in tqdm(batches, desc="generate", disable=not progress):
-        outs = generate_ids(model, [enc[i] for i in chunk], max_new_tokens, tokenizer.eos_id,
-                            tokenizer.pad_id, temperature, top_p, gen)
+        decode = functools.partial(generate_static, compile=True) if compile else generate_ids
+        outs = decode(model, [enc[i] for i in chunk], max_new_tokens, tokenizer.eos_id,
+                      tokenizer.pad_id, temperature, top_p, gen)
         for i, o in zip(chunk, outs):
             answers[i] = tokenizer.decode(o)
     model.train(was_training)

@@ -532,12 +532,18 @@ def stage_files(cfg: Config, stage: str) -> list[str]:
     return [f"eval_{t}.jsonl" for t in cfg.eval.tasks.split(",")] + ["eval_harmful_qa.jsonl"]
 
 
+LATER_FIELDS = {("eval", "compile"): False}  # fields added after runs were made, so those stay done
+
+
 def stage_settings(cfg: Config, stage: str) -> dict:
     """The flags a stage's output depends on (its own section and the inputs it reads): the data
     as the hashes of the files the stage reads, so a folder rebuilt with other content redoes the
     stage and one that differs only in files the stage never reads (another --p) does not."""
     settings = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v
                 for k, v in ((k, getattr(cfg, k)) for k in STAGE_SETTINGS[stage])}
+    for (section, name), default in LATER_FIELDS.items():  # at its default: as before the field existed
+        if settings.get(section, {}).get(name, not default) == default:
+            del settings[section][name]
     files = {name: data_dir(cfg) / name for name in stage_files(cfg, stage)}
     settings["data"] = {name: hashlib.sha256(f.read_bytes()).hexdigest()[:16]
                         for name, f in files.items() if f.exists()}

@@ -199,6 +199,8 @@ def main():
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--bf16", action="store_true",
                    help="bf16 frozen weights where the device has bf16 units (M.train_dtype); fp32 otherwise")
+    p.add_argument("--compile", action="store_true",
+                   help="also time our compiled static-shape decode step (its compile counted apart)")
     p.add_argument("--shape", default=None,
                    help="instead: our LoRA step's FLOP utilisation on a random-initialised model of this shape "
                         "(llama2-7b, qwen2-7b or a config.json; bench/memory.py)")
@@ -276,6 +278,14 @@ def main():
     g_o, g_t, g_p = timed([gen_ours, gen_theirs, lambda: gen_ours(plain)], device, max(1, args.repeats // 2))
     rows.append(row("greedy generation (tok/s)", n, g_o, g_t))
     unpacked = row("", n, g_o, g_p)
+    compiled = None
+    if args.compile:  # the static-shape step compiled by inductor (on the unpacked weights: it packs its own)
+        gen_compiled = lambda: M.generate_static(plain, enc, args.new_tokens, -1, tok.pad_id, compile=True)
+        t0 = time.perf_counter()
+        gen_compiled()
+        first = time.perf_counter() - t0
+        g_c, g_o2 = timed([gen_compiled, gen_ours], device, max(1, args.repeats // 2))
+        compiled = (first, *row("", n, g_c, g_o2)[1:])
 
     name = device_name(device, dtype)
     lines = [f"{args.model}, batch {args.batch}, seq {args.seq}, {args.new_tokens} new tokens, device {name} "
@@ -287,6 +297,10 @@ def main():
     lines += [f"| {r[0]} | {r[1]:.2f} | {r[2]:.2f} | {r[3]:.2f}x | {r[4]} |" for r in rows]
     lines += ["", f"Our generation without M.pack_linears: {unpacked[2]:.2f} tok/s (packed / unpacked "
               f"{unpacked[3]:.2f}x, {unpacked[4]} over rounds)."]
+    if compiled:
+        lines += [f"Compiled static-shape decode (M.generate_static, compile=True): {compiled[1]:.2f} tok/s after "
+                  f"a first call of {compiled[0]:.1f} s (the compile), against packed eager {compiled[2]:.2f} in the "
+                  f"same rounds ({compiled[3]:.2f}x, {compiled[4]} over rounds)."]
     cfg = ours.config  # the MLP's up projection over a batch's tokens: the model's largest matmul shape
     peak = matmul_rate(device, dtype, args.batch * args.seq, cfg.hidden_size, cfg.intermediate_size)
     lines += ["", f"Model FLOPs of a LoRA step (bench/speed.py lora_step_flops) against this machine's "
@@ -302,6 +316,7 @@ def main():
     print("\n" + text)
     out = results_file(device, dtype)
     out.with_suffix(".json").write_text(json.dumps({"args": vars(args), "rows": rows, "unpacked_generation": unpacked[1:],
+                                                    "compiled_generation": compiled,
                                                     "matmul_flops": peak,
                                                     "step_flops": flops}, indent=2))
     out.with_suffix(".md").write_text(text + f"\ncommand: python bench/speed.py {' '.join(sys.argv[1:])}\n")

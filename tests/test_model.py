@@ -406,3 +406,24 @@ def test_a_killed_writer_leaves_no_temporary_folder_behind(tmp_path):
     M.add_lora(m, rank=4, alpha=8)
     M.save_lora(m, tmp_path / "adapter")
     assert not orphan.exists() and alive.exists() and (tmp_path / "adapter" / "adapter_config.json").exists()
+
+
+@pytest.mark.parametrize("kw", [{}, dict(layer_types=["sliding_attention", "full_attention"], sliding_window=4)])
+def test_static_decode_matches_the_dynamic_one(kw):
+    """generate_static (the whole cache every step, finished rows kept, prompts padded to a bucket)
+    decodes what generate_ids does, rows stopping at eos at different steps included."""
+    m, tok = make_model(**kw), make_tokenizer()
+    prompts = ["hi", "What is the capital of France?", "How do I bake bread at home today?", "ok"]
+    enc = [tok.encode_prompt(p) for p in prompts]
+    free = M.generate_ids(m, enc, 12, -1, tok.pad_id)
+    eos = next(t for row in free for j, t in enumerate(row) if j and t not in row[:j])  # a row stops early
+    want = M.generate_ids(m, enc, 12, eos, tok.pad_id)
+    assert len({len(w) for w in want}) > 1
+    for bucket in (1, 32):
+        assert M.generate_static(m, enc, 12, eos, tok.pad_id, bucket=bucket) == want
+
+
+def test_compiled_decode_step_generates_what_eager_does():
+    m, tok = make_model(), make_tokenizer()
+    prompts = ["hi", "What is the capital of France?", "How do I bake bread at home today?"]
+    assert M.generate(m, tok, prompts, 8, compile=True) == M.generate(m, tok, prompts, 8)

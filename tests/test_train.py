@@ -322,3 +322,12 @@ def test_bf16_training_follows_the_fp32_run(tmp_path, monkeypatch):
     want = M.merge_lora(M.load_lora(base, tmp_path / "true" / "align" / "adapter"))
     assert all(p.dtype == torch.float32 for p in merged.parameters())
     assert all(torch.equal(a, b) for a, b in zip(merged.state_dict().values(), want.state_dict().values()))
+
+
+def test_a_later_field_at_its_default_leaves_the_settings_as_they_were():
+    """--eval-compile came after runs were made: off, the eval settings (and so the fingerprints of
+    finished runs) are what they were without it; on, they differ."""
+    off = train.stage_settings(train.parse_args(["--preset", "tiny"]), "eval")
+    on = train.stage_settings(train.parse_args(["--preset", "tiny", "--eval-compile"]), "eval")
+    assert "compile" not in off["eval"] and on["eval"]["compile"] is True
+    assert train.changed(off, on) == ["eval.compile None -> True"]
