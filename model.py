@@ -300,6 +300,12 @@ class Transformer(nn.Module):
         """Logits (B, T, vocab): the head over `hidden`, at every position."""
         return self.head(self.hidden(input_ids, attention_mask, start))
 
+    def embed(self, input_ids):
+        x = self.embed_tokens(input_ids)
+        if self.config.gemma:  # Gemma scales the embeddings by sqrt(hidden), rounded to their dtype
+            x = x * torch.tensor(self.config.hidden_size ** 0.5, dtype=x.dtype)
+        return x
+
     def hidden(self, input_ids, attention_mask=None, start: int = 0):
         """The last block's output (B, T, hidden), before the final norm: `head` makes logits of it
         where they are needed (the loss's positions, a prompt's last token), not at every position.
@@ -307,9 +313,7 @@ class Transformer(nn.Module):
         (left padding in generation); None means causal, no padding (training pads on the right,
         where padded positions are never attended by real ones)."""
         B, T = input_ids.shape
-        x = self.embed_tokens(input_ids)
-        if self.config.gemma:  # Gemma scales the embeddings by sqrt(hidden), rounded to their dtype
-            x = x * torch.tensor(self.config.hidden_size ** 0.5, dtype=x.dtype)
+        x = self.embed(input_ids)
         dev = input_ids.device
         if attention_mask is None:
             positions = torch.arange(start, start + T, device=dev).expand(B, T)
@@ -339,9 +343,7 @@ class Transformer(nn.Module):
         position `pos` (a 0-d long tensor). `attention_mask` (B, S = the cache's length) marks the
         real tokens so far, this one included; what is not written yet is masked out."""
         B, S = attention_mask.shape
-        x = self.embed_tokens(token[:, None])
-        if self.config.gemma:
-            x = x * torch.tensor(self.config.hidden_size ** 0.5, dtype=x.dtype)
+        x = self.embed(token[:, None])
         positions = (attention_mask.long().cumsum(-1) - 1).gather(1, pos.view(1, 1).expand(B, 1))
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
         masks = {"full_attention": attention_mask[:, None, None, :]}
@@ -792,7 +794,6 @@ class PackedLinear(nn.Module):
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, rows: int):
         super().__init__()
-        self.out_features = weight.shape[0]
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows)  # rows: a size hint
         self.bias = bias
 
@@ -836,9 +837,21 @@ def sample_next(logits, temperature: float, top_p: float, generator=None):
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def left_padded(prompts: list[list[int]], length: int, new_tokens: int, pad_id: int, device):
+    """Prompt ids (B, length), padded on the left, and the attention mask (B, length + new_tokens)
+    marking their real tokens; the decoder marks each new token as it comes."""
+    ids = torch.full((len(prompts), length), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros(len(prompts), length + new_tokens, dtype=torch.bool, device=device)
+    for i, p in enumerate(prompts):
+        ids[i, length - len(p):] = torch.tensor(p, device=device)
+        mask[i, length - len(p):length] = True
+    return ids, mask
+
+
 def compiled_decode(model: Transformer):
     """`model.decode` compiled by inductor with its weights frozen as constants (on a CPU they are
-    laid out for oneDNN, as pack_linears does); made once per model, recompiled per batch shape."""
+    laid out for oneDNN, as pack_linears does; freezing is inductor's global switch, set here);
+    made once per model, recompiled per batch shape."""
     if not hasattr(model, "_compiled_decode"):
         import torch._inductor.config
         torch._inductor.config.freezing = True
@@ -866,11 +879,7 @@ def generate_static(model: Transformer, prompts: list[list[int]], max_new_tokens
     `bucket`, so a compiled step (compile=True) serves every batch of the same size."""
     dev = model.embed_tokens.weight.device
     B, L = len(prompts), -(-max(len(p) for p in prompts) // bucket) * bucket
-    ids = torch.full((B, L), pad_id, dtype=torch.long, device=dev)
-    mask = torch.zeros(B, L + max_new_tokens, dtype=torch.bool, device=dev)
-    for i, p in enumerate(prompts):
-        ids[i, L - len(p):] = torch.tensor(p, device=dev)
-        mask[i, L - len(p):L] = True
+    ids, mask = left_padded(prompts, L, max_new_tokens, pad_id, dev)
     step = compiled_decode(model) if compile else model.decode
     static_cache(model, B, L + max_new_tokens)
     out, done = [[] for _ in prompts], torch.zeros(B, dtype=torch.bool, device=dev)
@@ -898,11 +907,7 @@ def generate_ids(model: Transformer, prompts: list[list[int]], max_new_tokens: i
     (its cache rows are dropped), so a batch costs what its live rows need."""
     dev = model.embed_tokens.weight.device
     B, L = len(prompts), max(len(p) for p in prompts)
-    ids = torch.full((B, L), pad_id, dtype=torch.long, device=dev)
-    mask = torch.zeros(B, L + max_new_tokens, dtype=torch.bool, device=dev)
-    for i, p in enumerate(prompts):
-        ids[i, L - len(p):] = torch.tensor(p, device=dev)
-        mask[i, L - len(p):L] = True
+    ids, mask = left_padded(prompts, L, max_new_tokens, pad_id, dev)
     model.setup_cache(B, L + max_new_tokens)
     out, rows = [[] for _ in prompts], list(range(B))  # rows: the prompt of each live batch row
     try:
@@ -949,8 +954,8 @@ def generate(model: Transformer, tokenizer: Tokenizer, prompts: list[str], max_n
     answers = [None] * len(enc)
     was_training = model.training
     model.eval()
+    decode = functools.partial(generate_static, compile=True) if compile else generate_ids
     for chunk in tqdm(batches, desc="generate", disable=not progress):
-        decode = functools.partial(generate_static, compile=True) if compile else generate_ids
         outs = decode(model, [enc[i] for i in chunk], max_new_tokens, tokenizer.eos_id,
                       tokenizer.pad_id, temperature, top_p, gen)
         for i, o in zip(chunk, outs):
