@@ -517,6 +517,11 @@ def save_state(ctx: Context, out):
 STEPS = {"sft": sft_step, "vaccine": vaccine_step, "repnoise": repnoise_step, "booster": booster_step,
          "tvaccine": tvaccine_step, "bds": bds_step}
 
+# the steps whose gradients compiled blocks (--align-compile) give as eager ones do (tests/test_defenses.py).
+# The others hook tensors into the blocks' forward: Vaccine's perturbation loses its gradient there,
+# RepNoise's hooks do not trace, and T-Vaccine recompiles for every sampled set of layers.
+COMPILABLE = ("sft", "booster", "bds")
+
 # forward+backward passes per step. repnoise: the harmful and the alignment batch, one joint
 # backward (plus a logit-lens head per layer); tvaccine: plus one harmful pass every K steps
 # (the probe); bds: the fine-tuning and the alignment batch.

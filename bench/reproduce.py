@@ -227,6 +227,7 @@ def before_after_table(out: Path, runs: list[Path]) -> str:
 
 ATTACK = {"lr": "2e-4", "epochs": "4", "p": "0.4", "mix": ""}  # the calibrated attack (results/small/harmful_share),
 # when --out holds no calibration.json of its own
+SMALL_RETAIN = 675  # --preset small's retain rows: all the AlpacaEval prompts the other splits leave
 DEFAULT_P = "0.1"  # the harmful share of data/prepare.py's attack files
 
 
@@ -355,8 +356,8 @@ def parse(argv=None):
                                                     "with --preset small)")
     p.add_argument("--preset", choices=("small",), default=None,
                    help="small: Full, Random and Pharmacist with SFT at the calibrated attack, seeds 0-2, "
-                        "the retain rows answered by the model itself (phases main,seeds; results in "
-                        "results/small)")
+                        "675 retain rows answered by the model itself, compiled blocks (phases main,seeds; "
+                        "results in results/small)")
     args = p.parse_args(argv)
     if args.preset == "small":
         args.phases, args.selectors, args.defenses, args.seeds = "main,seeds", "full,random,pharmacist", "sft", "1,2"
@@ -448,13 +449,23 @@ def phase_wording(sweep: Sweep, args) -> Sweep:
     return held
 
 
+def sweep_flags(args) -> tuple[list[str], list[str], list[str]]:
+    """The flags of data/prepare.py, of every align stage and of every attack (bf16 wherever the
+    device has it). --preset small: 675 retain rows (every AlpacaEval prompt no other split takes)
+    answered by the model itself, and compiled blocks (SFT only: model.compile_blocks)."""
+    if args.preset != "small":
+        return ["--p", args.data_p], ["--align-epochs", "2"], []
+    return (["--p", args.data_p, "--retain-answers", "self", "--retain-size", str(SMALL_RETAIN)],
+            ["--align-epochs", "2", "--align-compile"], ["--finetune-compile"])
+
+
 def main(argv=None):
     args = parse(argv)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    own = ["--retain-answers", "self"] if args.preset == "small" else []  # retain answers by the model itself
-    data = build_data(args.source, out / "data", out / "sweep.log", "--p", args.data_p, *own)
-    sweep = Sweep(out, data, ["--align-epochs", "2"], [], args.keep)  # bf16 wherever the device has bf16 units
+    data_flags, align_flags, attack_flags = sweep_flags(args)
+    data = build_data(args.source, out / "data", out / "sweep.log", *data_flags)
+    sweep = Sweep(out, data, align_flags, attack_flags, args.keep)
     sweep.before = args.preset == "small"  # the before/after table
     results = Path(args.results) if args.results else ROOT / "results" / ("small" if args.preset == "small" else "repro")
     attack = phase_calibrate(sweep, args, out, results)

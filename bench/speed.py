@@ -200,7 +200,7 @@ def main():
     p.add_argument("--bf16", action="store_true",
                    help="bf16 frozen weights where the device has bf16 units (M.train_dtype); fp32 otherwise")
     p.add_argument("--compile", action="store_true",
-                   help="also time our compiled static-shape decode step (its compile counted apart)")
+                   help="also time our compiled training step and static-shape decode step (compiles counted apart)")
     p.add_argument("--shape", default=None,
                    help="instead: our LoRA step's FLOP utilisation on a random-initialised model of this shape "
                         "(llama2-7b, qwen2-7b or a config.json; bench/memory.py)")
@@ -250,6 +250,21 @@ def main():
                         s_o, s_t))
         work = lora_step_flops(ours, *x.shape, labelled, head_rows=labelled)  # the work the loss needs
         flops.append((name, work, work / statistics.median(s_o), work / statistics.median(s_t)))
+
+    compiled_steps = []
+    if args.compile:  # our step with compiled blocks (model.compile_blocks, --align-compile) against eager
+        fused = M.compile_blocks(copy.deepcopy(ours))
+        opt_c = torch.optim.AdamW([q for q in fused.parameters() if q.requires_grad], lr=1e-4)
+        for name, (x, y) in {"every token labelled": (ids, ids),
+                             "alignment batch": training_batch(tok, args.batch, args.seq, device)}.items():
+            step_c = train_step(lambda: D.losses(fused, {"input_ids": x, "labels": y}).mean(), opt_c)
+            t0 = time.perf_counter()
+            step_c()  # the first: compiles (or reads inductor's on-disk cache)
+            first = time.perf_counter() - t0
+            s_c, s_o = timed([step_c, train_step(lambda: D.losses(ours, {"input_ids": x, "labels": y}).mean(), opt_o)],
+                             device, args.repeats)
+            compiled_steps.append((name, first, *row("", x.numel(), s_c, s_o)[1:]))
+        del fused, opt_c
 
     M.merge_lora(ours)
     theirs = theirs.merge_and_unload()
@@ -301,6 +316,11 @@ def main():
         lines += [f"Compiled static-shape decode (M.generate_static, compile=True): {compiled[1]:.2f} tok/s after "
                   f"a first call of {compiled[0]:.1f} s (the compile), against packed eager {compiled[2]:.2f} in the "
                   f"same rounds ({compiled[3]:.2f}x, {compiled[4]} over rounds)."]
+    if compiled_steps:
+        lines += ["", "Our LoRA step with compiled blocks (model.compile_blocks) against eager, in the same rounds:", "",
+                  "| batch | first call (s) | compiled tok/s | eager tok/s | compiled / eager | min-max over rounds |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {n} | {f:.1f} | {c:.2f} | {e:.2f} | {r:.2f}x | {mm} |" for n, f, c, e, r, mm in compiled_steps]
     cfg = ours.config  # the MLP's up projection over a batch's tokens: the model's largest matmul shape
     peak = matmul_rate(device, dtype, args.batch * args.seq, cfg.hidden_size, cfg.intermediate_size)
     lines += ["", f"Model FLOPs of a LoRA step (bench/speed.py lora_step_flops) against this machine's "
@@ -317,6 +337,7 @@ def main():
     out = results_file(device, dtype)
     out.with_suffix(".json").write_text(json.dumps({"args": vars(args), "rows": rows, "unpacked_generation": unpacked[1:],
                                                     "compiled_generation": compiled,
+                                                    "compiled_steps": compiled_steps,
                                                     "matmul_flops": peak,
                                                     "step_flops": flops}, indent=2))
     out.with_suffix(".md").write_text(text + f"\ncommand: python bench/speed.py {' '.join(sys.argv[1:])}\n")

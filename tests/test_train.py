@@ -162,7 +162,8 @@ def test_every_config_field_has_a_flag():
                                   ["--finetune-lr", "-1e-4"], ["--align-lr", "inf"], ["--align-lr", "nan"], ["--align-batch-size", "0"], ["--select-passes", "0"],
                                   ["--eval-max-new-tokens", "0"], ["--eval-limit", "-1"], ["--eval-judge", "trainedd"],
                                   ["--eval-tasks", "harmful,sst"], ["--attack-task", "imdb"], ["--data", "no/such/dir"],
-                                  ["--align-bf16", "maybe"], ["--eval-judge", "moderation"]])
+                                  ["--align-bf16", "maybe"], ["--eval-judge", "moderation"],
+                                  ["--align-compile", "--align-defense", "vaccine"]])
 def test_bad_flags_are_errors(argv, capsys):
     with pytest.raises(SystemExit):
         train.parse_args(argv)
@@ -331,3 +332,7 @@ def test_a_later_field_at_its_default_leaves_the_settings_as_they_were():
     on = train.stage_settings(train.parse_args(["--preset", "tiny", "--eval-compile"]), "eval")
     assert "compile" not in off["eval"] and on["eval"]["compile"] is True
     assert train.changed(off, on) == ["eval.compile None -> True"]
+    for stage in ("align", "finetune"):
+        off = train.stage_settings(train.parse_args(["--preset", "tiny"]), stage)
+        on = train.stage_settings(train.parse_args(["--preset", "tiny", f"--{stage}-compile"]), stage)
+        assert "compile" not in off[stage] and train.changed(off, on) == [f"{stage}.compile None -> True"]
