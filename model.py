@@ -593,17 +593,6 @@ class Tokenizer:
         (out / "tokenizer_config.json").write_text(json.dumps(conf, indent=2))
 
 
-def compile_blocks(model: Transformer) -> Transformer:
-    """torch.compile each Block in place, for training: inductor fuses the elementwise work between
-    the matrix products (RMSNorm, RoPE, SwiGLU, LoRA's scaling and casts) in the forward and the
-    backward pass. All blocks share one graph with the batch and the length symbolic, so it compiles
-    once (~40 s on 2 CPU cores, seconds when inductor's on-disk cache has it) for every batch shape.
-    Hooks that add tensors to a block's forward lose their gradients here (defenses.COMPILABLE)."""
-    for layer in model.layers:
-        layer.compile(dynamic=True)
-    return model
-
-
 # ----------------------------------------------------------------------------- LoRA
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -793,6 +782,17 @@ def load_lora(model: nn.Module, path):
                     raise ValueError(f"{path}: {k} has shape {tuple(t.shape)}, the model expects "
                                      f"{tuple(p.shape)}: a LoRA for another model?")
                 p.copy_(t)
+    return model
+
+
+def compile_blocks(model: Transformer) -> Transformer:
+    """torch.compile each Block in place, for training: inductor fuses the elementwise work between
+    the matrix products (RMSNorm, RoPE, SwiGLU, LoRA's scaling and casts) in the forward and the
+    backward pass. All blocks share one graph with the batch and the length symbolic, so it compiles
+    once (~40 s on 2 CPU cores, seconds when inductor's on-disk cache has it) for every batch shape.
+    Hooks that add tensors to a block's forward lose their gradients here (defenses.COMPILABLE)."""
+    for layer in model.layers:
+        layer.compile(dynamic=True)
     return model
 
 

@@ -187,8 +187,9 @@ def config_problem(cfg: Config) -> str | None:
             checks.append(f"{flag}max-steps >= 0, {flag}warmup in [0, 1) and {flag}weight-decay >= 0, got "
                           f"{t.max_steps}, {t.warmup}, {t.weight_decay}")
         if t.compile and (t.defense not in defenses.COMPILABLE or cfg.fsdp):
-            checks.append(f"{flag}compile: not with {'--fsdp' if cfg.fsdp else t.defense + ', whose hooks a compiled block cannot trace'}"
-                          f" (it compiles {', '.join(defenses.COMPILABLE)} without --fsdp); leave {flag}compile out")
+            why = "--fsdp" if cfg.fsdp else f"{t.defense}, whose hooks a compiled block does not carry"
+            checks.append(f"{flag}compile: not with {why} (it compiles {', '.join(defenses.COMPILABLE)} "
+                          f"without --fsdp); leave {flag}compile out")
         if t.retain and not (data_dir(cfg) / t.retain).is_file() and cfg.stage in ("all", section):
             checks.append(f"{flag}retain {t.retain}: no such file in {data_dir(cfg)} (rebuild the data with "
                           f"data/prepare.py, or {flag}retain '' to train without it)")
@@ -538,7 +539,8 @@ def stage_files(cfg: Config, stage: str) -> list[str]:
     return [f"eval_{t}.jsonl" for t in cfg.eval.tasks.split(",")] + ["eval_harmful_qa.jsonl"]
 
 
-LATER_FIELDS = {("eval", "compile"): False, ("align", "compile"): False, ("finetune", "compile"): False}  # fields added after runs were made, so those stay done
+# fields added after runs were made: at their default, those runs stay done
+LATER_FIELDS = {("eval", "compile"): False, ("align", "compile"): False, ("finetune", "compile"): False}
 
 
 def stage_settings(cfg: Config, stage: str) -> dict:
