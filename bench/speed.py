@@ -239,11 +239,11 @@ def main():
     opt_o = torch.optim.AdamW([q for q in ours.parameters() if q.requires_grad], lr=1e-4)
     opt_t = torch.optim.AdamW([q for q in theirs.parameters() if q.requires_grad], lr=1e-4)
     # ours: the training loop's own loss (defenses.losses); theirs: transformers' loss from labels
+    our_step = lambda model, opt, x, y: train_step(lambda: D.losses(model, {"input_ids": x, "labels": y}).mean(), opt)
+    batches = {"every token labelled": (ids, ids), "alignment batch": training_batch(tok, args.batch, args.seq, device)}
     flops = []
-    for name, (x, y) in {"every token labelled": (ids, ids),
-                         "alignment batch": training_batch(tok, args.batch, args.seq, device)}.items():
-        s_o, s_t = timed([train_step(lambda: D.losses(ours, {"input_ids": x, "labels": y}).mean(), opt_o),
-                          train_step(lambda: theirs(input_ids=x, labels=y).loss, opt_t)],
+    for name, (x, y) in batches.items():
+        s_o, s_t = timed([our_step(ours, opt_o, x, y), train_step(lambda: theirs(input_ids=x, labels=y).loss, opt_t)],
                          device, args.repeats)
         labelled = int((y[:, 1:] != IGNORE).sum())
         rows.append(row(f"LoRA train step, {name} {tuple(x.shape)}, {labelled} labels (tok/s)", x.numel(),
@@ -255,14 +255,12 @@ def main():
     if args.compile:  # our step with compiled blocks (model.compile_blocks, --align-compile) against eager
         fused = M.compile_blocks(copy.deepcopy(ours))
         opt_c = torch.optim.AdamW([q for q in fused.parameters() if q.requires_grad], lr=1e-4)
-        for name, (x, y) in {"every token labelled": (ids, ids),
-                             "alignment batch": training_batch(tok, args.batch, args.seq, device)}.items():
-            step_c = train_step(lambda: D.losses(fused, {"input_ids": x, "labels": y}).mean(), opt_c)
+        for name, (x, y) in batches.items():
+            step_c = our_step(fused, opt_c, x, y)
             t0 = time.perf_counter()
             step_c()  # the first: compiles (or reads inductor's on-disk cache)
             first = time.perf_counter() - t0
-            s_c, s_o = timed([step_c, train_step(lambda: D.losses(ours, {"input_ids": x, "labels": y}).mean(), opt_o)],
-                             device, args.repeats)
+            s_c, s_o = timed([step_c, our_step(ours, opt_o, x, y)], device, args.repeats)
             compiled_steps.append((name, first, *row("", x.numel(), s_c, s_o)[1:]))
         del fused, opt_c
 
