@@ -242,7 +242,7 @@ def answer_features(model, tokenizer, prompts: list[str], answers: list[str], la
             for r, (x, n_prompt) in enumerate(part):
                 ids[r, :len(x)] = torch.tensor(x, device=dev)
                 span[r, n_prompt:len(x)] = True  # right padding: causal attention never sees it
-            model.hidden(ids)
+            model.hidden(ids, n_layers=max(layers) + 1)  # the blocks above the deepest probed one are not needed
             last = torch.tensor([len(x) - 1 for x, _ in part], device=dev)
             for i in layers:
                 h = seen[i].float()

@@ -306,12 +306,13 @@ class Transformer(nn.Module):
             x = x * torch.tensor(self.config.hidden_size ** 0.5, dtype=x.dtype)
         return x
 
-    def hidden(self, input_ids, attention_mask=None, start: int = 0):
+    def hidden(self, input_ids, attention_mask=None, start: int = 0, n_layers: int | None = None):
         """The last block's output (B, T, hidden), before the final norm: `head` makes logits of it
         where they are needed (the loss's positions, a prompt's last token), not at every position.
         `attention_mask` (B, S) marks real tokens among the S = start + T positions seen so far
         (left padding in generation); None means causal, no padding (training pads on the right,
-        where padded positions are never attended by real ones)."""
+        where padded positions are never attended by real ones). `n_layers`: run only the first
+        n blocks (a probe that reads block n - 1 needs no more)."""
         B, T = input_ids.shape
         x = self.embed(input_ids)
         dev = input_ids.device
@@ -333,7 +334,7 @@ class Transformer(nn.Module):
             k_pos = torch.arange(start + T, device=dev)[None]
             local = (k_pos <= q_pos) & (k_pos > q_pos - self.config.sliding_window)
             masks["sliding_attention"] = local if mask is None else mask & local
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(self.layers[:n_layers]):
             x = layer(x, cos, sin, masks[self.config.layer_types[i]] if self.config.layer_types else mask, start)
         return x
 
@@ -350,7 +351,7 @@ class Transformer(nn.Module):
         if self.config.layer_types and "sliding_attention" in self.config.layer_types:
             local = torch.arange(S, device=token.device) > pos - self.config.sliding_window
             masks["sliding_attention"] = masks["full_attention"] & local
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(self.layers[:n_layers]):
             x = layer(x, cos, sin, masks[self.config.layer_types[i] if self.config.layer_types else "full_attention"], pos)
         return self.head(x[:, -1])
 

@@ -210,6 +210,8 @@ def test_probe_judge_round_trip(tmp_path, monkeypatch):
     assert feats[1].shape == (8, 2 * 64)
     alone = E.answer_features(model, tok, prompts[:1], answers[:1], [1])[1]
     assert torch.allclose(alone, feats[1][:1], atol=1e-5)  # padding in a batch changes nothing
+    first = E.answer_features(model, tok, prompts, answers, [0])[0]  # runs block 0 alone
+    assert torch.equal(first, feats[0]) and not torch.equal(first, feats[1])
     probe = E.fit_probe(feats[1], [0, 1, 0, 1, 0, 1, 0, 1], l2=1.0)
     want = E.probe_probability(probe, feats[1])
     tensors = {f"{h}.{k}": v.clone() for h in ("harmful", "refusal") for k, v in probe.items()}
