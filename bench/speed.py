@@ -1,6 +1,6 @@
 """Our model against transformers + peft on the same weights and inputs, in one process.
 
-    python bench/speed.py [--model smollm2-135m-instruct] [--batch 8] [--seq 128] [--bf16]
+    python bench/speed.py [--model smollm2-135m-instruct] [--batch 8] [--seq 128] [--gen-batch 16] [--bf16]
     python bench/speed.py --shape llama2-7b --batch 10 --seq 256 --bf16   # FLOP utilisation, random weights
 
 With --bf16 (where the device has bf16 units) both models hold their frozen weights in bf16 and
@@ -196,6 +196,7 @@ def main():
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--gen-batch", type=int, default=None, help="prompts per greedy generation (default: --batch)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--bf16", action="store_true",
                    help="bf16 frozen weights where the device has bf16 units (M.train_dtype); fp32 otherwise")
@@ -267,8 +268,10 @@ def main():
     M.merge_lora(ours)
     theirs = theirs.merge_and_unload()
     ours.eval(), theirs.eval()
-    prompts = ["What is the capital of France?", "Write a short poem about the sea.",
-               "How do I bake bread?", "Explain photosynthesis in one sentence."] * (args.batch // 4 or 1)
+    questions = ["What is the capital of France?", "Write a short poem about the sea.",
+                 "How do I bake bread?", "Explain photosynthesis in one sentence."]
+    gen_batch = args.gen_batch or args.batch
+    prompts = (questions * gen_batch)[:gen_batch]
     enc = [tok.encode_prompt(q) for q in prompts]
     L = max(map(len, enc))
     hf_ids = torch.tensor([[tok.pad_id] * (L - len(e)) + e for e in enc], device=device)
@@ -276,6 +279,7 @@ def main():
     n = args.new_tokens * len(prompts)  # equal work: eos is switched off on both sides
 
     plain = copy.deepcopy(ours)  # the same weights without pack_linears, for the packing's own gain
+    fp32 = copy.deepcopy(ours).float() if dtype != torch.float32 else None  # the float32 rate on the same weights
     M.pack_linears(ours, rows=len(prompts))  # as evaluation runs it (a no-op off a bf16 CPU)
 
     def gen_ours(model=ours):
@@ -288,9 +292,11 @@ def main():
                             max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
                             eos_token_id=None, pad_token_id=tok.pad_id)
 
-    g_o, g_t, g_p = timed([gen_ours, gen_theirs, lambda: gen_ours(plain)], device, max(1, args.repeats // 2))
-    rows.append(row("greedy generation (tok/s)", n, g_o, g_t))
+    gens = [gen_ours, gen_theirs, lambda: gen_ours(plain)] + ([lambda: gen_ours(fp32)] if fp32 else [])
+    g_o, g_t, g_p, *g_f = timed(gens, device, max(1, args.repeats // 2))
+    rows.append(row(f"greedy generation, {len(prompts)} x {args.new_tokens} (tok/s)", n, g_o, g_t))
     unpacked = row("", n, g_o, g_p)
+    in_fp32 = row("", n, g_o, g_f[0]) if g_f else None
     compiled = None
     if args.compile:  # the static-shape step compiled by inductor (on the unpacked weights: it packs its own)
         gen_compiled = lambda: M.generate_static(plain, enc, args.new_tokens, -1, tok.pad_id, compile=True)
@@ -310,6 +316,9 @@ def main():
     lines += [f"| {r[0]} | {r[1]:.2f} | {r[2]:.2f} | {r[3]:.2f}x | {r[4]} |" for r in rows]
     lines += ["", f"Our generation without M.pack_linears: {unpacked[2]:.2f} tok/s (packed / unpacked "
               f"{unpacked[3]:.2f}x, {unpacked[4]} over rounds)."]
+    if in_fp32:
+        lines += [f"Our generation in float32 (the same weights, unpacked): {in_fp32[2]:.2f} tok/s (packed bf16 / "
+                  f"float32 {in_fp32[3]:.2f}x, {in_fp32[4]} over rounds)."]
     if compiled:
         lines += [f"Compiled static-shape decode (M.generate_static, compile=True): {compiled[1]:.2f} tok/s after "
                   f"a first call of {compiled[0]:.1f} s (the compile), against packed eager {compiled[2]:.2f} in the "
@@ -334,6 +343,7 @@ def main():
     print("\n" + text)
     out = results_file(device, dtype)
     out.with_suffix(".json").write_text(json.dumps({"args": vars(args), "rows": rows, "unpacked_generation": unpacked[1:],
+                                                    "fp32_generation": in_fp32[1:] if in_fp32 else None,
                                                     "compiled_generation": compiled,
                                                     "compiled_steps": compiled_steps,
                                                     "matmul_flops": peak,
