@@ -129,6 +129,27 @@ def train_step(loss_of, opt):
     return step
 
 
+def matmul_table(cfg, device, dtype, rows: int) -> list[str]:
+    """The matmul rate at each projection shape of a LoRA step over `rows` tokens: the forward
+    products (rows x in x out) and the backward ones to the input (rows x out x in), with all the
+    threads and with one (on a CPU), so a shape that leaves a core idle shows."""
+    h, kv = cfg.hidden_size, cfg.num_key_value_heads * cfg.head_dim
+    shapes = sorted({(h, h), (h, kv), (kv, h), (h, cfg.intermediate_size), (cfg.intermediate_size, h)})
+    threads = torch.get_num_threads()
+    counts = (threads, 1) if device.type == "cpu" and threads > 1 else (threads,)
+    lines = [f"{str(dtype).removeprefix('torch.')} matmul rate (TFLOP/s, best of 10) at the projections' shapes, "
+             f"{rows} rows:", "", "| rows x k x n | " + " | ".join(f"{t} thread{'s' * (t > 1)}" for t in counts) + " |",
+             "|---|" + "---|" * len(counts)]
+    for k, n in shapes:
+        rates = []
+        for t in counts:
+            torch.set_num_threads(t)
+            rates.append(matmul_rate(device, dtype, rows, k, n))
+        torch.set_num_threads(threads)
+        lines.append(f"| {rows} x {k} x {n} | " + " | ".join(f"{r / 1e12:.2f}" for r in rates) + " |")
+    return lines
+
+
 def attention_table(cfg, device, dtype, batch: int, lengths=(64, 128, 256), repeats: int = 5) -> list[str]:
     """Forward + backward of one layer's attention at the model's head shape in `dtype`: SDPA as
     is, and `M.attend` (on a CPU in bf16: SDPA in float32 around casts), in ms."""
@@ -336,6 +357,7 @@ def main():
               "| LoRA step | model GFLOP | ours TFLOP/s | transformers+peft TFLOP/s | ours, share of the matmul rate |",
               "|---|---|---|---|---|"]
     lines += [f"| {n} | {w / 1e9:.0f} | {o / 1e12:.3f} | {t / 1e12:.3f} | {o / peak:.0%} |" for n, w, o, t in flops]
+    lines += [""] + matmul_table(cfg, device, dtype, args.batch * args.seq)
     lines += [""] + attention_table(cfg, device, dtype, args.batch)
     if device.type == "cuda":
         lines.append(f"\npeak CUDA memory (both models loaded): {torch.cuda.max_memory_allocated() / 2**20:.0f} MB")
