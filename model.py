@@ -351,7 +351,7 @@ class Transformer(nn.Module):
         if self.config.layer_types and "sliding_attention" in self.config.layer_types:
             local = torch.arange(S, device=token.device) > pos - self.config.sliding_window
             masks["sliding_attention"] = masks["full_attention"] & local
-        for i, layer in enumerate(self.layers[:n_layers]):
+        for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, masks[self.config.layer_types[i] if self.config.layer_types else "full_attention"], pos)
         return self.head(x[:, -1])
 
