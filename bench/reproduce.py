@@ -28,6 +28,7 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,13 +44,14 @@ class RunFailed(RuntimeError):
     """One command of the sweep failed: its configuration is skipped, the sweep goes on."""
 
 
-def sh(args: list[str], log: Path):
+def sh(args: list[str], log: Path, env: dict | None = None):
     """Run one command, appending its output to log; RunFailed if it fails."""
     print("$", " ".join(args), flush=True)
+    log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a") as f:
         f.write("$ " + " ".join(args) + "\n")
         f.flush()
-        if subprocess.run(args, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode:
+        if subprocess.run(args, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env).returncode:
             raise RunFailed(f"failed: {' '.join(args)} (see {log})")
 
 
@@ -69,11 +71,22 @@ def cut(selection_run: Path, k: int, out: Path):
 
 class Sweep:
     """The runs of one data folder: each a `train.py` call per stage, in out/<run name>. A run that
-    fails is recorded in `failed` and the sweep goes on; rankings are computed once and cut to k."""
+    fails is recorded in `failed` and the sweep goes on; rankings are computed once and cut to k.
 
-    def __init__(self, out: Path, data: Path, align_flags: list[str], attack_flags: list[str], keep: int):
+    With jobs > 1, `run` hands each configuration (its align, attack and eval stages, in order) to
+    one of `jobs` workers and returns; `wait` joins them. Each job's processes get cpu_count / jobs
+    threads and write their output to out/logs/<run name>.log. On a CPU whose cores slow down
+    one at a time (a shared host), independent one-thread jobs keep both cores busy where one
+    two-thread process waits for the slower core at every matrix product (docs/RESULTS.md)."""
+
+    def __init__(self, out: Path, data: Path, align_flags: list[str], attack_flags: list[str], keep: int,
+                 jobs: int = 1):
         self.out, self.data, self.align_flags, self.attack_flags = out, data, align_flags, attack_flags
         self.log, self.keep, self.tag = out / "sweep.log", keep, ""
+        self.jobs = jobs
+        self.env = None if jobs == 1 else dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // jobs)))
+        self.pool = ThreadPoolExecutor(jobs) if jobs > 1 else None
+        self.pending: list[Future] = []
         manifest = json.loads((data / "manifest.json").read_text())
         self.n_pool, self.data_p = manifest["counts"]["pool.jsonl"], str(manifest.get("sizes", {}).get("p", DEFAULT_P))
         self.rankings: dict[str, Path] = {}
@@ -96,12 +109,24 @@ class Sweep:
         self.tag = attack_tag(lr, epochs, p, mix)
 
     def run(self, name: str, *args, **kwargs):
-        """`config`, with a failure recorded instead of stopping the sweep."""
+        """`config`, with a failure recorded instead of stopping the sweep; with jobs > 1 handed to a
+        worker (`wait` joins it)."""
+        if self.pool is not None:
+            self.pending.append(self.pool.submit(self.guarded, name, *args, **kwargs))
+        else:
+            self.guarded(name, *args, **kwargs)
+
+    def guarded(self, name: str, *args, **kwargs):
         try:
             self.config(name, *args, **kwargs)
         except RunFailed as e:
             print(e, flush=True)
             self.failed.append(name)
+
+    def wait(self):
+        """Every configuration handed to a worker, finished (an error other than RunFailed is raised here)."""
+        while self.pending:
+            self.pending.pop(0).result()
 
     def seed_runs(self, ranking, selectors, seeds, defenses):
         """Each selector with each defense, aligned and attacked with each seed (seed 0: the defaults,
@@ -115,7 +140,8 @@ class Sweep:
                              selection, self.k_of(selector), defense, **flags)
 
     def train(self, run: Path, stage: str, *flags):
-        sh([PY, "train.py", "--stage", stage, "--out", str(run), "--data", str(self.data), *flags], self.log)
+        log = self.log if self.jobs == 1 else self.out / "logs" / f"{run.name}.log"
+        sh([PY, "train.py", "--stage", stage, "--out", str(run), "--data", str(self.data), *flags], log, self.env)
 
     def select(self, selector: str, keep: float, seed: int = 0) -> Path:
         run = self.out / (f"select_{selector}" + (f"_s{seed}" if seed else ""))
@@ -284,10 +310,14 @@ def calibrate(sweep: "Sweep", models: dict, grid: list[tuple[str, str, str, str]
     for name, (selection, k) in models.items():
         before = sweep.aligned(f"calib_{name}_sft", selection, k)
         rows.append(run_metrics(before, name, None, None))
-        for setting in grid:
-            run = sweep.config(f"calib_{name}_sft{attack_tag(*setting)}", selection, k, "sft",
-                               attack=attack_flags(*setting, data_p=sweep.data_p), align_from=before)
-            rows.append(run_metrics(run, name, *setting))
+        names = [f"calib_{name}_sft{attack_tag(*setting)}" for setting in grid]
+        for run, setting in zip(names, grid):  # the attacks of one aligned model: jobs at a time
+            sweep.run(run, selection, k, "sft", attack=attack_flags(*setting, data_p=sweep.data_p), align_from=before)
+        sweep.wait()
+        if set(names) & set(sweep.failed):
+            raise RunFailed(f"calibration runs failed (see {sweep.out / 'logs'} or {sweep.log}): "
+                            f"{', '.join(n for n in names if n in sweep.failed)}")
+        rows += [run_metrics(sweep.out / run, name, *setting) for run, setting in zip(names, grid)]
     return rows
 
 
@@ -354,13 +384,20 @@ def parse(argv=None):
                         "retain rows (benign instructions with answers)")
     p.add_argument("--results", default=None, help="where the tables go (default results/repro; results/small "
                                                     "with --preset small)")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="configurations run at a time, each with cpu_count / jobs threads (default 1; 2 with "
+                        "--preset small)")
     p.add_argument("--preset", choices=("small",), default=None,
                    help="small: Full, Random and Pharmacist with SFT at the calibrated attack, seeds 0-2, "
-                        "675 retain rows answered by the model itself, compiled blocks (phases main,seeds; "
-                        "results in results/small)")
+                        "675 retain rows answered by the model itself, compiled blocks, two configurations "
+                        "at a time (phases main,seeds; results in results/small)")
     args = p.parse_args(argv)
     if args.preset == "small":
         args.phases, args.selectors, args.defenses, args.seeds = "main,seeds", "full,random,pharmacist", "sft", "1,2"
+    if args.jobs is None:
+        args.jobs = 2 if args.preset == "small" else 1
+    if args.jobs < 1:
+        p.error(f"--jobs must be at least 1, got {args.jobs}")
     for name in ("phases", "selectors", "defenses"):
         setattr(args, name, getattr(args, name).split(","))
     args.seeds = [int(x) for x in args.seeds.split(",") if x]
@@ -439,13 +476,14 @@ def phase_wording(sweep: Sweep, args) -> Sweep:
     held_out = sweep.out / "held_out_wording"  # same prompts and draws, other wording: data/answers.py HALVES
     held_out.mkdir(exist_ok=True)
     data_h = build_data(args.source, held_out / "data", sweep.log, "--held-out-wording")
-    held = Sweep(held_out, data_h, sweep.align_flags, list(sweep.attack_flags), args.keep)
+    held = Sweep(held_out, data_h, sweep.align_flags, list(sweep.attack_flags), args.keep, args.jobs)
     held.tag = sweep.tag
     order = [s for s in ("loss", "pharmacist", "random", "seal") if s in args.selectors]
     for s in order:  # precision first, attacks after
         if s != "random":
             held.ranking(s)
     held.seed_runs(held.ranking, order, [0, *args.seeds], ["sft"])
+    held.wait()
     return held
 
 
@@ -465,7 +503,7 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     data_flags, align_flags, attack_flags = sweep_flags(args)
     data = build_data(args.source, out / "data", out / "sweep.log", *data_flags)
-    sweep = Sweep(out, data, align_flags, attack_flags, args.keep)
+    sweep = Sweep(out, data, align_flags, attack_flags, args.keep, args.jobs)
     sweep.before = args.preset == "small"  # the before/after table
     results = Path(args.results) if args.results else ROOT / "results" / ("small" if args.preset == "small" else "repro")
     attack = phase_calibrate(sweep, args, out, results)
@@ -476,6 +514,7 @@ def main(argv=None):
     if "seeds" in args.phases:  # the same configurations again with other alignment and attack seeds
         sweep.seed_runs(sweep.ranking, [s for s in ("random", "pharmacist", "full", "seal", "loss") if s in args.selectors],
                         args.seeds, [d for d in ("sft", "vaccine") if d in args.defenses])
+    sweep.wait()  # bds and stress attack the models aligned above
     if "bds" in args.phases:  # the fine-tuning-stage defense on top of the SFT-aligned models
         for selector in pair:
             base = out / f"{selector}_sft_k{args.keep}{sweep.tag}"
@@ -483,6 +522,7 @@ def main(argv=None):
                       attack=["--finetune-defense", "bds"], align_from=base)
     if "stress" in args.phases:
         phase_stress(sweep, args, attack, pair)
+    sweep.wait()
     held = phase_wording(sweep, args) if "wording" in args.phases and "sft" in args.defenses else None
     tables(out, data, results, args.keep, sweep.tag)
     if (out / "calibration.json").exists():

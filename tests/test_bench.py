@@ -1,7 +1,9 @@
 """bench/: the report over made-up run folders, reproduce.py's calibration rule on made-up rows."""
 import json
+import os
 import statistics
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import ROOT
@@ -244,3 +246,34 @@ def test_shape_utilisation_runs_a_random_model_of_a_given_shape(tmp_path):
     lines = speed.shape_utilisation(str(config), 2, 16, torch.device("cpu"), torch.float32, repeats=1)
     tok_s, tflops, rate, util = (c.strip() for c in lines[-1].strip("|").split("|"))
     assert float(tok_s) > 0 and float(tflops) > 0 and float(rate) > 0 and util.endswith("%")
+
+
+def test_sweep_runs_configurations_two_at_a_time(tmp_path, monkeypatch):
+    import threading
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "manifest.json").write_text(json.dumps({"counts": {"pool.jsonl": 400}}))
+    calls, both_started = [], threading.Barrier(2, timeout=10)
+
+    def fake_sh(args, log, env=None):
+        run = Path(args[args.index("--out") + 1]).name
+        calls.append((run, args[args.index("--stage") + 1], log.name, env["OMP_NUM_THREADS"]))
+        if args[3] == "align" and run in ("a", "b"):
+            both_started.wait()  # the first two configurations' aligns are in flight together
+        if run == "c" and args[3] == "finetune":
+            raise reproduce.RunFailed("c failed")
+    monkeypatch.setattr(reproduce, "sh", fake_sh)
+    sweep = reproduce.Sweep(tmp_path, tmp_path / "data", [], [], 160, jobs=2)
+    for name in ("a", "b", "c"):
+        (tmp_path / name / "select").mkdir(parents=True)
+        (tmp_path / name / "select" / "summary.json").write_text("{}")  # cut() keeps an existing subset
+        sweep.run(name, tmp_path / "unused", 160, "sft")
+    sweep.wait()
+    threads = str(max(1, (os.cpu_count() or 1) // 2))
+    for name in ("a", "b"):  # each configuration's stages in order, in its own log
+        assert [(s, log, t) for run, s, log, t in calls if run == name] == [
+            ("align", f"{name}.log", threads), ("finetune", f"{name}.log", threads), ("eval", f"{name}.log", threads)]
+    assert sweep.failed == ["c"] and not sweep.pending
+    with pytest.raises(SystemExit):  # --jobs below 1
+        reproduce.parse(["--source", "x", "--jobs", "0"])
+    assert reproduce.parse(["--source", "x", "--preset", "small"]).jobs == 2
+    assert reproduce.parse(["--source", "x"]).jobs == 1
