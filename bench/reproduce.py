@@ -139,13 +139,19 @@ class Sweep:
                     self.run(f"{selector}_{defense}_k{self.k_of(selector)}{self.tag}" + (f"_s{seed}" if seed else ""),
                              selection, self.k_of(selector), defense, **flags)
 
-    def train(self, run: Path, stage: str, *flags):
-        log = self.log if self.jobs == 1 else self.out / "logs" / f"{run.name}.log"
-        sh([PY, "train.py", "--stage", stage, "--out", str(run), "--data", str(self.data), *flags], log, self.env)
+    def train(self, run: Path, stage: str, *flags, alone: bool = False):
+        """One stage of a run; `alone`: in the sweep's own thread, with every thread of the machine
+        and into sweep.log (a worker's stage: cpu_count / jobs threads, into logs/<run>.log)."""
+        log = self.log if self.jobs == 1 or alone else self.out / "logs" / f"{run.name}.log"
+        sh([PY, "train.py", "--stage", stage, "--out", str(run), "--data", str(self.data), *flags], log,
+           None if alone else self.env)
 
     def select(self, selector: str, keep: float, seed: int = 0) -> Path:
+        """A selector's ranking, in the sweep's own thread: the costly ones are made before the first
+        configuration starts (main_jobs's order)."""
         run = self.out / (f"select_{selector}" + (f"_s{seed}" if seed else ""))
-        self.train(run, "select", "--select-selector", selector, "--select-keep", str(keep), "--select-seed", str(seed))
+        self.train(run, "select", "--select-selector", selector, "--select-keep", str(keep), "--select-seed", str(seed),
+                   alone=True)
         return run
 
     def aligned(self, name: str, selection: Path, k: int, defense: str = "sft") -> Path:
@@ -508,7 +514,10 @@ def main(argv=None):
     results = Path(args.results) if args.results else ROOT / "results" / ("small" if args.preset == "small" else "repro")
     attack = phase_calibrate(sweep, args, out, results)
     sweep.attack(attack["lr"], attack["epochs"], attack["p"], attack.get("mix", ""))
-    for _, name, selector, k, defense in main_jobs(sweep, args):
+    jobs = main_jobs(sweep, args)
+    for selector in dict.fromkeys(j[2] for j in jobs):  # every ranking first, each with the whole machine
+        sweep.ranking(selector)
+    for _, name, selector, k, defense in jobs:
         sweep.run(name, sweep.ranking(selector), k, defense)
     pair = [s for s in ("random", "pharmacist") if s in args.selectors]  # baseline and ours
     if "seeds" in args.phases:  # the same configurations again with other alignment and attack seeds
