@@ -28,6 +28,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -504,6 +505,7 @@ def sweep_flags(args) -> tuple[list[str], list[str], list[str]]:
 
 
 def main(argv=None):
+    started = time.time()
     args = parse(argv)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -538,6 +540,10 @@ def main(argv=None):
         (results / "calibration.json").write_text((out / "calibration.json").read_text())
     if held is not None:
         tables(held.out, held.data, results / "held_out_wording", args.keep, sweep.tag, figure=False)
+    (results / "sweep_time.json").write_text(json.dumps({  # this call's own time (a resumed call: its part only)
+        "command": " ".join(["python bench/reproduce.py", *(argv if argv is not None else sys.argv[1:])]),
+        "jobs": args.jobs, "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
+        "wall_time_s": round(time.time() - started, 1)}, indent=2))
     if (results / "report.md").exists():
         print((results / "report.md").read_text())
     failed = sweep.failed + (held.failed if held else [])

@@ -67,6 +67,7 @@ def main():
     times: dict[str, list[dict]] = {name: [] for name, _, _ in variants}
     with tempfile.TemporaryDirectory() as tmp:
         trees = {rev: checkout(rev, Path(tmp)) for _, rev, _ in variants}
+        commits = {rev: tree.name[:7] for rev, tree in trees.items()}
         try:
             for r in range(args.rounds):
                 for name, rev, flags in variants:
@@ -85,12 +86,12 @@ def main():
              "|---|---|" + "---|" * (len(STAGES) + 2)]
     for name, rev, flags in variants:
         total = sum(median[name].values())
-        lines.append(f"| {name} | {rev} {' '.join(flags)} | " + " | ".join(f"{median[name][s]:.1f}" for s in STAGES)
+        lines.append(f"| {name} | {rev} ({commits[rev]}) {' '.join(flags)} | " + " | ".join(f"{median[name][s]:.1f}" for s in STAGES)
                      + f" | {total:.1f} | {sum(median[first].values()) / total:.2f}x |")
     text = "\n".join(lines) + "\n"
     print("\n" + text)
     out = results_file(device, M.train_dtype(device, True), prefix="stages_")
-    out.with_suffix(".json").write_text(json.dumps({"variants": variants, "times": times}, indent=2))
+    out.with_suffix(".json").write_text(json.dumps({"variants": variants, "commits": commits, "times": times}, indent=2))
     out.with_suffix(".md").write_text(text + f"\ncommand: python bench/stages.py {' '.join(sys.argv[1:])}\n")
     print(f"wrote {out}.md")
 
