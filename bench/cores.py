@@ -21,6 +21,7 @@ This is what `bench/reproduce.py --jobs` builds on. Writes results/speed/cores_<
 import argparse
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -163,7 +164,7 @@ def main():
     print("\n" + text)
     out = results_file(device, dtype, prefix="cores_")
     out.with_suffix(".json").write_text(json.dumps({"args": vars(args), "trace": pairs, "rounds": rounds}, indent=2))
-    out.with_suffix(".md").write_text(text + f"\ncommand: python bench/cores.py {' '.join(sys.argv[1:])}\n")
+    out.with_suffix(".md").write_text(text + f"\ncommand: python bench/cores.py {shlex.join(sys.argv[1:])}\n")
     print(f"wrote {out}.md")
 
 

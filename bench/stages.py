@@ -12,6 +12,7 @@ Writes results/speed/stages_<device>_<processor>.{md,json}.
 """
 import argparse
 import json
+import shlex
 import statistics
 import subprocess
 import sys
@@ -92,7 +93,7 @@ def main():
     print("\n" + text)
     out = results_file(device, M.train_dtype(device, True), prefix="stages_")
     out.with_suffix(".json").write_text(json.dumps({"variants": variants, "commits": commits, "times": times}, indent=2))
-    out.with_suffix(".md").write_text(text + f"\ncommand: python bench/stages.py {' '.join(sys.argv[1:])}\n")
+    out.with_suffix(".md").write_text(text + f"\ncommand: python bench/stages.py {shlex.join(sys.argv[1:])}\n")
     print(f"wrote {out}.md")
 
 
