@@ -1,7 +1,7 @@
 """The paper's claims on SmolLM2-135M, as a resumable sweep of `train.py` runs.
 
     python bench/reproduce.py --source DATA_DIR --out runs/repro [--phases calibrate,main,fig1,stress,seeds,defenses,bds,wording]
-    python bench/reproduce.py --source DATA_DIR --out runs/small --preset small   # Full / Random / Pharmacist, 3 seeds
+    python bench/reproduce.py --source DATA_DIR --out runs/small --preset small   # Full / Random / Pharmacist, 3 seeds, two at a time (--jobs)
 
 Phases (each run is a folder under --out; a finished stage is skipped, so re-running resumes):
   calibrate  the attack (lr x epochs x harmful share p) on Full+SFT and Random+SFT, each also evaluated
@@ -158,9 +158,9 @@ class Sweep:
     def aligned(self, name: str, selection: Path, k: int, defense: str = "sft") -> Path:
         """select (cut from a ranking) -> align -> eval with no attack, in runs/<name>."""
         run = self.out / name
-        cut(selection, k, run)
-        self.train(run, "align", "--align-defense", defense, *self.align_flags)
-        self.train(run, "eval", *EVAL)
+        cut(selection, k, run)  # in the sweep's own thread, the attacks from it after: the whole machine
+        self.train(run, "align", "--align-defense", defense, *self.align_flags, alone=True)
+        self.train(run, "eval", *EVAL, alone=True)
         return run
 
     def config(self, name: str, selection: Path, k: int, defense: str, attack: list[str] | None = None,
