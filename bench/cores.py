@@ -136,7 +136,7 @@ def main():
         sys.exit("bench/cores.py compares one process with every thread against one per thread: "
                  f"this process has {threads} thread (set OMP_NUM_THREADS to 2 or more)")
     device, dtype = torch.device("cpu"), M.train_dtype(torch.device("cpu"), args.bf16)
-    cfg = default_weights.load_pretrained(args.model, device=device, dtype=dtype)[0].config
+    cfg = M.read_config(Path(args.model) if Path(args.model).exists() else default_weights.resolve(args.model))
     k, n = cfg.hidden_size, cfg.intermediate_size
     pairs = trace(8 * 128, k, n, args.trace_seconds, dtype)
     one, all_ = [a for a, _ in pairs], [b for _, b in pairs]
