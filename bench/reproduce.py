@@ -260,7 +260,7 @@ def before_after_table(out: Path, runs: list[Path]) -> str:
 
 ATTACK = {"lr": "2e-4", "epochs": "4", "p": "0.4", "mix": ""}  # the calibrated attack (results/small/harmful_share),
 # when --out holds no calibration.json of its own
-SMALL_RETAIN = 675  # --preset small's retain rows: all the AlpacaEval prompts the other splits leave
+SMALL_RETAIN = 500  # --preset small's retain rows: the first 500 of the 675 AlpacaEval prompts no split takes
 DEFAULT_P = "0.1"  # the harmful share of data/prepare.py's attack files
 
 
@@ -396,7 +396,7 @@ def parse(argv=None):
                         "--preset small)")
     p.add_argument("--preset", choices=("small",), default=None,
                    help="small: Full, Random and Pharmacist with SFT at the calibrated attack, seeds 0-2, "
-                        "675 retain rows answered by the model itself, compiled blocks, two configurations "
+                        "500 retain rows answered by the model itself, compiled blocks, two configurations "
                         "at a time (phases main,seeds; results in results/small)")
     args = p.parse_args(argv)
     if args.preset == "small":
@@ -496,7 +496,7 @@ def phase_wording(sweep: Sweep, args) -> Sweep:
 
 def sweep_flags(args) -> tuple[list[str], list[str], list[str]]:
     """The flags of data/prepare.py, of every align stage and of every attack (bf16 wherever the
-    device has it). --preset small: 675 retain rows (every AlpacaEval prompt no other split takes)
+    device has it). --preset small: 500 retain rows (of the 675 AlpacaEval prompts no other split takes)
     answered by the model itself, and compiled blocks (SFT only: model.compile_blocks)."""
     if args.preset != "small":
         return ["--p", args.data_p], ["--align-epochs", "2"], []

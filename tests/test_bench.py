@@ -162,7 +162,7 @@ def test_small_preset_runs_full_random_pharmacist_with_sft(tmp_path):
     assert args.seeds == [1, 2] and args.phases == ["main", "seeds"]
     assert sweep.attack_flags[-6:] == ["--finetune-lr", "2e-4", "--finetune-epochs", "1", "--attack-p", "0.05"]
     data, align, attack = reproduce.sweep_flags(args)  # retain rows by the model itself, compiled SFT
-    assert data[-4:] == ["--retain-answers", "self", "--retain-size", "675"]
+    assert data[-4:] == ["--retain-answers", "self", "--retain-size", "500"]
     assert "--align-compile" in align and attack == ["--finetune-compile"]
     assert reproduce.sweep_flags(reproduce.parse(["--source", "unused"]))[1:] == (["--align-epochs", "2"], [])
 
