@@ -67,19 +67,27 @@ def barrier() -> None:
         dist.barrier()
 
 
-def shard(batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], float]:
-    """This rank's rows of a batch (rank, rank + N, ...) and its share n_r / n of the batch's
-    response tokens; (the batch, 1.0) with one process. A rank left without rows (a last batch
-    smaller than N) computes on the first row with share 0, so every rank runs the same
-    collectives."""
-    if world() == 1:
-        return batch, 1.0
-    mine = {k: v[rank()::world()] for k, v in batch.items()}
-    responses = lambda b: int((b["labels"][:, 1:] != IGNORE).sum())
-    n = responses(batch)  # every rank holds the whole batch: no collective needed
+def responses(batch: dict[str, torch.Tensor]) -> int:
+    """The batch's response tokens: the labels a loss is taken on."""
+    return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+
+def part(batch: dict[str, torch.Tensor], i: int, n: int) -> tuple[dict[str, torch.Tensor], float]:
+    """Rows i, i + n, ... of a batch and their share of its response tokens. A part left without
+    rows (a batch of fewer than n rows) is the first row with share 0."""
+    mine = {k: v[i::n] for k, v in batch.items()}
     if len(mine["labels"]) == 0:
         return {k: v[:1] for k, v in batch.items()}, 0.0
-    return mine, responses(mine) / n if n else 1.0 / world()
+    total = responses(batch)
+    return mine, responses(mine) / total if total else 1.0 / n
+
+
+def shard(batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], float]:
+    """This rank's rows of a batch (rank, rank + N, ...) and its share n_r / n of the batch's
+    response tokens; (the batch, 1.0) with one process. Every rank holds the whole batch, so no
+    collective is needed, and a rank left without rows computes on a row with share 0, so every
+    rank runs the same collectives."""
+    return (batch, 1.0) if world() == 1 else part(batch, rank(), world())
 
 
 def total(x: float, device=None) -> float:

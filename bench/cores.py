@@ -1,31 +1,40 @@
-"""One process with every thread against one process per core, on the same LoRA steps.
+"""One process with every thread against one process per core, one thread per core, and one step
+split over the cores, on the same LoRA steps.
 
     python bench/cores.py [--model smollm2-135m-instruct] [--data data/default] [--seconds 60] [--rounds 3] [--bf16] [--compile]
 
 A multi-threaded matrix product splits its work evenly between the cores and ends when the slower
 core ends. Where a host slows its cores down one at a time (a shared machine whose other tenants
 load a core's sibling), a step with two threads runs at twice the slower core's rate, while two
-one-thread processes each run at their own core's rate. Two measurements, each alternating its
-two sides so that a slow spell of the machine hits both:
+one-thread processes each run at their own core's rate, and so, mostly, do the Python threads of
+one process (the interpreter lock they share costs some). Two measurements, each alternating its
+sides so that a slow spell of the machine hits all alike:
 
   trace  the rate of one matmul at the MLP's shape (8 x 128 rows), with one thread and with all,
          back to back, for --trace-seconds: how the two compare moment by moment;
   steps  LoRA steps on the alignment batches of --data (pool and retain rows, batch 8, at most
          128 tokens: train.py's own batches; r 8 on every projection, AdamW; compiled blocks with
-         --compile) for --seconds: one process with every thread, then one process per thread
-         with one thread each, started together, each taking every n-th batch; tokens/s of each
-         side (the second summed over its processes), per round.
+         --compile) for --seconds: one process with every thread; one process per thread with
+         one thread each, started together, each taking every n-th batch; one process with one
+         Python thread per core, each with one intra-op thread and its own copy of the model,
+         each taking every n-th batch; one process whose every step cuts its batch into parts
+         that one worker thread per core takes from a queue (Threads, below);
+         tokens/s of each side (the second and the third summed over their processes or
+         threads), per round. The first and the last are the rate of one training run.
 
 This is what `bench/reproduce.py --jobs` builds on. Writes results/speed/cores_<device>_<processor>.{md,json}.
 """
 import argparse
+import copy
 import json
 import os
 import shlex
 import statistics
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -35,6 +44,7 @@ sys.path.insert(0, str(ROOT))
 import default_weights  # noqa: E402
 import defenses as D  # noqa: E402
 import model as M  # noqa: E402
+import parallel as P  # noqa: E402
 from data.batches import Batches, encode_samples  # noqa: E402
 from data.samples import load_jsonl  # noqa: E402
 from speed import processor, results_file, train_step  # noqa: E402  (bench/, this file's folder)
@@ -65,37 +75,125 @@ def trace(rows: int, k: int, n: int, seconds: float, dtype) -> list[tuple[float,
     return pairs
 
 
+def in_order(values, shares):
+    """sum_i shares_i * values_i, added in index order: the same bits whichever thread computed which."""
+    total = 0
+    for value, share in zip(values, shares):
+        total = total + share * value
+    return total
+
+
+class Threads:
+    """One step split over the cores: the batch is cut into `pieces` parts (parallel.part: rows
+    i, i + pieces, ...), worker threads take the parts from one queue, each with a single
+    intra-op thread, and the parts' gradients are summed as torchrun's ranks' are (parallel.py),
+
+        g = sum_i (n_i / n) g_i,
+
+    so the step is the step of the whole batch, up to the order of float additions. A matrix
+    product split over all cores ends when the slowest core does; here each core runs parts at its
+    own rate, and a faster core takes more of them. The parts are summed in part order, so the
+    result does not depend on which thread ran which. For the sft step (the others keep state or
+    move the shared weights within a step); one worker runs the step as it is, with every
+    intra-op thread. A bench side, not a training option: it measures no faster than one step on
+    all the cores (docs/RESULTS.md, "Two cores that slow down one at a time")."""
+
+    def __init__(self, workers: int, pieces: int = 0):
+        self.pieces = pieces or 2 * workers  # two parts a worker: a slower core holds up at most one
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="part",  # one intra-op thread each
+                                       initializer=torch.set_num_threads, initargs=(1,)) if workers > 1 else None
+
+    def step(self, step_fn, ctx, batch):
+        """step_fn(ctx, batch)'s (grads, stats), computed part by part in the worker threads; the
+        float stats (the loss) as the share-weighted sum of the parts'."""
+        if self.pool is None:
+            return step_fn(ctx, batch)
+        k = min(self.pieces, len(batch["labels"]))
+        parts = [P.part(batch, i, k) for i in range(k)]
+        done = list(self.pool.map(lambda p: step_fn(ctx, p[0]), parts))
+        shares = [share for _, share in parts]
+        grads = [in_order(gs, shares) for gs in zip(*(g for g, _ in done))]
+        first = done[0][1]
+        return grads, {k: in_order([st[k] for _, st in done], shares) if isinstance(v, float) else v
+                       for k, v in first.items()}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.pool is not None:
+            self.pool.shutdown()
+
+
 def worker(args):
     """One side's process: load, warm up (and compile), say 'ready', wait for 'go' on stdin, then
-    step for --seconds over every --stride-th batch from --offset; print its tokens as json."""
+    step for --seconds over every --stride-th batch from --offset; print its tokens as json. With
+    --in-threads N, N Python threads of one intra-op thread each do so, each on its own copy of
+    the model and every (stride x N)-th batch; with --workers N, each step runs in parts on N
+    worker threads (Threads)."""
     dtype = M.train_dtype(torch.device("cpu"), args.bf16)
     model, tok = default_weights.load_pretrained(args.model, device=torch.device("cpu"), dtype=dtype)
     M.add_lora(model, 8, 16, M.LORA_TARGETS)
     model.train()
+    models = [model] + [copy.deepcopy(model) for _ in range(args.in_threads - 1)]
     if args.compile:
-        M.compile_blocks(model)
+        for m in models:
+            M.compile_blocks(m)
     folder = Path(args.data)
     rows = load_jsonl(folder / "pool.jsonl") + (load_jsonl(folder / "retain.jsonl") if (folder / "retain.jsonl").exists() else [])
     examples = encode_samples(rows, tok, 128)
     batches = Batches(examples, 8, tok.pad_id, seed=0).epoch(0)
-    opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4)
-    steps = [train_step(lambda b=b: D.batch_loss(model, b), opt) for b in batches]
-    for step in steps[:3]:
-        step()
+    stride = args.stride * args.in_threads
+
+    def stepper(m):
+        params = [q for q in m.parameters() if q.requires_grad]
+        opt, ctx, parts = torch.optim.AdamW(params, lr=1e-4), D.Context(model=m, params=params), Threads(args.workers)
+        if args.workers == 1:
+            return [train_step(lambda b=b: D.batch_loss(m, b), opt) for b in batches]
+
+        def split(b):  # the sft step's gradients from the parts, then AdamW
+            def step():
+                for q, g in zip(params, parts.step(D.sft_step, ctx, b)[0]):
+                    q.grad = g
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            return step
+        return [split(b) for b in batches]
+    steppers = [stepper(m) for m in models]
+    for steps in steppers:
+        for step in steps[:3]:
+            step()
+    done = [None] * args.in_threads
+
+    def run(j, t0):
+        if args.in_threads > 1:
+            torch.set_num_threads(1)
+        i, tokens, n = args.offset + j * args.stride, 0, 0
+        while time.perf_counter() - t0 < args.seconds:
+            steppers[j][i % len(batches)]()
+            tokens += int(batches[i % len(batches)]["attention_mask"].sum())
+            i, n = i + stride, n + 1
+        done[j] = (tokens, n, time.perf_counter() - t0)
     print("ready", flush=True)
     sys.stdin.readline()
-    t0, i, tokens, done = time.perf_counter(), args.offset, 0, 0
-    while time.perf_counter() - t0 < args.seconds:
-        steps[i % len(steps)]()
-        tokens += int(batches[i % len(steps)]["attention_mask"].sum())
-        i, done = i + args.stride, done + 1
-    print(json.dumps({"tokens": tokens, "steps": done, "seconds": time.perf_counter() - t0}), flush=True)
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=run, args=(j, t0)) for j in range(args.in_threads)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    print(json.dumps({"tokens_per_s": sum(tok_ / s for tok_, _, s in done), "steps": sum(n for _, n, _ in done)}),
+          flush=True)
 
 
-def side(args, procs: int, threads: int) -> float:
-    """tokens/s of `procs` worker processes of `threads` threads each, started together."""
+def side(args, procs: int, threads: int, in_threads: int = 1, workers: int = 1) -> float:
+    """tokens/s of `procs` worker processes of `threads` threads each, started together; with
+    `in_threads` > 1, each process steps in that many Python threads of one intra-op thread each;
+    with `workers` > 1, each step in parts on that many worker threads (Threads)."""
     cmd = [sys.executable, __file__, "--worker", "--model", args.model, "--data", args.data,
-           "--seconds", str(args.seconds), "--stride", str(procs)] + ["--bf16"] * args.bf16 + ["--compile"] * args.compile
+           "--seconds", str(args.seconds), "--stride", str(procs), "--in-threads", str(in_threads),
+           "--workers", str(workers)]
+    cmd += ["--bf16"] * args.bf16 + ["--compile"] * args.compile
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     ps = [subprocess.Popen(cmd + ["--offset", str(r)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                            env=env, cwd=ROOT) for r in range(procs)]
@@ -108,7 +206,7 @@ def side(args, procs: int, threads: int) -> float:
     outs = [json.loads(p.stdout.readline()) for p in ps]
     for p in ps:
         p.wait()
-    return sum(o["tokens"] / o["seconds"] for o in outs)
+    return sum(o["tokens_per_s"] for o in outs)
 
 
 def quartiles(values) -> str:
@@ -126,6 +224,8 @@ def main():
     p.add_argument("--bf16", action="store_true", help="bf16 frozen weights where the CPU has bf16 units")
     p.add_argument("--compile", action="store_true", help="compiled blocks (model.compile_blocks), as --align-compile")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--in-threads", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--workers", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--offset", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--stride", type=int, default=1, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -138,28 +238,33 @@ def main():
     device, dtype = torch.device("cpu"), M.train_dtype(torch.device("cpu"), args.bf16)
     cfg = M.read_config(Path(args.model) if Path(args.model).exists() else default_weights.resolve(args.model))
     k, n = cfg.hidden_size, cfg.intermediate_size
-    pairs = trace(8 * 128, k, n, args.trace_seconds, dtype)
-    one, all_ = [a for a, _ in pairs], [b for _, b in pairs]
-    ratios = [b / a for a, b in pairs]
+    pairs = trace(8 * 128, k, n, args.trace_seconds, dtype) if args.trace_seconds > 0 else []
     rounds = []
     for _ in range(args.rounds):
-        rounds.append((side(args, 1, threads), side(args, threads, 1)))
+        rounds.append((side(args, 1, threads), side(args, threads, 1), side(args, 1, threads, in_threads=threads),
+                       side(args, 1, threads, workers=threads)))
     name = f"{device.type}{'-bf16' if dtype == torch.bfloat16 else ''}"
     lines = [f"{args.model}, {processor(device)}, {threads} threads, {str(dtype).removeprefix('torch.')}, "
-             f"torch {torch.__version__}", "",
-             f"Matmul {8 * 128} x {k} x {n}, {len(pairs)} samples over {args.trace_seconds:.0f} s (each the median "
-             "of 9 calls), TFLOP/s, lower quartile / median / upper quartile:", "",
-             f"| 1 thread | {threads} threads | {threads} threads / 1 thread |", "|---|---|---|",
-             f"| {quartiles(one)} | {quartiles(all_)} | {statistics.quantiles(ratios, n=4)[0]:.2f} / "
-             f"{statistics.median(ratios):.2f} / {statistics.quantiles(ratios, n=4)[2]:.2f} |", "",
-             f"Share of samples where {threads} threads run below 1.2x one thread: "
-             f"{sum(r < 1.2 for r in ratios) / len(ratios):.0%}; at or above 1.8x: {sum(r >= 1.8 for r in ratios) / len(ratios):.0%}.",
-             "", f"LoRA steps ({'compiled blocks' if args.compile else 'eager'}), batches of {args.data}, "
-             f"{args.seconds:.0f} s a side a round, tokens/s:", "",
-             f"| round | 1 process x {threads} threads | {threads} processes x 1 thread (sum) | ratio |", "|---|---|---|---|"]
-    lines += [f"| {i + 1} | {a:.0f} | {b:.0f} | {b / a:.2f}x |" for i, (a, b) in enumerate(rounds)]
-    total_a, total_b = sum(a for a, _ in rounds), sum(b for _, b in rounds)
-    lines += [f"| all | {total_a / len(rounds):.0f} | {total_b / len(rounds):.0f} | {total_b / total_a:.2f}x |"]
+             f"torch {torch.__version__}", ""]
+    if pairs:
+        one, all_ = [a for a, _ in pairs], [b for _, b in pairs]
+        ratios = [b / a for a, b in pairs]
+        lines += [f"Matmul {8 * 128} x {k} x {n}, {len(pairs)} samples over {args.trace_seconds:.0f} s (each the "
+                  "median of 9 calls), TFLOP/s, lower quartile / median / upper quartile:", "",
+                  f"| 1 thread | {threads} threads | {threads} threads / 1 thread |", "|---|---|---|",
+                  f"| {quartiles(one)} | {quartiles(all_)} | {statistics.quantiles(ratios, n=4)[0]:.2f} / "
+                  f"{statistics.median(ratios):.2f} / {statistics.quantiles(ratios, n=4)[2]:.2f} |", "",
+                  f"Share of samples where {threads} threads run below 1.2x one thread: "
+                  f"{sum(r < 1.2 for r in ratios) / len(ratios):.0%}; at or above 1.8x: "
+                  f"{sum(r >= 1.8 for r in ratios) / len(ratios):.0%}.", ""]
+    lines += [f"LoRA steps ({'compiled blocks' if args.compile else 'eager'}), batches of {args.data}, "
+              f"{args.seconds:.0f} s a side a round, tokens/s:", "",
+              f"| round | 1 process x {threads} threads | {threads} processes x 1 thread (sum) | ratio | "
+              f"1 process, {threads} Python threads x 1 thread (sum) | ratio | 1 process, each step in parts on "
+              f"{threads} worker threads | ratio |", "|---|---|---|---|---|---|---|---|"]
+    mean = [sum(r[j] for r in rounds) / len(rounds) for j in range(4)]
+    lines += [f"| {name} | {r[0]:.0f} | " + " | ".join(f"{x:.0f} | {x / r[0]:.2f}x" for x in r[1:]) + " |"
+              for name, r in [*((str(i + 1), r) for i, r in enumerate(rounds)), ("all", mean)]]
     text = "\n".join(lines) + "\n"
     print("\n" + text)
     out = results_file(device, dtype, prefix="cores_")

@@ -277,3 +277,37 @@ def test_sweep_runs_configurations_two_at_a_time(tmp_path, monkeypatch):
         reproduce.parse(["--source", "x", "--jobs", "0"])
     assert reproduce.parse(["--source", "x", "--preset", "small"]).jobs == 2
     assert reproduce.parse(["--source", "x"]).jobs == 1
+
+
+@pytest.mark.parametrize("pieces", [0, 3, 8])
+def test_cores_split_step_is_the_whole_batch_step(pieces):
+    """bench/cores.py's side that splits each step over worker threads does the step's own work:
+    the whole batch's gradients and loss (rows of unequal length, parts that do not divide the
+    rows, more parts than rows), the same bits on every call, each part on a pool thread with one
+    intra-op thread, the caller's threads left as they were."""
+    import threading
+
+    import torch
+
+    import cores
+    import defenses as D
+    from test_defenses import context, lora_model, make_batch
+    batch = make_batch([("How do I bake bread?", "Mix flour, water, salt and yeast; knead; bake an hour."),
+                        ("Tell me step 1.", "Step 1."), ("The capital of France?", "Paris."),
+                        ("Name a colour.", "Blue, or green, or any of the colours of a rainbow."),
+                        ("Count to three.", "One, two, three.")])
+    model = lora_model()
+    want, stats = D.sft_step(context(model), batch)
+    seen, before = [], torch.get_num_threads()
+
+    def step(ctx, part):
+        seen.append((threading.current_thread().name, torch.get_num_threads()))
+        return D.sft_step(ctx, part)
+    with cores.Threads(2, pieces) as threads:
+        got = [threads.step(step, context(model), batch) for _ in range(2)]
+    assert torch.get_num_threads() == before
+    assert len(seen) == 2 * min(pieces or 4, 5) and all(n.startswith("part") and t == 1 for n, t in seen)
+    for g, w in zip(got[0][0], want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+    assert got[0][1]["loss"] == pytest.approx(stats["loss"], rel=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(got[0][0], got[1][0])) and got[0][1] == got[1][1]

@@ -6,7 +6,8 @@
 # rows with AlpacaEval's reference answers; then the same with the retain rows answered by the model
 # itself (data/prepare.py --retain-answers self): own_answers/; then all 675
 # retain prompts the other splits leave, self-answered, and compiled blocks: own_675/; then the same
-# with two configurations at a time, one thread each (--jobs 2, now the preset's default): jobs2/.
+# with two configurations at a time, one thread each (--jobs 2, the preset's default): jobs2/; then the
+# first 500 of the 675 retain rows (the preset's default): own_500/.
 # DATA is the folder of public data sets (data/README.md); every call resumes:
 # a finished run is skipped.
 set -euo pipefail
@@ -16,3 +17,4 @@ python bench/reproduce.py --source "$DATA" --out runs/small_p4 --preset small  #
 python bench/reproduce.py --source "$DATA" --out runs/small_own --preset small --results results/small/own_answers  # at commit d56d8fc
 python bench/reproduce.py --source "$DATA" --out runs/small_675 --preset small --results results/small/own_675  # at commit 436e1e5
 python bench/reproduce.py --source "$DATA" --out runs/small_jobs2 --preset small --results results/small/jobs2  # at commit 9a69f3d
+python bench/reproduce.py --source "$DATA" --out runs/small_500 --preset small --results results/small/own_500  # at commit 551d09f
