@@ -147,9 +147,10 @@ def worker(args):
 
     def stepper(m):
         params = [q for q in m.parameters() if q.requires_grad]
-        opt, ctx, parts = torch.optim.AdamW(params, lr=1e-4), D.Context(model=m, params=params), Threads(args.workers)
+        opt = torch.optim.AdamW(params, lr=1e-4)
         if args.workers == 1:
             return [train_step(lambda b=b: D.batch_loss(m, b), opt) for b in batches]
+        ctx, parts = D.Context(model=m, params=params), Threads(args.workers)
 
         def split(b):  # the sft step's gradients from the parts, then AdamW
             def step():
@@ -243,7 +244,6 @@ def main():
     for _ in range(args.rounds):
         rounds.append((side(args, 1, threads), side(args, threads, 1), side(args, 1, threads, in_threads=threads),
                        side(args, 1, threads, workers=threads)))
-    name = f"{device.type}{'-bf16' if dtype == torch.bfloat16 else ''}"
     lines = [f"{args.model}, {processor(device)}, {threads} threads, {str(dtype).removeprefix('torch.')}, "
              f"torch {torch.__version__}", ""]
     if pairs:
