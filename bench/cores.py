@@ -1,7 +1,8 @@
 """One process with every thread against one process per core, one thread per core, and one step
-split over the cores, on the same LoRA steps.
+split over the cores, in threads or in processes, on the same LoRA steps.
 
-    python bench/cores.py [--model smollm2-135m-instruct] [--data data/default] [--seconds 60] [--rounds 3] [--bf16] [--compile]
+    python bench/cores.py [--model smollm2-135m-instruct] [--data data/default] [--seconds 60] [--rounds 3]
+                          [--bf16] [--compile] [--sides threads,procs,pythreads,split,ranks,ranks-parts]
 
 A multi-threaded matrix product splits its work evenly between the cores and ends when the slower
 core ends. Where a host slows its cores down one at a time (a shared machine whose other tenants
@@ -14,15 +15,21 @@ sides so that a slow spell of the machine hits all alike:
          back to back, for --trace-seconds: how the two compare moment by moment;
   steps  LoRA steps on the alignment batches of --data (pool and retain rows, batch 8, at most
          128 tokens: train.py's own batches; r 8 on every projection, AdamW; compiled blocks with
-         --compile) for --seconds: one process with every thread; one process per thread with
-         one thread each, started together, each taking every n-th batch; one process with one
-         Python thread per core, each with one intra-op thread and its own copy of the model,
-         each taking every n-th batch; one process whose every step cuts its batch into parts
-         that one worker thread per core takes from a queue (Threads, below);
-         tokens/s of each side (the second and the third summed over their processes or
-         threads), per round. The first and the last are the rate of one training run.
+         --compile) for --seconds, each side (SIDES) one way to use the N cores:
+           threads      one process with every thread (a training run as it is);
+           procs        one process per core, one thread each, started together, each taking every
+                        N-th batch: N independent jobs (`bench/reproduce.py --jobs`);
+           pythreads    one process, one Python thread per core with one intra-op thread and its own
+                        copy of the model, each taking every N-th batch;
+           split        one process whose every step cuts its batch into parts that one worker thread
+                        per core takes from a queue (Threads);
+           ranks        one process per core as the ranks of one run, each step's batch in shards
+                        (torchrun's data parallelism as train.py runs it: parallel.py);
+           ranks-parts  the same ranks taking each step's parts from a shared counter (Ranks);
+         tokens/s of each side (procs and pythreads summed over their jobs), per round. All but
+         procs and pythreads are the rate of one training run.
 
-This is what `bench/reproduce.py --jobs` builds on. Writes results/speed/cores_<device>_<processor>.{md,json}.
+Writes results/speed/cores_<device>_<processor>.{md,json}.
 """
 import argparse
 import copy
@@ -125,12 +132,57 @@ class Threads:
             self.pool.shutdown()
 
 
+class Ranks:
+    """One step split over processes (torch.distributed over gloo, one intra-op thread each), two
+    ways. `static`: torchrun's data parallelism as train.py runs it, each rank its shard of every
+    batch (parallel.shard) and one share-weighted all-reduce of the gradients (parallel.weighted_sum).
+    `parts`: the batch cut into `pieces` parts that the ranks take from a shared counter (a
+    TCPStore's atomic add), so a faster core takes more of them; each rank writes each of its parts'
+    gradients into that part's row of a (pieces x gradient) buffer, zeros elsewhere, one all-reduce
+    fills every row (x + 0 is exact), and every rank sums the rows in part order, weighted by the
+    parts' token shares: the same bits whichever rank ran which part. Bench sides, not training
+    options: the shards are train.py's own data parallelism, and the parts measure no faster than
+    them (docs/RESULTS.md, "Two cores that slow down one at a time")."""
+
+    def __init__(self, mode: str, rank: int, world: int, port: int, pieces: int = 0):
+        import torch.distributed as dist
+        self.dist, self.mode, self.pieces = dist, mode, pieces or 2 * world
+        self.store = dist.TCPStore("127.0.0.1", port, world, is_master=rank == 0)
+        dist.init_process_group("gloo", store=self.store, rank=rank, world_size=world)
+        self.n = 0
+
+    def step(self, ctx, batch) -> list[torch.Tensor]:
+        """The sft step's gradients of the whole batch, the same on every rank."""
+        if self.mode == "static":
+            part, share = P.shard(batch)
+            return P.weighted_sum(D.sft_step(ctx, part)[0], share)
+        k = min(self.pieces, len(batch["labels"]))
+        parts, self.n = [P.part(batch, i, k) for i in range(k)], self.n + 1
+        sizes = [q.numel() for q in ctx.params]
+        rows = torch.zeros(k, sum(sizes))
+        while (i := self.store.add(f"step{self.n}", 1) - 1) < k:
+            rows[i] = torch.cat([g.reshape(-1).float() for g in D.sft_step(ctx, parts[i][0])[0]])
+        self.dist.all_reduce(rows)
+        flat = in_order(rows, [share for _, share in parts])
+        return [g.view_as(q).to(q.dtype) for g, q in zip(flat.split(sizes), ctx.params)]
+
+    def go_on(self, yes: bool) -> bool:
+        """Rank 0's word on whether to take another step, so that every rank stops together."""
+        flag = torch.tensor([float(yes)])
+        self.dist.broadcast(flag, 0)
+        return bool(flag)
+
+    def close(self):
+        self.dist.destroy_process_group()
+
+
 def worker(args):
     """One side's process: load, warm up (and compile), say 'ready', wait for 'go' on stdin, then
     step for --seconds over every --stride-th batch from --offset; print its tokens as json. With
     --in-threads N, N Python threads of one intra-op thread each do so, each on its own copy of
     the model and every (stride x N)-th batch; with --workers N, each step runs in parts on N
-    worker threads (Threads)."""
+    worker threads (Threads); with --ranks MODE, the --stride processes are the ranks of one run
+    (Ranks), every one stepping through every batch, and rank 0 counts the tokens."""
     dtype = M.train_dtype(torch.device("cpu"), args.bf16)
     model, tok = default_weights.load_pretrained(args.model, device=torch.device("cpu"), dtype=dtype)
     M.add_lora(model, 8, 16, M.LORA_TARGETS)
@@ -143,11 +195,23 @@ def worker(args):
     rows = load_jsonl(folder / "pool.jsonl") + (load_jsonl(folder / "retain.jsonl") if (folder / "retain.jsonl").exists() else [])
     examples = encode_samples(rows, tok, 128)
     batches = Batches(examples, 8, tok.pad_id, seed=0).epoch(0)
-    stride = args.stride * args.in_threads
+    ranks = Ranks(args.ranks, args.offset, args.stride, args.port) if args.ranks else None
+    stride = 1 if ranks else args.stride * args.in_threads
 
     def stepper(m):
         params = [q for q in m.parameters() if q.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-4)
+        if ranks:
+            ctx = D.Context(model=m, params=params)
+
+            def ranked(b):  # the whole batch's gradients from the ranks, then AdamW on every rank
+                def step():
+                    for q, g in zip(params, ranks.step(ctx, b)):
+                        q.grad = g
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                return step
+            return [ranked(b) for b in batches]
         if args.workers == 1:
             return [train_step(lambda b=b: D.batch_loss(m, b), opt) for b in batches]
         ctx, parts = D.Context(model=m, params=params), Threads(args.workers)
@@ -169,8 +233,9 @@ def worker(args):
     def run(j, t0):
         if args.in_threads > 1:
             torch.set_num_threads(1)
-        i, tokens, n = args.offset + j * args.stride, 0, 0
-        while time.perf_counter() - t0 < args.seconds:
+        i, tokens, n = (0 if ranks else args.offset) + j * args.stride, 0, 0
+        while (ranks.go_on(time.perf_counter() - t0 < args.seconds) if ranks
+               else time.perf_counter() - t0 < args.seconds):
             steppers[j][i % len(batches)]()
             tokens += int(batches[i % len(batches)]["attention_mask"].sum())
             i, n = i + stride, n + 1
@@ -183,17 +248,22 @@ def worker(args):
         t.start()
     for t in threads:
         t.join()
+    if ranks:
+        ranks.close()
+        if args.offset > 0:  # the ranks took the same steps: rank 0 counts them
+            done = [(0, 0, 1.0)]
     print(json.dumps({"tokens_per_s": sum(tok_ / s for tok_, _, s in done), "steps": sum(n for _, n, _ in done)}),
           flush=True)
 
 
-def side(args, procs: int, threads: int, in_threads: int = 1, workers: int = 1) -> float:
+def side(args, procs: int, threads: int, in_threads: int = 1, workers: int = 1, ranks: str = "") -> float:
     """tokens/s of `procs` worker processes of `threads` threads each, started together; with
     `in_threads` > 1, each process steps in that many Python threads of one intra-op thread each;
-    with `workers` > 1, each step in parts on that many worker threads (Threads)."""
+    with `workers` > 1, each step in parts on that many worker threads (Threads); with `ranks`,
+    the processes are the ranks of one run (Ranks)."""
     cmd = [sys.executable, __file__, "--worker", "--model", args.model, "--data", args.data,
            "--seconds", str(args.seconds), "--stride", str(procs), "--in-threads", str(in_threads),
-           "--workers", str(workers)]
+           "--workers", str(workers), "--ranks", ranks, "--port", str(args.port)]
     cmd += ["--bf16"] * args.bf16 + ["--compile"] * args.compile
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     ps = [subprocess.Popen(cmd + ["--offset", str(r)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
@@ -208,6 +278,20 @@ def side(args, procs: int, threads: int, in_threads: int = 1, workers: int = 1) 
     for p in ps:
         p.wait()
     return sum(o["tokens_per_s"] for o in outs)
+
+
+SIDES = {  # name: (what it is, side()'s arguments but args, given the threads N)
+    "threads": ("1 process x N threads", lambda n: dict(procs=1, threads=n)),
+    "procs": ("N processes x 1 thread, each every N-th batch (sum)", lambda n: dict(procs=n, threads=1)),
+    "pythreads": ("1 process, N Python threads x 1 thread, each its own model copy and every N-th batch (sum)",
+                  lambda n: dict(procs=1, threads=n, in_threads=n)),
+    "split": ("1 process, each step's batch in 2N parts taken by N worker threads of 1 thread",
+              lambda n: dict(procs=1, threads=n, workers=n)),
+    "ranks": ("N ranks x 1 thread, each step's batch in N shards (torchrun's data parallelism)",
+              lambda n: dict(procs=n, threads=1, ranks="static")),
+    "ranks-parts": ("N ranks x 1 thread, each step's batch in 2N parts taken from a shared counter",
+                    lambda n: dict(procs=n, threads=1, ranks="parts")),
+}
 
 
 def quartiles(values) -> str:
@@ -228,6 +312,10 @@ def main():
     p.add_argument("--in-threads", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--workers", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--offset", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--ranks", default="", choices=["", "static", "parts"], help=argparse.SUPPRESS)
+    p.add_argument("--port", type=int, default=29533, help="the TCP port of the ranks' store (the two ranks sides)")
+    p.add_argument("--sides", default=",".join(SIDES), help="which sides to time, comma-separated, the first the "
+                   f"one the others are compared with: {', '.join(f'{k} ({v[0]})' for k, v in SIDES.items())}")
     p.add_argument("--stride", type=int, default=1, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -240,10 +328,12 @@ def main():
     cfg = M.read_config(Path(args.model) if Path(args.model).exists() else default_weights.resolve(args.model))
     k, n = cfg.hidden_size, cfg.intermediate_size
     pairs = trace(8 * 128, k, n, args.trace_seconds, dtype) if args.trace_seconds > 0 else []
+    names = args.sides.split(",")
+    if unknown := [s for s in names if s not in SIDES]:
+        sys.exit(f"--sides: unknown {', '.join(unknown)}; the sides are {', '.join(SIDES)}")
     rounds = []
     for _ in range(args.rounds):
-        rounds.append((side(args, 1, threads), side(args, threads, 1), side(args, 1, threads, in_threads=threads),
-                       side(args, 1, threads, workers=threads)))
+        rounds.append(tuple(side(args, **SIDES[s][1](threads)) for s in names))
     lines = [f"{args.model}, {processor(device)}, {threads} threads, {str(dtype).removeprefix('torch.')}, "
              f"torch {torch.__version__}", ""]
     if pairs:
@@ -257,12 +347,13 @@ def main():
                   f"Share of samples where {threads} threads run below 1.2x one thread: "
                   f"{sum(r < 1.2 for r in ratios) / len(ratios):.0%}; at or above 1.8x: "
                   f"{sum(r >= 1.8 for r in ratios) / len(ratios):.0%}.", ""]
+    heads = [SIDES[s][0].replace("2N", str(2 * threads)).replace("N-th", f"{threads}-th").replace("N ", f"{threads} ")
+             for s in names]
     lines += [f"LoRA steps ({'compiled blocks' if args.compile else 'eager'}), batches of {args.data}, "
               f"{args.seconds:.0f} s a side a round, tokens/s:", "",
-              f"| round | 1 process x {threads} threads | {threads} processes x 1 thread (sum) | ratio | "
-              f"1 process, {threads} Python threads x 1 thread (sum) | ratio | 1 process, each step in parts on "
-              f"{threads} worker threads | ratio |", "|---|---|---|---|---|---|---|---|"]
-    mean = [sum(r[j] for r in rounds) / len(rounds) for j in range(4)]
+              "| round | " + " | ".join([heads[0]] + [f"{h} | ratio" for h in heads[1:]]) + " |",
+              "|---|" + "---|" * (2 * len(names) - 1)]
+    mean = [sum(r[j] for r in rounds) / len(rounds) for j in range(len(names))]
     lines += [f"| {name} | {r[0]:.0f} | " + " | ".join(f"{x:.0f} | {x / r[0]:.2f}x" for x in r[1:]) + " |"
               for name, r in [*((str(i + 1), r) for i, r in enumerate(rounds)), ("all", mean)]]
     text = "\n".join(lines) + "\n"

@@ -311,3 +311,47 @@ def test_cores_split_step_is_the_whole_batch_step(pieces):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
     assert got[0][1]["loss"] == pytest.approx(stats["loss"], rel=1e-5)
     assert all(torch.equal(a, b) for a, b in zip(got[0][0], got[1][0])) and got[0][1] == got[1][1]
+
+
+def _ranks_step(rank, mode, port, out):
+    """One rank of test_cores_ranks_step_is_the_whole_batch_step: two calls of Ranks.step."""
+    import torch
+
+    import cores
+    from test_defenses import context, lora_model
+    torch.set_num_threads(1)
+    ranks = cores.Ranks(mode, rank, 2, port)
+    model = lora_model()
+    got = [ranks.step(context(model), torch.load(out / "batch.pt")) for _ in range(2)]
+    ranks.close()
+    torch.save(got, out / f"rank{rank}.pt")
+
+
+@pytest.mark.parametrize("mode", ["static", "parts"])
+def test_cores_ranks_step_is_the_whole_batch_step(tmp_path, mode):
+    """bench/cores.py's two sides that split each step over processes (torchrun's shards; parts
+    taken from a shared counter) give every rank the whole batch's gradients, and with parts the
+    same bits on both ranks and on every call, whichever rank took which part."""
+    import socket
+
+    import torch
+    import torch.multiprocessing as mp
+
+    import defenses as D
+    from test_defenses import context, lora_model, make_batch
+    batch = make_batch([("How do I bake bread?", "Mix flour, water, salt and yeast; knead; bake an hour."),
+                        ("Tell me step 1.", "Step 1."), ("The capital of France?", "Paris."),
+                        ("Name a colour.", "Blue, or green, or any of the colours of a rainbow."),
+                        ("Count to three.", "One, two, three.")])
+    torch.save(batch, tmp_path / "batch.pt")
+    with socket.socket() as s:  # a free port for the ranks' store
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_ranks_step, args=(mode, port, tmp_path), nprocs=2, start_method="spawn")
+    want = D.sft_step(context(lora_model()), batch)[0]
+    got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for g, w in zip(got[0][0], want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+    if mode == "parts":
+        for a, b, c in zip(got[0][0], got[0][1], got[1][0]):
+            assert torch.equal(a, b) and torch.equal(a, c)
