@@ -201,29 +201,23 @@ def worker(args):
     def stepper(m):
         params = [q for q in m.parameters() if q.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-4)
-        if ranks:
-            ctx = D.Context(model=m, params=params)
-
-            def ranked(b):  # the whole batch's gradients from the ranks, then AdamW on every rank
-                def step():
-                    for q, g in zip(params, ranks.step(ctx, b)):
-                        q.grad = g
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-                return step
-            return [ranked(b) for b in batches]
-        if args.workers == 1:
+        if not ranks and args.workers == 1:
             return [train_step(lambda b=b: D.batch_loss(m, b), opt) for b in batches]
-        ctx, parts = D.Context(model=m, params=params), Threads(args.workers)
+        ctx = D.Context(model=m, params=params)
+        if ranks:  # the whole batch's gradients from the ranks
+            grads_of = lambda b: ranks.step(ctx, b)
+        else:  # the sft step's gradients from the parts
+            parts = Threads(args.workers)
+            grads_of = lambda b: parts.step(D.sft_step, ctx, b)[0]
 
-        def split(b):  # the sft step's gradients from the parts, then AdamW
+        def step_on(b):  # the gradients, then AdamW (on every rank)
             def step():
-                for q, g in zip(params, parts.step(D.sft_step, ctx, b)[0]):
+                for q, g in zip(params, grads_of(b)):
                     q.grad = g
                 opt.step()
                 opt.zero_grad(set_to_none=True)
             return step
-        return [split(b) for b in batches]
+        return [step_on(b) for b in batches]
     steppers = [stepper(m) for m in models]
     for steps in steppers:
         for step in steps[:3]:
