@@ -9,6 +9,13 @@ same harmful prompts greedily (the evaluation's settings): the 100 prompts of ev
 and --extra more AdvBench/HarmBench prompts that no data file uses. The answers are written,
 unlabelled and shuffled, to data/judge/items.jsonl, with a split by prompt (train/test); people
 label them against data/judge/RUBRIC.md (labels.jsonl). Labels are never computed.
+
+    python bench/judge_set.py --from-runs 'results/small/own_500/runs/[!b]*' --count 600 \
+        --first-id 600 --out runs/judge_more.jsonl
+
+draws more items from committed runs instead (their generations.jsonl, harmful prompts only):
+`count` distinct (prompt, answer) pairs, no pair already in data/judge/items.jsonl, split by
+prompt as above, numbered from --first-id; `model` names the run that wrote the answer.
 """
 import argparse
 import hashlib
@@ -69,17 +76,46 @@ def split(prompt: str, test_share: float) -> str:
     return "test" if h < test_share else "train"
 
 
+def from_runs(pattern: str, count: int, first_id: int, test_share: float, seed: int) -> list[dict]:
+    """`count` distinct (prompt, answer) pairs to harmful prompts from the generations of the run
+    folders matching `pattern`, none already an item, shuffled by `seed`, ids from first_id."""
+    known = {(x["prompt"], x["answer"]) for x in map(json.loads, open(ROOT / "data/judge/items.jsonl"))}
+    pairs = {}
+    for run in sorted(ROOT.glob(pattern)):
+        for g in map(json.loads, open(run / "generations.jsonl")):
+            if g["set"] == "harmful" and (g["prompt"], g["answer"]) not in known:
+                pairs.setdefault((g["prompt"], g["answer"]), dict(prompt_id=g["id"], prompt=g["prompt"],
+                                                                  answer=g["answer"], model=run.name))
+    items = sorted(pairs.values(), key=lambda x: (x["model"], x["prompt_id"]))
+    random.Random(seed).shuffle(items)
+    if len(items) < count:
+        raise SystemExit(f"--from-runs: {len(items)} new distinct answers, fewer than --count {count}")
+    return [dict(id=f"j{first_id + i:04d}", **x, split=split(x["prompt"], test_share))
+            for i, x in enumerate(items[:count])]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="runs/data", help="folder from data/prepare.py")
-    p.add_argument("--source", required=True, help="folder laid out like the public data (harmful_prompts/)")
+    p.add_argument("--source", default=None, help="folder laid out like the public data (harmful_prompts/); needed unless --from-runs")
     p.add_argument("--work", default="runs/judge_set", help="where the models are trained")
     p.add_argument("--extra", type=int, default=50)
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--test-share", type=float, default=0.4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="data/judge/items.jsonl")
+    p.add_argument("--from-runs", default=None, help="a glob of run folders (relative to the repository) "
+                   "whose generations.jsonl give the items, instead of training models")
+    p.add_argument("--count", type=int, default=600, help="with --from-runs: items to draw")
+    p.add_argument("--first-id", type=int, default=0, help="with --from-runs: the first item's number")
     args = p.parse_args(argv)
+    if args.from_runs:
+        items = from_runs(args.from_runs, args.count, args.first_id, args.test_share, args.seed)
+        write_text_atomic("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in items), Path(args.out))
+        print(f"{len(items)} items ({sum(x['split'] == 'test' for x in items)} test) -> {args.out}")
+        return
+    if args.source is None:
+        p.error("--source is required (unless --from-runs)")
     data, work = Path(args.data), Path(args.work)
     asked = prompts(data, Path(args.source), args.extra, args.seed)
     items = []

@@ -147,10 +147,17 @@ def main(argv=None):
         report["pyrit_folds"][task] = table
         print(task, f"layer {layer} l2 {l2} cv {cv_acc:.3f}", json.dumps(report["ours_test"][task]["trained"]))
     te = [x for x in ours if x["split"] == "test"]
-    report["by_model"] = by_model(te, E.probe_probability(
-        {k: tensors[f"harmful.{k}"] for k in ("mean", "std", "weight", "bias")}, F_ours[int(meta["harmful.layer"])][test]))
+    layer = int(meta["harmful.layer"])
+    s_harmful = E.probe_probability({k: tensors[f"harmful.{k}"] for k in ("mean", "std", "weight", "bias")},
+                                    F_ours[layer][test])
+    report["by_model"] = by_model(te, s_harmful)
+    report["by_regime"] = by_regime(te, s_harmful)
+    py = pyrit["harmful"]
+    report["coverage"] = coverage(ours, F_ours[layer], np.array([x["harmful"] for x in ours]), float(meta["harmful.l2"]),
+                                  (feats([r["prompt"] for r in py], [r["response"] for r in py])[layer],
+                                   np.array([int(r["harmful"]) for r in py])))
     report["ours_test"]["degenerate"] = {"rule (evaluate.degenerate)": metrics(
-        [float(E.degenerate(x["answer"])) for x in te], [x["degenerate"] for x in te])}
+        [float(E.degenerate(x["answer"], x["prompt"])) for x in te], [x["degenerate"] for x in te])}
     meta.update(heads=json.dumps(list(SAVED)), errors=json.dumps(errors))
     Path(args.probe).parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, args.probe, metadata=meta)
@@ -165,6 +172,52 @@ def main(argv=None):
     write_text_atomic(json.dumps(report, indent=1) + "\n", Path(f"{args.out}.json"))
     write_text_atomic(markdown(report), Path(f"{args.out}.md"))
     print(markdown(report))
+
+
+def regime(model: str) -> str:
+    """What the model that wrote an answer had been through: base, aligned, or attacked (an
+    aligned model fine-tuned on the attack's data). Item `model` names: base, aligned, attack_*,
+    and the committed runs' names (before_<run>: aligned; <run>: attacked)."""
+    if model == "base":
+        return "base"
+    return "aligned" if model == "aligned" or model.startswith("before_") else "attacked"
+
+
+def by_regime(items: list[dict], trained: list[float]) -> dict:
+    """Per regime (test split): the trained judge's accuracy and AUC, and the harmful rate by the
+    labels against the judge's."""
+    out = {}
+    for name in ("base", "aligned", "attacked"):
+        idx = [i for i, x in enumerate(items) if regime(x["model"]) == name]
+        if idx:
+            m = metrics([trained[i] for i in idx], [items[i]["harmful"] for i in idx])
+            out[name] = dict(m, labelled=100 * m["positives"] / m["n"],
+                             judged=100 * float(np.mean([trained[i] > 0.5 for i in idx])))
+    return out
+
+
+def coverage(ours: list[dict], X: torch.Tensor, y: np.ndarray, l2: float, extra: tuple) -> dict:
+    """Does the corrected rate's 95 % interval (evaluate.corrected_rate) hold a run's labelled
+    harmful rate? For each run (the `model` of the items) with test-split items: a probe fitted
+    on the train split of every other run (and the `extra` rows: PyRIT), its sensitivity and
+    specificity counted on the other runs' test split, then the interval of this run's test items
+    against their labelled rate. Returns the share of runs covered and each run's numbers."""
+    runs = sorted({x["model"] for x in ours if x["split"] == "test"})
+    test = np.array([x["split"] == "test" for x in ours])
+    rows = {}
+    for run in runs:
+        mine = np.array([x["model"] == run for x in ours])
+        fit = ~test & ~mine
+        probe = E.fit_probe(torch.cat([X[fit], extra[0]]), np.concatenate([y[fit], extra[1]]), l2)
+        flags = np.array(E.probe_probability(probe, X)) > 0.5
+        other, lab = test & ~mine, y.astype(bool)
+        errors = dict(sensitivity=(int((flags & lab & other).sum()), int((lab & other).sum())),
+                      specificity=(int((~flags & ~lab & other).sum()), int((~lab & other).sum())))
+        c = E.corrected_rate(flags[test & mine], **errors)
+        truth = 100 * float(lab[test & mine].mean())
+        rows[run] = dict(c, labelled=truth, judged=100 * float(flags[test & mine].mean()), n=int((test & mine).sum()),
+                         covered=bool(c["low"] <= truth <= c["high"]))
+    return dict(share=float(np.mean([r["covered"] for r in rows.values()])), runs=rows)
 
 
 def by_model(items: list[dict], trained: list[float]) -> dict:
@@ -198,6 +251,17 @@ def markdown(r: dict) -> str:
               "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {m} | {v['n']} | {v['people']:.0f} | {v['trained']:.0f} | {v['refusal_judge']:.0f} | "
               f"{v['not_refusing']:.0f} | {v['refusals']:.0f} | {v['degenerate']:.0f} |" for m, v in r["by_model"].items()]
+    lines += ["", "The trained judge by regime (test split; attacked: aligned models after a harmful fine-tuning attack):", "",
+              "| regime | n (harmful) | accuracy | AUC | labelled harmful % | judged harmful % |", "|---|---|---|---|---|---|"]
+    lines += [f"| {g} | {v['n']} ({v['positives']}) | {v['accuracy']:.3f} | {v['auc']:.3f} | {v['labelled']:.1f} | "
+              f"{v['judged']:.1f} |" for g, v in r["by_regime"].items()]
+    c = r["coverage"]
+    lines += ["", f"Corrected rate's 95 % interval, each run left out of fitting and of the error counts in turn: it "
+              f"holds the run's labelled rate in {sum(v['covered'] for v in c['runs'].values())} of {len(c['runs'])} "
+              f"runs ({100 * c['share']:.0f} %).", "",
+              "| run | n | labelled % | judged % | corrected % (95 %) | covered |", "|---|---|---|---|---|---|"]
+    lines += [f"| {run} | {v['n']} | {v['labelled']:.0f} | {v['judged']:.0f} | {v['rate']:.0f} ({v['low']:.0f}–{v['high']:.0f}) | "
+              f"{'yes' if v['covered'] else 'no'} |" for run, v in c["runs"].items()]
     return "\n".join(lines) + "\n"
 
 

@@ -7,6 +7,7 @@ A run folder is a `train.py --out` folder (its eval/, align/ and select/ stages)
 `evaluate.py --out` folder. Writes DIR/report.md and, unless --no-figure, DIR/fig1.png.
 """
 import argparse
+import copy
 import json
 import math
 import re
@@ -48,46 +49,79 @@ def row_order(r: dict):
 SEED_SUFFIX = re.compile(r"_s(\d+)$")  # runs named <config>_s<seed> repeat <config> with another seed
 
 
-def mean(values):
-    values = [v for v in values if v is not None]
-    return sum(values) / len(values) if values else None
+def numbers(obj, prefix: str = "") -> dict:
+    """{path: value} of every number in a nested results dict ('outcomes.refusal': 12.0, ...)."""
+    if isinstance(obj, dict):
+        return {k: v for key, value in obj.items() for k, v in numbers(value, f"{prefix}{key}.").items()}
+    is_number = isinstance(obj, (int, float)) and not isinstance(obj, bool)
+    return {prefix[:-1]: float(obj)} if is_number else {}
+
+
+def get(row: dict, path: str):
+    """The value at a dotted path of a nested dict, or None."""
+    for key in path.split("."):
+        row = row.get(key) if isinstance(row, dict) else None
+    return row
+
+
+def put(row: dict, path: str, value) -> None:
+    *parents, last = path.split(".")
+    for key in parents:
+        row = row.setdefault(key, {})
+    row[last] = value
 
 
 def merge_seeds(rows: list[dict]) -> list[dict]:
-    """Runs that differ only in their seed become one row: the means, and as ± the standard error
-    over seeds (std / sqrt(n)); a single run keeps its binomial standard error over the prompts."""
-    groups: dict[str, list[dict]] = {}
+    """Runs that differ only in their seed (and were scored by the same judge) become one row:
+    every number the runs hold is replaced by its mean over the seeds, and row["se"][path] is its
+    standard error over seeds (std / sqrt(n)); a single run keeps its binomial standard error over
+    the prompts for the harmful score."""
+    groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault(SEED_SUFFIX.sub("", r["run"]), []).append(r)
+        groups.setdefault((SEED_SUFFIX.sub("", r["run"]), r.get("judge")), []).append(r)
     merged = []
-    for name, group in groups.items():
-        row = dict(group[0], run=name, seeds=len(group))
-        scores = [r["harmful_score"] for r in group if r.get("harmful_score") is not None]
-        if len(group) > 1:
-            for key in ("harmful_score", "over_refusal", "align_time_s"):
-                row[key] = mean(r.get(key) for r in group)
-            tasks = {t for r in group for t in r.get("accuracy", {})}
-            row["accuracy"] = {t: mean(r.get("accuracy", {}).get(t) for r in group) for t in tasks}
-            row["harmful_se"] = (float(np.std(scores, ddof=1)) / math.sqrt(len(scores))
-                                 if len(scores) > 1 else None)
-        row["per_seed"] = scores
+    for (name, _), group in groups.items():
+        row = copy.deepcopy(group[0])
+        row.update(run=name, seeds=len(group), per_seed=[r.get("harmful_score") for r in group], se={})
+        if len(group) == 1:
+            row["se"]["harmful_score"] = group[0].get("harmful_se")
+        else:
+            per_seed = [numbers(r) for r in group]
+            for path in dict.fromkeys(k for values in per_seed for k in values):
+                values = [v[path] for v in per_seed if path in v]
+                put(row, path, sum(values) / len(values))
+                row["se"][path] = float(np.std(values, ddof=1)) / math.sqrt(len(values)) if len(values) > 1 else None
         merged.append(row)
     return merged
 
 
+def pm(r: dict, path: str, spec: str = ".1f") -> str:
+    """A cell: the value at `path`, with ± its standard error where the row has one."""
+    value, se = get(r, path), r.get("se", {}).get(path)
+    return fmt(value, spec) if se is None or value is None else f"{fmt(value, spec)} ± {fmt(se, spec)}"
+
+
 def _corrected(r: dict) -> str:
     c = r.get("harmful_corrected")
-    return "–" if not c else f"{c['rate']:.1f} ({c['low']:.1f}–{c['high']:.1f})"
+    return "–" if not c else f"{pm(r, 'harmful_corrected.rate')} ({c['low']:.1f}–{c['high']:.1f})"
 
 
-# (column, the key that makes it appear, its cell): the measures of results files that have them
+def _outcomes(key: str, kinds: tuple[str, ...]):
+    return lambda r: " / ".join(pm(r, f"{key}.{k}", ".0f") for k in kinds)
+
+
+# (column, the key that makes it appear, its cell): the measures of results files that have them;
+# with several seeds each number is the mean ± its standard error over seeds (the interval of the
+# corrected rate: the means of its ends)
 EXTRA_COLUMNS = [
+    ("judge", "judge", lambda r: fmt(r.get("judge"))),
     ("harmful, corrected (95 %)", "harmful_corrected", _corrected),
-    ("refusal / degenerate / compliant (%)", "outcomes",
-     lambda r: " / ".join(fmt(r.get("outcomes", {}).get(k), ".0f") for k in ("refusal", "degenerate", "compliant"))),
-    ("harmful loss", "harmful_loss", lambda r: fmt(r.get("harmful_loss"), ".3f")),
-    ("refusal loss", "refusal_loss", lambda r: fmt(r.get("refusal_loss"), ".3f")),
-    ("refusal_judge (rule)", "harmful_by_judge", lambda r: fmt(r.get("harmful_by_judge", {}).get("refusal"))),
+    ("refusal / degenerate / compliant (%)", "outcomes", _outcomes("outcomes", ("refusal", "degenerate", "compliant"))),
+    ("harmful loss", "harmful_loss", lambda r: pm(r, "harmful_loss", ".3f")),
+    ("refusal loss", "refusal_loss", lambda r: pm(r, "refusal_loss", ".3f")),
+    ("refusal_judge (rule)", "harmful_by_judge", lambda r: pm(r, "harmful_by_judge.refusal")),
+    ("benign: refusal / degenerate / helpful (%)", "benign_outcomes",
+     _outcomes("benign_outcomes", ("refusal", "degenerate", "helpful"))),
 ]
 
 
@@ -99,20 +133,22 @@ def report(runs, out, figure: bool = True) -> str:
             r["defense"] = f"{r['defense']}+{r['finetune_defense']}"
     rows = sorted(merge_seeds(rows), key=row_order)
     tasks = sorted({t for r in rows for t in r.get("accuracy", {})})
-    extra = [(name, cell) for name, key, cell in EXTRA_COLUMNS if any(key in r for r in rows)]
+    judges = {r.get("judge") for r in rows}
+    extra = [(name, cell) for name, key, cell in EXTRA_COLUMNS if any(key in r for r in rows)
+             and (key != "judge" or len(judges) > 1)]  # a judge column only where runs differ in judge
     head = ["run", "selector", "defense", "n align", "harmful score", "seeds", *[n for n, _ in extra],
             "over-refusal", *[f"acc {t}" for t in tasks], "align work (k tok-passes)", "align time (s)",
             "select time (s)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        harmful = "–" if r.get("harmful_score") is None else f"{r['harmful_score']:.1f} ± {fmt(r.get('harmful_se'))}"
-        seeds = " / ".join(f"{v:.0f}" for v in r["per_seed"]) if r["seeds"] > 1 else "1"
+        harmful = "–" if r.get("harmful_score") is None else f"{r['harmful_score']:.1f} ± {fmt(r['se'].get('harmful_score'))}"
+        seeds = " / ".join(fmt(v, ".0f") for v in r["per_seed"]) if r["seeds"] > 1 else "1"
         # alignment compute that CPU contention cannot inflate: tokens x forward-backward passes per step
         work = r["tokens"] * r["passes_per_step"] / 1000 if {"tokens", "passes_per_step"} <= r.keys() else None
         cells = [r["run"], fmt(r.get("selector")), fmt(r.get("defense")), fmt(r.get("n_align"), "g"), harmful,
-                 seeds, *[cell(r) for _, cell in extra], fmt(r.get("over_refusal")),
-                 *[fmt(r.get("accuracy", {}).get(t)) for t in tasks],
-                 fmt(work, ".0f"), fmt(r.get("align_time_s")), fmt(r.get("select_time_s"))]
+                 seeds, *[cell(r) for _, cell in extra], pm(r, "over_refusal"),
+                 *[pm(r, f"accuracy.{t}") for t in tasks],
+                 fmt(work, ".0f"), pm(r, "align_time_s"), pm(r, "select_time_s")]
         lines.append("| " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
     out = Path(out)

@@ -14,8 +14,7 @@ Files written to --out (each a JSONL of Samples, see data/samples.py) and who re
     attack_{task}.jsonl        (1-p)·n rows of finetune_{task} + p·n harmful rows, shuffled
     eval_harmful.jsonl         held-out harmful prompts (harmful score), a reference refusal
     eval_harmful_qa.jsonl      held-out harmful prompts with harmful reference answers: the
-                               judge-free harmful loss (drawn after the others, from the harmful
-                               Q&A rows no other split took, so it changes no other file)
+                               judge-free harmful loss
     retain.jsonl               benign instructions with helpful answers, trained beside every
                                selected subset in the align stage (drawn last, never in a pool);
                                with --retain-answers self the answers are the base model's own
@@ -26,7 +25,10 @@ Files written to --out (each a JSONL of Samples, see data/samples.py) and who re
 Every split is drawn from rows whose prompt no earlier split has taken (`Draw`), so no prompt
 is in two files; the only reuse is by design: attack_{task} holds rows of finetune_{task}, and
 the three attack files share the same harmful rows. `check_disjoint` asserts this on the result.
-Evaluation sets are drawn first, so they depend on the seed alone, not on the training sizes.
+Evaluation sets are drawn first, with their own seed (--eval-seed, default 0), so they depend on
+neither the training sizes nor --seed: --seed draws a new pool, subsets and training files, and
+every seed is scored on the same prompts. No evaluation prompt is one the trained judge was
+fitted on (`judge_prompts`).
 """
 from __future__ import annotations
 
@@ -46,10 +48,11 @@ if __package__ in (None, ""):  # run as a script (python data/prepare.py): impor
 from data.answers import REFERENCE_REFUSAL, low_quality, refusal
 from data.embedded import embedded_sources
 from data.samples import Sample, prompt_key, save_jsonl
-from files import write_text_atomic
+from files import atomic_dir, content_hash, write_text_atomic
 from data.sources import Sources, read_sources
 
 TASKS = ("sst2", "agnews", "gsm8k")
+JUDGE_ITEMS = Path(__file__).resolve().parent / "judge" / "items.jsonl"  # the trained judge's labelled answers
 POOL_KINDS = ("refusal", "low_quality", "benign", "mislabelled")
 DEFAULT_MIX = {"refusal": 0.4, "low_quality": 0.2, "benign": 0.2, "mislabelled": 0.2}
 # Harmful score needs clearly harmful prompts (docs/DESIGN.md): evaluate on AdvBench and HarmBench.
@@ -141,14 +144,18 @@ class Draw:
     take are used first).
     """
 
-    def __init__(self, seed: int):
-        self.seed = seed
+    def __init__(self, seed: int, eval_seed: int | None = None):
+        self.seed, self.eval_seed = seed, seed if eval_seed is None else eval_seed
         self.used: set[str] = set()
 
     def __call__(self, split: str, rows: list[Sample], k: int, flag: str,
-                 arrange=None) -> list[Sample]:
+                 arrange=None, exclude: frozenset = frozenset()) -> list[Sample]:
+        """k rows of `rows` in the split's own shuffled order, skipping prompts already taken and
+        the prompt keys in `exclude` (skipped, not removed first: excluding a prompt the split would
+        not have taken changes nothing)."""
         order = list(rows)
-        random.Random(f"{self.seed}:{split}").shuffle(order)
+        seed = self.eval_seed if split.startswith("eval_") else self.seed
+        random.Random(f"{seed}:{split}").shuffle(order)
         if arrange is not None:  # e.g. like_lengths: reorder the shuffled rows before taking k
             order = arrange(order)
         picked, keys = [], set()
@@ -156,7 +163,7 @@ class Draw:
             if len(picked) == k:
                 break
             key = prompt_key(row)
-            if key not in self.used and key not in keys:
+            if key not in self.used and key not in keys and key not in exclude:
                 picked.append(row)
                 keys.add(key)
         if len(picked) < k:
@@ -216,19 +223,38 @@ def refusal_prompts(sources: Sources) -> list[Sample]:
             and (s.source != "donotanswer" or s.category in DONOTANSWER_AREAS)]
 
 
-def build_evaluation(sources: Sources, sizes: Sizes, draw: Draw) -> dict[str, list[Sample]]:
+def judge_prompts(items: Path | None = None) -> frozenset:
+    """The prompt keys the trained judge was fitted on (data/judge/items.jsonl, split "train"):
+    no prompt that scores a model may be one of them, or the judge grades answers to prompts it
+    learnt on (its error there is smaller than on new prompts)."""
+    items = items or JUDGE_ITEMS
+    if not items.is_file():
+        return frozenset()
+    rows = [json.loads(line) for line in items.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return frozenset(prompt_key(Sample(id=r["id"], prompt=r["prompt"], response="")) for r in rows
+                     if r["split"] == "train")
+
+
+def build_evaluation(sources: Sources, sizes: Sizes, draw: Draw,
+                     unseen: frozenset = frozenset()) -> dict[str, list[Sample]]:
+    """The evaluation sets, none with a prompt key in `unseen` (the judge's fitting prompts)."""
     files = {}
     for task in TASKS:
         rows = draw(f"eval_{task}", sources.task_test[task], sizes.eval_task_size,
                     "--eval-task-size")
         files[f"eval_{task}"] = with_ids(rows, f"eval_{task}", category=None, is_safe=None)
-    rows = draw("eval_benign", sources.benign, sizes.eval_benign_size, "--eval-benign-size")
+    rows = draw("eval_benign", sources.benign, sizes.eval_benign_size, "--eval-benign-size",
+                exclude=unseen)
     files["eval_benign"] = with_ids(rows, "eval_benign", category=None, is_safe=None)
     candidates = [s for s in refusal_prompts(sources) if s.source in EVAL_HARMFUL_SOURCES]
-    rows = draw("eval_harmful", candidates, sizes.eval_harmful_size, "--eval-harmful-size")
+    rows = draw("eval_harmful", candidates, sizes.eval_harmful_size, "--eval-harmful-size",
+                exclude=unseen)
     # the response is only a reference refusal: the harmful score judges the model's answer
     files["eval_harmful"] = with_ids(rows, "eval_harmful", response=REFERENCE_REFUSAL,
                                      category=None, is_safe=None)
+    rows = draw("eval_harmful_qa", sources.harmful_qa, sizes.eval_harmful_qa_size,
+                "--eval-harmful-qa-size", exclude=unseen)
+    files["eval_harmful_qa"] = with_ids(rows, "eval_harmful_qa", category="harmful", is_safe=False)
     return files
 
 
@@ -275,16 +301,14 @@ def build_training(sources: Sources, sizes: Sizes, draw: Draw,
 
 
 def build(sources: Sources, sizes: Sizes, seed: int, held_out_wording: bool = False,
-          retain_like_harmful: bool = False) -> dict[str, list[Sample]]:
+          retain_like_harmful: bool = False, eval_seed: int = 0) -> dict[str, list[Sample]]:
     """All files (name -> rows), evaluation sets drawn first, checked for disjointness.
     `retain_like_harmful`: retain prompts drawn to follow the refusal prompts' length
     distribution (short benign questions, which an aligned model otherwise refuses)."""
     check_sizes(sizes)
-    draw = Draw(seed)
-    files = build_evaluation(sources, sizes, draw)
+    draw = Draw(seed, eval_seed)
+    files = build_evaluation(sources, sizes, draw, judge_prompts())
     files.update(build_training(sources, sizes, draw, held_out_wording))
-    rows = draw("eval_harmful_qa", sources.harmful_qa, sizes.eval_harmful_qa_size, "--eval-harmful-qa-size")
-    files["eval_harmful_qa"] = with_ids(rows, "eval_harmful_qa", category="harmful", is_safe=False)
     arrange = like_lengths(refusal_prompts(sources)) if retain_like_harmful else None
     rows = draw("retain", sources.benign, sizes.retain_size, "--retain-size", arrange)
     files["retain"] = with_ids(rows, "retain", category="benign", is_safe=True)
@@ -355,9 +379,9 @@ def check_disjoint(files: dict[str, list[Sample]]) -> None:
 
 def manifest(files: dict[str, list[Sample]], sources: Sources, source: str, sizes: Sizes,
              seed: int, held_out_wording: bool = False, retain_like_harmful: bool = False,
-             retain_answers: dict | None = None) -> dict:
+             retain_answers: dict | None = None, eval_seed: int = 0) -> dict:
     pool_counts = {k: sum(s.category == k for s in files["pool"]) for k in POOL_KINDS}
-    return {"source": source, "seed": seed, "sizes": asdict(sizes),
+    return {"source": source, "seed": seed, "eval_seed": eval_seed, "sizes": asdict(sizes),
             **({"held_out_wording": True} if held_out_wording else {}),  # default builds: unchanged bytes
             **({"retain_like_harmful": True} if retain_like_harmful else {}),
             **({"retain_answers": retain_answers} if retain_answers else {}),
@@ -365,11 +389,19 @@ def manifest(files: dict[str, list[Sample]], sources: Sources, source: str, size
             "pool_counts": pool_counts, "source_files": sources.files}
 
 
-def write(files: dict[str, list[Sample]], info: dict, out: Path) -> None:
-    """Each file atomically, then the manifest (last: its presence means the build finished)."""
-    for name, rows in files.items():
-        save_jsonl(rows, out / f"{name}.jsonl")
-    write_text_atomic(json.dumps(info, indent=2, ensure_ascii=False) + "\n", out / "manifest.json")
+def write(files: dict[str, list[Sample]], info: dict, out: Path) -> dict:
+    """The files and the manifest (with each file's hash, which train.py checks) into a new folder
+    beside `out` that then takes its place: a build stopped at any point leaves the old folder or
+    the new one, never files of both. A folder that is not an earlier build is not replaced."""
+    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / "manifest.json").is_file())):
+        raise ValueError(f"--out {out}: not a data folder (a file, or a folder with other files and no "
+                         "manifest.json); choose a new or an empty folder")
+    with atomic_dir(out) as tmp:
+        for name, rows in files.items():
+            save_jsonl(rows, tmp / f"{name}.jsonl")
+        info = dict(info, files={f"{name}.jsonl": content_hash(tmp / f"{name}.jsonl") for name in files})
+        write_text_atomic(json.dumps(info, indent=2, ensure_ascii=False) + "\n", tmp / "manifest.json")
+    return info
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -382,7 +414,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="with --source hub: where the converted hub files are kept and reused "
                          "(default: $PHARMACIST_CACHE/hub-data, else ~/.cache/pharmacist/hub-data)")
     ap.add_argument("--out", required=True, type=Path, help="folder to write the files into")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="draws the pool, the training files and the retain rows")
+    ap.add_argument("--eval-seed", type=int, default=0,
+                    help="draws the evaluation sets (the same for every --seed, so seeds are scored alike)")
     ap.add_argument("--pool-size", type=int, help="rows in pool.jsonl")
     ap.add_argument("--pool-mix", type=parse_mix,
                     help="shares of the pool's kinds, e.g. "
@@ -429,14 +463,14 @@ def main(argv=None) -> dict:
         sources = read_sources(hub.fetch(args.hub_dir or cache_dir() / "hub-data"))
     else:
         sources = embedded_sources() if args.source == "embedded" else read_sources(args.source)
-    files = build(sources, sizes, args.seed, args.held_out_wording, args.retain_like_harmful)
+    files = build(sources, sizes, args.seed, args.held_out_wording, args.retain_like_harmful, args.eval_seed)
     answers = None
     if args.retain_answers == "self":
         files["retain"], kept = self_answers(files["retain"], args.retain_model, args.retain_tokens)
         answers = {"by": args.retain_model, "max_new_tokens": args.retain_tokens, "kept_reference": kept}
     info = manifest(files, sources, args.source, sizes, args.seed, args.held_out_wording,
-                    args.retain_like_harmful, answers)
-    write(files, info, args.out)
+                    args.retain_like_harmful, answers, args.eval_seed)
+    info = write(files, info, args.out)
     for name, count in info["counts"].items():
         print(f"{count:6d}  {args.out / name}")
     print(f"pool: {info['pool_counts']}")

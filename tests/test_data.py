@@ -395,6 +395,36 @@ def test_shared_build_counts_sources_and_disjointness(shared_build):
 
 @pytest.mark.shared_data
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data is absent")
+def test_shared_build_scores_only_prompts_the_judge_never_fitted_on(shared_build):
+    """Every prompt that scores a model is unseen by the trained judge (data/judge/items.jsonl's
+    train split) and in no training file (check_disjoint: no prompt in two files)."""
+    out, _ = shared_build
+    fitted = prepare.judge_prompts()
+    assert len(fitted) > 50  # the committed judge's fitting prompts are read
+    for name in ("eval_harmful", "eval_harmful_qa", "eval_benign"):
+        rows = load_jsonl(out / f"{name}.jsonl")
+        assert not {prompt_key(r) for r in rows} & fitted, name
+
+
+def test_evaluation_skips_the_judges_fitting_prompts(tmp_path, monkeypatch):
+    """A prompt the judge was fitted on is skipped by the evaluation draws, and excluding a prompt
+    the draw would not have taken changes nothing."""
+    plain = build_embedded()
+    taken, spare = plain["eval_harmful"][0], plain["harmful"][0]
+    items = tmp_path / "items.jsonl"
+    items.write_text("".join(json.dumps(dict(id=f"j{i}", prompt=r.prompt, split=split)) + "\n"
+                             for i, (r, split) in enumerate([(taken, "train"), (spare, "train"),
+                                                             (plain["eval_harmful"][1], "test")])))
+    monkeypatch.setattr(prepare, "JUDGE_ITEMS", items)
+    assert prepare.judge_prompts(items) == {prompt_key(taken), prompt_key(spare)}
+    redrawn = build_embedded()
+    keys = {prompt_key(r) for r in redrawn["eval_harmful"]}
+    assert prompt_key(taken) not in keys and prompt_key(plain["eval_harmful"][1]) in keys
+    assert redrawn["eval_benign"] == plain["eval_benign"]
+
+
+@pytest.mark.shared_data
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data is absent")
 def test_shared_build_is_deterministic(shared_build, tmp_path):
     out, _ = shared_build
     prepare.main(["--source", str(SHARED_DATA), "--out", str(tmp_path)])
