@@ -8,6 +8,9 @@ Alignment stage: SFT, Vaccine (Huang et al. 2024), RepNoise (Rosati et al. 2024)
 
 `grads` are the gradients of the trainable (LoRA) parameters, in the order of `ctx.params`, taken
 with `torch.autograd.grad`: nothing is written to `.grad`, so the loop accumulates and clips them.
+A gradient is None for a parameter the step keeps frozen (T-Vaccine's unsampled layers): the loop
+leaves its `.grad` None, so AdamW skips it (no momentum, no weight decay), as a parameter with
+requires_grad=False is skipped in the reference.
 `stats` holds floats, at least `loss` (the loss of `batch`). A step leaves every parameter exactly
 as it found it (Booster moves the weights for one pass and copies them back). `PASSES` says what a
 step costs in forward+backward passes. We read the reference implementations named below for the
@@ -32,14 +35,19 @@ from data.batches import IGNORE, sample_losses, token_mean
 
 @dataclass
 class DefenseConfig:
-    """Hyperparameters of the defenses; the defaults are the reference implementations'."""
+    """Hyperparameters of the defenses; the defaults are the reference implementations' runs, but
+    for RepNoise's alpha (below)."""
     rho: float = 2.0  # Vaccine: norm of the perturbation of the attention outputs (its README runs 2)
     tvaccine_rho: float = 3.0  # T-Vaccine: norm of the perturbation (its README runs rho 3)
     tvaccine_layers: int = 8  # T-Vaccine S: layers perturbed and trained at a time
     tvaccine_every: int = 20  # T-Vaccine J: sample new layers every J steps
     tvaccine_probe_every: int = 200  # T-Vaccine K: recompute the harmful-gradient norms every K steps
-    repnoise_alpha: float = 0.1  # RepNoise alpha: weight of the ascent on the harmful loss
-    repnoise_beta: float = 0.001  # RepNoise beta: weight of the MMD to Gaussian noise
+    # RepNoise alpha: weight of the ascent on the harmful loss. representation-noising loss.py
+    # `rep_noise_loss` defaults to alpha 1; we run 0.1, as the re-implementations this paper's line
+    # of work compares with run it (git-disl/Booster script/alignment/repNoise.sh, Lslland/T-Vaccine
+    # script/alignment/Repnoise.sh: alpha 0.1, beta 0.001)
+    repnoise_alpha: float = 0.1
+    repnoise_beta: float = 0.001  # RepNoise beta: weight of the MMD to Gaussian noise (all of them: 0.001)
     booster_lam: float = 5.0  # Booster lambda: weight of the harmful-loss-reduction penalty
     booster_alpha: float = 0.1  # Booster alpha: size of the simulated harmful step
     bds_lr: float = 5e-3  # BDS: Adam learning rate of the per-sample logits (or of the scorer)
@@ -99,11 +107,12 @@ class SampleWeights(nn.Module):
     With the full softmax, every row off the batch would get a small gradient at each step,
     and Adam (which divides by each coordinate's own gradient scale) would turn it into a full
     step: rows seen late in the first pass would drift by their position in the order.
-    `weights()` (no index) is the whole pool, with the full softmax gradient.
+    `weights()` (no index) is the whole pool, with the full softmax gradient (BDS indexes it, as
+    its reference does).
     """
 
     def __init__(self, n: int, weighting: str = "softmax", lr: float = 0.05, optimizer: str = "adam",
-                 device=None):
+                 betas: tuple[float, float] = (0.9, 0.999), device=None):
         super().__init__()
         if weighting not in ("softmax", "sigmoid"):
             raise ValueError(f"weighting {weighting!r}: choose softmax or sigmoid")
@@ -115,7 +124,8 @@ class SampleWeights(nn.Module):
         self.logits = nn.Parameter(torch.zeros(n, device=device))
         # Adam moves every logit that gets a gradient by about lr, whatever the gradient's size
         # (BDS); SGD keeps the sizes (Pharmacist, whose hypergradients are normalised first)
-        self.opt = (torch.optim.Adam if optimizer == "adam" else torch.optim.SGD)([self.logits], lr=lr)
+        self.opt = (torch.optim.Adam([self.logits], lr=lr, betas=betas) if optimizer == "adam"
+                    else torch.optim.SGD([self.logits], lr=lr))
 
     def weights(self, index=None) -> torch.Tensor:
         s = self.logits
@@ -329,11 +339,29 @@ def booster_step(ctx: Context, batch):
     return g, {"loss": f.item(), "harmful_loss": h.item(), "harmful_loss_after_step": h_after.item()}
 
 
-def attention_lora_mask(ctx: Context, layers) -> list[bool]:
-    """Which of ctx.params belong to the attention of the given layers (their LoRA)."""
-    names = {id(p): n for n, p in ctx.model.named_parameters()}
-    prefixes = tuple(f"layers.{i}.self_attn." for i in layers)
-    return [names[id(p)].startswith(prefixes) for p in ctx.params]
+TVACCINE_DEEP = 26  # above this many layers, T-Vaccine also runs layer i-1 of each sampled i uncheckpointed
+
+
+def tvaccine_trained(ctx: Context, layers) -> list[bool]:
+    """Which of ctx.params T-Vaccine trains while `layers` are sampled, as Lslland/T-Vaccine does.
+
+    Its trainer.py `unfreeze_activate_layers` sets requires_grad=False on the attention LoRA of
+    every layer but the sampled ones, and leaves the MLP LoRA trainable. Its patched models
+    (models/modeling_llama_my_new.py `LlamaModel.forward`) run every layer outside
+    `activate_layers` under reentrant activation checkpointing (torch 2.1's default), which gives
+    no gradient to a layer whose input needs none: the MLP adapters below the lowest layer of
+    `activate_layers` get none, those from it up train. `activate_layers` (trainer.py
+    `training_step`) is the sampled layers, plus layer i-1 of each sampled i above 26 layers."""
+    n, lowest = len(ctx.model.layers), min(layers)
+    if n > TVACCINE_DEEP and lowest > 0:
+        lowest -= 1
+    names = {id(p): name for name, p in ctx.model.named_parameters()}
+    if not any(".self_attn." in names[id(p)] for p in ctx.params):
+        raise ValueError("tvaccine trains the attention LoRA of the sampled layers, but no trainable "
+                         "parameter is in an attention module: add q_proj,k_proj,v_proj,o_proj to "
+                         "the LoRA targets")
+    trained = tuple(f"layers.{i}.self_attn." for i in layers) + tuple(f"layers.{i}.mlp." for i in range(lowest, n))
+    return [names[id(p)].startswith(trained) for p in ctx.params]
 
 
 def tvaccine_layers(ctx: Context) -> tuple[list[int], dict]:
@@ -356,27 +384,20 @@ def tvaccine_layers(ctx: Context) -> tuple[list[int], dict]:
 
 
 def tvaccine_step(ctx: Context, batch):
-    """T-Vaccine (Liu et al. 2025): Vaccine on S sampled layers; only their attention LoRA trains.
+    """T-Vaccine (Liu et al. 2025): Vaccine on S sampled layers, whose attention LoRA trains.
 
-    As Lslland/T-Vaccine trainer.py: the statistic is the gradient norm of the harmful loss w.r.t.
-    each attention output (a batch of 1 harmful sample there; a harmful batch here); the
-    perturbation's norm is taken over the sampled layers only; the sampled attention modules'
-    LoRA is unfrozen, the others frozen. Differences: any LoRA outside attention (MLP) gets zero
-    gradient here, while the reference leaves it as it is; to save memory, the reference's patched
-    model runs the layers it does not train (keeping the one before each sampled layer, above 26
-    layers) under activation checkpointing, which changes no number and we do not reproduce."""
+    As Lslland/T-Vaccine trainer.py `BaseTrainer.training_step`: the statistic is the gradient
+    norm of the harmful loss w.r.t. each attention output (a batch of 1 harmful sample there; a
+    harmful batch here); the perturbation's norm is taken over the sampled layers only
+    (`after_first_step`); the trained adapters are those of `tvaccine_trained`, the others get
+    None, so that they stay where they are until sampled again."""
     layers, stats = tvaccine_layers(ctx)
     e, clean = vaccine_perturbation(ctx.model, batch, layers, ctx.cfg.tvaccine_rho)
     with add_to_attention(ctx.model, e):
         loss = batch_loss(ctx.model, batch)
-    mask = attention_lora_mask(ctx, layers)
-    live = [p for p, m in zip(ctx.params, mask) if m]
-    if not live:
-        raise ValueError("tvaccine trains the attention LoRA of the sampled layers, but no trainable "
-                         "parameter is in an attention module: add q_proj,k_proj,v_proj,o_proj to "
-                         "the LoRA targets")
-    g_live = iter(grads(loss, live))
-    g = [next(g_live) if m else torch.zeros_like(p) for p, m in zip(ctx.params, mask)]
+    trained = tvaccine_trained(ctx, layers)
+    g = iter(grads(loss, [p for p, t in zip(ctx.params, trained) if t]))
+    g = [next(g) if t else None for t in trained]
     return g, {"loss": clean.item(), "perturbed_loss": loss.item(), **stats}
 
 
@@ -447,6 +468,9 @@ def score_dataset(model, scorer: Scorer, batches) -> torch.Tensor:
     return to_weights(u, scorer.config["weighting"])
 
 
+BDS_BETAS = (0.9, 0.95)  # the scheduler's Adam in Egg-Hu/Bayesian-Data-Scheduler run/train_dbs.py `train`
+
+
 def bds_setup(ctx: Context):
     """BDS's state, built on first use: per-sample weights (SampleWeights, with its own
     Adam), or the amortized scorer, its Adam and the last weight each row was given."""
@@ -458,34 +482,42 @@ def bds_setup(ctx: Context):
     dev = ctx.model.embed_tokens.weight.device
     if cfg.bds_amortized and "scorer" not in st:
         st["scorer"] = Scorer(ctx.model.config.hidden_size, cfg.bds_scorer_width, cfg.bds_weighting).to(dev)
-        st["scorer_opt"] = torch.optim.Adam(st["scorer"].parameters(), lr=cfg.bds_lr, betas=(0.9, 0.95))
+        st["scorer_opt"] = torch.optim.Adam(st["scorer"].parameters(), lr=cfg.bds_lr, betas=BDS_BETAS)
         st["seen"] = torch.full((ctx.n_samples,), float("nan"))
     elif not cfg.bds_amortized and "weights" not in st:
-        st["weights"] = SampleWeights(ctx.n_samples, weighting=cfg.bds_weighting, lr=cfg.bds_lr, device=dev)
+        st["weights"] = SampleWeights(ctx.n_samples, weighting=cfg.bds_weighting, lr=cfg.bds_lr, betas=BDS_BETAS,
+                                      device=dev)
 
 
 def bds_step(ctx: Context, batch):
-    """BDS (Hu et al. 2025), tuning stage, as Egg-Hu/Bayesian-Data-Scheduler dbs_trainer.py with its
-    script's settings (upperlevel_weight −1, no prior, constant scheduler lr):
+    """BDS (Hu et al. 2025), tuning stage, as Egg-Hu/Bayesian-Data-Scheduler bds/trainer/dbs_trainer.py
+    `fit` with its script's settings (upperlevel_weight −1, no prior, constant scheduler lr):
 
         model loss      L_safe(θ)·safe_weight + mean(w.detach()·ℓ_ft)     (the loop's optimizer)
         scheduler loss  mean(w·ℓ_ft.detach())                              (one Adam step here)
 
-    `batch` is fine-tuning data (rows `index` of the set), `ctx.next_align()` alignment data.
-    Harmful rows keep a high loss under a model held to refusals, so their weight falls. The
-    reference's optional Bayesian terms (entropy, weight-ratio and Gaussian priors on the logits)
-    are off in its script and not implemented. Its amortized scheduler scores samples with a
-    separate pretrained LM; ours reads the fine-tuned model's own final hidden state (detached)."""
+    `batch` is fine-tuning data (rows `index` of the set), `ctx.next_align()` alignment data; ℓ
+    are per-sample token means and L_safe their mean over the alignment batch (its
+    BatchCrossEntropyLoss, sequence_reduce="mean", then .mean(0)). Scalar scheduler: w = N·softmax(u)
+    over all N rows, indexed by the batch, so the scheduler gradient reaches every logit (a row
+    off the batch gets −p_j·mean(w·ℓ_ft)); Adam betas (0.9, 0.95). Harmful rows keep a high loss
+    under a model held to refusals, so their weight falls. The reference's optional Bayesian terms
+    (entropy, weight-ratio and Gaussian priors on the logits) are off in its script and not
+    implemented. Amortized: its neural scheduler scores rows with a separate LM and is never
+    stepped in dbs_trainer.py (the scheduler step is skipped for scheduler_name "neural", so it
+    scores with the weights it was loaded with); ours reads the fine-tuned model's own final
+    hidden state (detached) and, having no pretrained scorer to load, is trained online by the
+    scheduler loss (untrained, it gives every row weight 1)."""
     bds_setup(ctx)
     model, cfg, st = ctx.model, ctx.cfg, ctx.state
     feats = {}
     with final_hidden(model, feats):  # the scorer's input, when amortized
         ft = losses(model, batch)
-    safe = batch_loss(model, ctx.next_align())
+    safe = losses(model, ctx.next_align()).mean()
     if cfg.bds_amortized:
         w = st["scorer"].weights(pooled(feats["h"], batch["attention_mask"]))
     else:
-        w = st["weights"].weights(batch["index"])
+        w = st["weights"].weights()[batch["index"]]
     g = grads(cfg.bds_safe_weight * safe + (w.detach() * ft).mean(), ctx.params)
     scheduler_loss = (w * ft.detach()).mean()
     if cfg.bds_amortized:

@@ -9,10 +9,16 @@ output where the next run would read it.
         torch.save(state, tmp)
     with atomic_dir(folder) as tmp:     # fill the folder tmp; it replaces folder at the end
         save_file(tensors, tmp / "model.safetensors")
+
+Every rename goes through `rename`, which a test can make the last thing the process does
+(PHARMACIST_FAULT_AFTER=N: killed right after the N-th), so tests/test_faults.py stops a run at
+each of its writes in turn. `content_hash` names a file's or a folder's content, which is how a
+stage records its outputs and inputs (train.py).
 """
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import os
@@ -28,18 +34,36 @@ import numpy as np
 import torch
 
 
+renames = 0  # renames done by this process (the fault hook counts them)
+
+
+def rename(src, dst) -> None:
+    """os.replace, counted. Test hook: with PHARMACIST_FAULT_AFTER=N in the environment the process
+    dies (like kill -9: no cleanup) right after its N-th rename."""
+    global renames
+    os.replace(src, dst)
+    renames += 1
+    if str(renames) == os.environ.get("PHARMACIST_FAULT_AFTER"):
+        crash()
+
+
+def crash():
+    os._exit(137)  # tests/test_faults.py replaces this with an exception to stay in one process
+
+
 @contextmanager
 def atomic_file(path):
     """A temporary file beside `path`, renamed over it when the block ends without an error
     (removed when it raises); readable like any file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    remove_orphans(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
     os.close(fd)
     try:
         yield Path(tmp)
         os.chmod(tmp, 0o644)  # mkstemp makes the file private to us
-        os.replace(tmp, path)
+        rename(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -82,12 +106,21 @@ def make_readable(folder: Path) -> None:
 
 
 def remove_orphans(out: Path) -> None:
-    """Temporary siblings of `out` left by a process that was killed (SIGKILL, power loss): their
-    name holds the writer's pid, and a pid no longer running means nobody will finish them."""
+    """Temporary siblings of `out` (.NAME.PID.*: new files and folders, and old folders moved aside)
+    left by a process that was killed (SIGKILL, power loss): a pid no longer running means nobody
+    will finish them."""
     for tmp in out.parent.glob(f".{out.name}.*"):
         pid = tmp.name[len(out.name) + 2:].split(".")[0]
-        if tmp.is_dir() and pid.isdigit() and not pid_alive(int(pid)):
-            shutil.rmtree(tmp, ignore_errors=True)
+        if pid.isdigit() and not pid_alive(int(pid)):
+            remove(tmp)
+
+
+def remove(path: Path) -> None:
+    """A file or a folder, gone (nothing when absent)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def pid_alive(pid: int) -> bool:
@@ -112,14 +145,44 @@ def atomic_dir(out):
         yield tmp
         make_readable(tmp)
         if out.exists():  # swap: the old folder moves aside, the new one in, the old one goes
-            old = out.with_name(f".{out.name}.old.{os.getpid()}")
-            out.rename(old)
-            tmp.rename(out)
+            old = out.with_name(f".{out.name}.{os.getpid()}.old")
+            rename(out, old)
+            rename(tmp, out)
             shutil.rmtree(old)
         else:
-            tmp.rename(out)
+            rename(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already when renamed
+
+
+HASHES: dict = {}  # path -> [size, mtime_ns, inode, hash]: files content_hash has read (train.py keeps it in --out)
+
+
+def file_hash(path: Path) -> str:
+    """sha256 of a file's bytes (16 hex digits), read again only when its size, mtime or inode changed."""
+    st = path.stat()
+    key = [st.st_size, st.st_mtime_ns, st.st_ino]
+    known = HASHES.get(str(path.resolve()))
+    if known and known[:3] == key:
+        return known[3]
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    HASHES[str(path.resolve())] = [*key, h.hexdigest()[:16]]
+    return h.hexdigest()[:16]
+
+
+def content_hash(path) -> str | None:
+    """A file's hash, or a folder's (its files' relative names and hashes); None when absent."""
+    path = Path(path)
+    if path.is_file():
+        return file_hash(path)
+    if not path.is_dir():
+        return None
+    files = sorted(f for f in path.rglob("*") if f.is_file())
+    text = "".join(f"{f.relative_to(path)}\t{file_hash(f)}\n" for f in files)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 class Checkpoint:
@@ -130,9 +193,10 @@ class Checkpoint:
     weights), objects with a `drawn` position (data streams) and plain objects (their attributes);
     `values` (step counters, held tensors) are handed back to the caller. With the RNG states."""
 
-    def __init__(self, path, every: int, writes: bool = True, **parts):
+    def __init__(self, path, every: int, writes: bool = True, owner: str = "", **parts):
         self.path, self.every, self.parts, self.boundary = Path(path) if path else None, every, parts, None
         self.writes = writes  # False: loads but never writes (the other ranks of a parallel run)
+        self.owner = owner  # the start it belongs to (train.py: the stage's fingerprint); load refuses another's
 
     @staticmethod
     def _state(obj):
@@ -161,7 +225,7 @@ class Checkpoint:
         """The state after `step` steps; written when `step` is a multiple of `every`."""
         rng = dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
                    cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
-        self.boundary = dict(step=step, values=copy.deepcopy(values), rng=rng,
+        self.boundary = dict(step=step, values=copy.deepcopy(values), rng=rng, owner=self.owner,
                              parts={k: self._state(v) for k, v in self.parts.items()})
         if step and step % self.every == 0:
             self.save()
@@ -178,7 +242,10 @@ class Checkpoint:
         try:
             state = torch.load(self.path, weights_only=False)
         except Exception as e:  # truncated by a full disk, or not a checkpoint
-            raise ValueError(f"{self.path}: unreadable checkpoint ({e}); --force to start over") from None
+            raise ValueError(f"{self.path}: unreadable checkpoint ({e}); start over without --resume") from None
+        if state.get("owner", "") != self.owner:
+            raise ValueError(f"{self.path}: a checkpoint of another start (other flags or inputs); "
+                             "start over without --resume")
         for k, v in self.parts.items():
             self._restore(v, state["parts"][k])
         rng = state["rng"]

@@ -99,14 +99,19 @@ def total(x: float, device=None) -> float:
     return float(t)
 
 
-def weighted_sum(grads: list[torch.Tensor], share: float) -> list[torch.Tensor]:
-    """sum_r share_r * grads_r over the ranks, the same list on every rank after the call."""
+def weighted_sum(grads: list[torch.Tensor | None], share: float) -> list[torch.Tensor | None]:
+    """sum_r share_r * grads_r over the ranks, the same list on every rank after the call; a None
+    (a parameter the step keeps frozen, the same on every rank) stays None."""
     if world() == 1:
-        return [g * share if share != 1 else g for g in grads]
-    flat = torch.cat([g.reshape(-1).float() for g in grads]) * share  # one collective per step
+        return [g * share if share != 1 and g is not None else g for g in grads]
+    present = [g for g in grads if g is not None]
+    flat = torch.cat([g.reshape(-1).float() for g in present]) * share  # one collective per step
     dist.all_reduce(flat)
     out, i = [], 0
     for g in grads:
+        if g is None:
+            out.append(None)
+            continue
         out.append(flat[i:i + g.numel()].view_as(g).to(g.dtype))
         i += g.numel()
     return out

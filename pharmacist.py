@@ -66,7 +66,7 @@ MODES = ("bilevel", "first_order")
 
 @dataclass
 class SelectConfig:
-    selector: str = "pharmacist"  # full|random|pharmacist|seal|loss
+    selector: str = "pharmacist"  # full|random|pharmacist|seal|loss|oracle (an ablation: reads the planted kinds)
     keep: float = 0.4  # rows to keep: a fraction in (0, 1] or a count > 1
     passes: int = 2  # passes over the pool for the learned selectors
     steps: int = 0  # selector steps (0: `passes` passes over the pool)
@@ -401,6 +401,16 @@ def random_select(model, tokenizer, pool, validation, harmful, cfg: SelectConfig
     return Selection(rng.random(len(pool)), dict(steps=0, tokens=0))
 
 
+def oracle_select(model, tokenizer, pool, validation, harmful, cfg: SelectConfig,
+                  progress: bool = True, log=None, checkpoint=None) -> Selection:
+    """An ablation, not a method: reads each row's planted kind (`category`, which no selector
+    sees) and ranks the truly clean rows (clean refusals) first, in seeded random order, so
+    keeping k <= their count gives a random k of them: what denoising alone buys."""
+    rng = np.random.default_rng(cfg.seed)
+    clean = np.array([s.category == "refusal" for s in pool], dtype=float)
+    return Selection(clean + rng.random(len(pool)) * 0.5, dict(steps=0, tokens=0))
+
+
 def seal_select(model, tokenizer, pool, validation, harmful, cfg: SelectConfig,
                 progress: bool = True, log=None, checkpoint=None) -> Selection:
     """SEAL (Shen et al., ICLR 2025), its memory-efficient penalty-based algorithm, with the
@@ -487,7 +497,7 @@ def loss_select(model, tokenizer, pool, validation, harmful, cfg: SelectConfig,
 
 
 SELECTORS = {"full": full_select, "random": random_select, "pharmacist": pharmacist_select,
-             "seal": seal_select, "loss": loss_select}
+             "seal": seal_select, "loss": loss_select, "oracle": oracle_select}
 
 
 def select(model, tokenizer, pool, validation, harmful, cfg: SelectConfig,

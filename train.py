@@ -39,7 +39,8 @@ import pharmacist
 from data.batches import Batches, Stream, collate, encode_samples
 from data.samples import Sample, load_jsonl, save_jsonl
 from data.prepare import round_half_up
-from files import Checkpoint, finite, read_json, write_json, write_text_atomic
+import files
+from files import Checkpoint, content_hash, finite, read_json, remove, write_json, write_text_atomic
 from flags import Parser, add_flags
 
 ROOT = Path(__file__).resolve().parent
@@ -151,7 +152,7 @@ def config_problem(cfg: Config) -> str | None:
     """The first flag whose value cannot work, as one line naming the flag and the fix; None if all
     can. Checked before any work starts, so a typo is not found hours into a run."""
     align_defenses = [k for k in defenses.STEPS if k != "bds"]
-    checks = [one_of("--stage", cfg.stage, STAGES + ("all",)),
+    checks = [data_problem(cfg), run_problem(cfg), one_of("--stage", cfg.stage, STAGES + ("all",)),
               one_of("--align-defense", cfg.align.defense, align_defenses),
               one_of("--finetune-defense", cfg.finetune.defense, ("sft", "bds")),
               one_of("--select-selector", cfg.select.selector, pharmacist.SELECTORS),
@@ -173,8 +174,13 @@ def config_problem(cfg: Config) -> str | None:
                  "save_every"):
         if getattr(cfg.select, name) < 1:
             checks.append(f"--select-{name.replace('_', '-')} {getattr(cfg.select, name)}: must be at least 1")
-    if cfg.select.keep <= 0:
-        checks.append(f"--select-keep {cfg.select.keep}: a fraction in (0, 1] or a count > 1")
+    checks.append(keep_problem(cfg))
+    for name in ("steps", "lora_layers"):
+        if getattr(cfg.select, name) < 0:
+            checks.append(f"--select-{name.replace('_', '-')} {getattr(cfg.select, name)}: must be >= 0")
+    for name in ("inner_lr", "selector_lr", "eta"):
+        if not 0 < getattr(cfg.select, name) < math.inf:
+            checks.append(f"--select-{name.replace('_', '-')} {getattr(cfg.select, name)}: must be a finite number > 0")
     for section in ("align", "finetune"):
         t, flag = getattr(cfg, section), f"--{section}-"
         for name in ("epochs", "batch_size", "grad_accum", "lora_rank", "save_every", "max_len"):
@@ -183,6 +189,11 @@ def config_problem(cfg: Config) -> str | None:
         for name in ("lr", "clip"):
             if not 0 < getattr(t, name) < math.inf:
                 checks.append(f"{flag}{name} {getattr(t, name)}: must be a finite number > 0")
+        if t.max_len < 8:
+            checks.append(f"{flag}max-len {t.max_len}: must be at least 8 (room for a prompt and an answer)")
+        targets = [x.strip() for x in t.lora_targets.split(",")]
+        if not all(x in M.LORA_TARGETS for x in targets):
+            checks.append(f"{flag}lora-targets {t.lora_targets!r}: a comma list of {','.join(M.LORA_TARGETS)}")
         if t.max_steps < 0 or not 0 <= t.warmup < 1 or t.weight_decay < 0:
             checks.append(f"{flag}max-steps >= 0, {flag}warmup in [0, 1) and {flag}weight-decay >= 0, got "
                           f"{t.max_steps}, {t.warmup}, {t.weight_decay}")
@@ -195,13 +206,56 @@ def config_problem(cfg: Config) -> str | None:
                           f"data/prepare.py, or {flag}retain '' to train without it)")
     if cfg.attack.p != -1 and not 0 <= cfg.attack.p <= 1:
         checks.append(f"--attack-p {cfg.attack.p}: a share in [0, 1] (or -1 for the attack file's own)")
+    elif cfg.attack.p != -1 and cfg.stage in ("all", "finetune") and (data_dir(cfg) / f"attack_{cfg.attack.task}.jsonl").is_file():
+        try:
+            attack_rows(cfg)  # enough harmful rows for this share
+        except ValueError as e:
+            checks.append(str(e))
+    moderation = cfg.eval.moderation_model
+    if moderation and not Path(moderation).is_dir() and not default_weights.HUB_ID.fullmatch(moderation):
+        checks.append(f"--eval-moderation-model {moderation}: no such folder (an HF folder, or the Hub id "
+                      "PKU-Alignment/beaver-dam-7b)")
     if cfg.eval.max_new_tokens < 1 or cfg.eval.batch_size < 1 or cfg.eval.limit < 0:
         checks.append(f"--eval-max-new-tokens and --eval-batch-size at least 1, --eval-limit >= 0 (0: all), got "
                       f"{cfg.eval.max_new_tokens}, {cfg.eval.batch_size}, {cfg.eval.limit}")
-    if cfg.data and not Path(cfg.data).is_dir():
-        checks.append(f"--data {cfg.data}: no such folder (build it with data/prepare.py, or leave --data out "
-                      "for the embedded default set)")
     return next((c for c in checks if c), None)
+
+
+def keep_problem(cfg: Config) -> str | None:
+    """--select-keep: a fraction in (0, 1] or a whole count no larger than the pool."""
+    pool = data_dir(cfg) / "pool.jsonl"
+    n = sum(1 for line in pool.read_text().splitlines() if line.strip()) if pool.is_file() else 10**12
+    try:
+        pharmacist.keep_count(cfg.select.keep, n)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def data_problem(cfg: Config) -> str | None:
+    """--data: a folder whose files are those its manifest lists (a build stopped midway or mixed
+    with another has files that are not)."""
+    if cfg.data and not Path(cfg.data).is_dir():
+        return (f"--data {cfg.data}: no such folder (build it with data/prepare.py, or leave --data out "
+                "for the embedded default set)")
+    manifest = data_dir(cfg) / "manifest.json"
+    listed = read_json(manifest).get("files", {}) if manifest.is_file() else {}
+    bad = [name for name, h in listed.items() if content_hash(data_dir(cfg) / name) != h]
+    if bad:
+        return (f"--data {data_dir(cfg)}: {bad[0]} is not the file its manifest.json lists (a build stopped "
+                "midway, or an edited file); rebuild the folder with data/prepare.py")
+    return None
+
+
+def run_problem(cfg: Config) -> str | None:
+    """--out, --resume and --force."""
+    if not cfg.out.strip():
+        return "--out '': name the run folder (runs/NAME)"
+    if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+        return f"--out {cfg.out}: a file, not a folder; choose another --out"
+    if cfg.resume and cfg.force:
+        return "--resume --force: --resume continues a stage, --force starts it over; choose one"
+    return None
 
 
 # ----------------------------------------------------------------------------- run bookkeeping
@@ -277,20 +331,29 @@ def json_line(record: dict) -> str:
     return json.dumps(finite(record)) + "\n"
 
 
+def step_of(line: str) -> int | None:
+    """The step of a metrics.jsonl line; None for a line cut short by a kill."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return None
+
+
 def keep_metrics(path: Path, step: int):
     """metrics.jsonl cut back to the rows of steps <= step (a resumed run writes the rest again)."""
     if path.exists():
-        rows = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        rows = [line for line in path.read_text().splitlines() if (step_of(line) or math.inf) <= step]
         write_text_atomic("".join(r + "\n" for r in rows), path)
 
 
 def train(model, examples, pad_id: int, cfg: TrainConfig, ctx: defenses.Context, out: Path,
-          streams: dict[str, "Stream"], resume: bool = False) -> dict:
+          streams: dict[str, "Stream"], resume: bool = False, owner: str = "") -> dict:
     """The one loop: a defense step gives gradients, the loop accumulates, clips and steps.
 
     A checkpoint (files.Checkpoint: weights, optimizer, scheduler, defense state, data positions,
     RNG) goes to out/checkpoint.pt every `save_every` steps, at the end, and on Ctrl-C or SIGTERM;
-    a non-finite loss stops the run and leaves the last periodic checkpoint as it is."""
+    a non-finite loss stops the run and leaves the last periodic checkpoint as it is. `owner` (the
+    stage's fingerprint) goes into the checkpoint: --resume loads no other start's."""
     step_fn = defenses.STEPS[cfg.defense]
     device = model.embed_tokens.weight.device
     params = ctx.params
@@ -300,7 +363,7 @@ def train(model, examples, pad_id: int, cfg: TrainConfig, ctx: defenses.Context,
     opt = make_optimizer(model, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, cfg.warmup))
     main = P.is_main()  # with torchrun: rank 0 writes, every rank computes
-    ckpt = Checkpoint(out / "checkpoint.pt", cfg.save_every, writes=main, params=params, optimizer=opt,
+    ckpt = Checkpoint(out / "checkpoint.pt", cfg.save_every, writes=main, owner=owner, params=params, optimizer=opt,
                       scheduler=sched, defense=ctx, **{f"stream_{k}": v for k, v in streams.items()})
     metrics_path, step, tokens, elapsed = out / "metrics.jsonl", 0, 0, 0.0
     if resume and ckpt.path.exists():
@@ -336,7 +399,7 @@ def train(model, examples, pad_id: int, cfg: TrainConfig, ctx: defenses.Context,
                     raise NonFiniteLoss(f"{out.name}: non-finite loss at step {step} ({stats}, the batch's rows in "
                                         f"{out / 'nonfinite.json'}); the last good checkpoint is "
                                         f"{ckpt.path if ckpt.path.exists() else 'none'}: lower the learning "
-                                        "rate, then --resume or start over")
+                                        "rate and start over (--resume continues only with the same flags)")
                 for p, g in zip(params, grads):
                     g = g / len(chunk)
                     p.grad = g if p.grad is None else p.grad + g
@@ -417,7 +480,8 @@ def run_training(cfg: Config, tcfg: TrainConfig, model, tok, device, data: list[
     ctx = defenses.Context(model=model, params=[p for p in model.parameters() if p.requires_grad],
                            cfg=cfg.defense, next_harmful=streams["harmful"], next_align=streams["align"],
                            n_samples=len(data))
-    summary = train(model, enc(data), tok.pad_id, tcfg, ctx, out, streams, resume=cfg.resume)
+    owner = read_json(out / STARTED)["fingerprint"] if (out / STARTED).exists() else ""
+    summary = train(model, enc(data), tok.pad_id, tcfg, ctx, out, streams, resume=cfg.resume, owner=owner)
     if P.is_main():
         M.save_lora(model, out / "adapter")
     if tcfg.defense == "bds" and P.is_main():
@@ -520,11 +584,14 @@ def require(path: Path, stage: str) -> Path:
 PARALLEL_STAGES = ("select", "align", "finetune")  # data parallel under torchrun (parallel.py); eval on rank 0
 REDO = "redo the stage that wrote it (--force), or delete its folder"  # the fix for a damaged summary
 RUNNERS = {"select": stage_select, "align": stage_align, "finetune": stage_finetune, "eval": stage_eval}
+STARTED = ".settings.started.json"  # what a stage in progress started with (its fingerprint), gone once done
 
 
 STAGE_SETTINGS = {"select": ("model", "select"), "align": ("model", "align", "defense"),
-                  "finetune": ("finetune", "attack", "defense"), "eval": ("eval",)}  # + "data": stage_files' hashes
-UPSTREAM = {"select": (), "align": ("select",), "finetune": ("align",), "eval": ("finetune", "align")}
+                  "finetune": ("finetune", "attack", "defense"), "eval": ("eval",)}  # + "data" and "inputs"
+READS = {"select": (), "align": ("select/subset.jsonl",), "finetune": ("select/subset.jsonl", "align/model"),
+         "eval": ("align/model", "finetune/adapter")}  # the outputs of earlier stages each stage reads
+READS_MODEL = ("select", "align")  # the stages that load --model (the later ones load align/model)
 
 
 def stage_files(cfg: Config, stage: str) -> list[str]:
@@ -544,32 +611,31 @@ def stage_files(cfg: Config, stage: str) -> list[str]:
 LATER_FIELDS = {("eval", "compile"): False, ("align", "compile"): False, ("finetune", "compile"): False}
 
 
+def input_path(cfg: Config, name: str, model: str) -> Path:
+    """Where an input of a stage is: 'model' is the --model folder, the others are in --out."""
+    return Path(model) if name == "model" else Path(cfg.out) / name
+
+
 def stage_settings(cfg: Config, stage: str) -> dict:
-    """The flags a stage's output depends on (its own section and the inputs it reads): the data
-    as the hashes of the files the stage reads, so a folder rebuilt with other content redoes the
-    stage and one that differs only in files the stage never reads (another --p) does not."""
+    """Everything a stage's output depends on: the flags of its own section, and by content what
+    it reads: "data" the hashes of the data files (so a folder that differs only in files the
+    stage never reads, another --p, changes nothing), "inputs" those of the earlier stages' outputs
+    and of the --model folder (a built-in model is its name)."""
     settings = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v
                 for k, v in ((k, getattr(cfg, k)) for k in STAGE_SETTINGS[stage])}
     for (section, name), default in LATER_FIELDS.items():  # at its default: as before the field existed
         if settings.get(section, {}).get(name, not default) == default:
             del settings[section][name]
     files = {name: data_dir(cfg) / name for name in stage_files(cfg, stage)}
-    settings["data"] = {name: hashlib.sha256(f.read_bytes()).hexdigest()[:16]
-                        for name, f in files.items() if f.exists()}
+    settings["data"] = {name: content_hash(f) for name, f in files.items() if f.exists()}
+    names = READS[stage] + (("model",) if stage in READS_MODEL and Path(cfg.model).exists() else ())
+    settings["inputs"] = {name: content_hash(input_path(cfg, name, cfg.model)) for name in names}
     return settings
 
 
-def fingerprint(cfg: Config, stage: str, settings: dict) -> str:
-    """A stage's settings and the fingerprint of the stage it read (the first of UPSTREAM that ran),
-    hashed: equal fingerprints mean an output made from the same inputs with the same flags."""
-    upstream = ""
-    for name in UPSTREAM[stage]:
-        summary = Path(cfg.out) / name / "summary.json"
-        if summary.exists():
-            upstream = read_json(summary, REDO).get("fingerprint", "")
-            break
-    text = json.dumps([settings, upstream], sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+def fingerprint(settings: dict) -> str:
+    """A stage's settings hashed: equal fingerprints mean an output made from the same inputs with the same flags."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def changed(old: dict, new: dict, prefix="") -> list[str]:
@@ -584,35 +650,102 @@ def changed(old: dict, new: dict, prefix="") -> list[str]:
     return out
 
 
+def outputs(out: Path) -> dict:
+    """Each output in a stage folder with its content hash (summary.json, the checkpoint and hidden files aside)."""
+    return {p.name: content_hash(p) for p in sorted(out.iterdir())
+            if not p.name.startswith(".") and p.name not in ("summary.json", "checkpoint.pt")}
+
+
+def finished(cfg: Config, stage: str) -> tuple[dict | None, str]:
+    """(summary, '') of a stage whose summary.json is there and every output it lists is present
+    and unchanged; else (None, why not), why = '' when the stage never ran."""
+    out = Path(cfg.out) / stage
+    if not (out / "summary.json").exists():
+        return None, f"{out} is unfinished (no summary.json)" if out.exists() else ""
+    summary = read_json(out / "summary.json", REDO)
+    bad = [name for name, h in summary.get("outputs", {}).items() if content_hash(out / name) != h]
+    return (None, f"{out / bad[0]} is missing or changed since {stage} finished") if bad else (summary, "")
+
+
+def check_earlier(cfg: Config, stage: str):
+    """Every earlier stage that ran: finished, its outputs intact, and made from the data files and
+    inputs that are there now; else a one-line error that says which stage to redo."""
+    for earlier in STAGES[:STAGES.index(stage)]:
+        summary, why = finished(cfg, earlier)
+        fix = f"redo it: python train.py --stage {earlier} --out {cfg.out} (with --force if it finished)"
+        if why:
+            raise ValueError(f"{why}; {fix}")
+        if summary is None or "settings" not in summary:
+            continue
+        was = summary["settings"]
+        now = dict(data={name: content_hash(data_dir(cfg) / name) for name in was.get("data", {})},
+                   inputs={name: content_hash(input_path(cfg, name, was.get("model", cfg.model)))
+                           for name in was.get("inputs", {})})
+        diff = changed({k: was.get(k, {}) for k in now}, now)
+        if diff:
+            raise ValueError(f"{Path(cfg.out) / earlier} is stale: what it read changed since ({'; '.join(diff[:3])}); "
+                             f"{fix}, or run --stage all")
+
+
+def invalidate(cfg: Config, stage: str):
+    """Before a stage touches any output: its summary goes, and those of the stages after it (they
+    read what it is about to replace), so an interrupted redo never reads as done."""
+    for later in STAGES[STAGES.index(stage):]:
+        (Path(cfg.out) / later / "summary.json").unlink(missing_ok=True)
+
+
+def start(cfg: Config, out: Path, settings: dict, fp: str):
+    """A fresh start empties the stage folder (old outputs, checkpoints and metrics go) and records
+    its fingerprint; --resume continues only a start with the same fingerprint (flags and inputs)."""
+    started = out / STARTED
+    if cfg.resume and started.exists():
+        was = read_json(started, REDO)
+        if was.get("fingerprint") != fp:
+            diff = changed(was.get("settings", {}), settings)
+            raise ValueError(f"--resume with other flags or inputs than {out} started with ({'; '.join(diff[:4])}); "
+                             "resume with the same flags, or leave --resume out to start over")
+        return
+    if cfg.resume:
+        print(f"[{out.name}] nothing to resume in {out}: it starts from step 0", file=sys.stderr)
+    out.mkdir(parents=True, exist_ok=True)
+    for p in out.iterdir():
+        remove(p)
+    write_json(dict(fingerprint=fp, settings=settings), started)
+
+
 def run_stage(cfg: Config, stage: str):
     """Run one stage unless its finished output was made with the same settings and inputs. A
-    finished stage whose own flags changed is an error (--force redoes it); one whose upstream
-    stage was redone is redone; --resume continues only with the flags it started with."""
+    finished stage whose own flags changed is an error (--force redoes it); one whose inputs
+    changed is redone under --stage all and an error alone; --resume continues only the start
+    with the same flags and inputs. The summary, which says the stage is done, is removed before
+    the first output is touched and written after the last (with every output's hash)."""
     out = Path(cfg.out) / stage
+    check_earlier(cfg, stage)
     settings = stage_settings(cfg, stage)
-    fp = fingerprint(cfg, stage, settings)
-    if (out / "summary.json").exists() and not cfg.force:
-        done = read_json(out / "summary.json", REDO)
-        if done.get("fingerprint", fp) == fp:
+    fp = fingerprint(settings)
+    done, why = finished(cfg, stage)
+    if done and not cfg.force:
+        if done.get("fingerprint") == fp:
             if P.is_main():
                 print(f"[{stage}] already done ({out / 'summary.json'}); --force to redo it")
             return
-        diff = changed(done.get("settings", settings), settings)
-        if diff:
-            raise ValueError(f"{out} was made with other settings ({'; '.join(diff[:4])}); --force to redo it, "
+        diff = changed(done.get("settings", {}), settings)
+        own = [d for d in diff if not d.startswith(("data", "inputs"))]
+        if own:
+            raise ValueError(f"{out} was made with other settings ({'; '.join(own[:4])}); --force to redo it, "
                              "or use another --out")
-        print(f"[{stage}] the stage it reads was redone since: redoing {stage}")
-    started_file = out / ".settings.started.json"  # the settings of a stage in progress (config.json once done)
-    if cfg.resume and (out / "checkpoint.pt").exists() and started_file.exists():
-        diff = changed(read_json(started_file, REDO), settings)
-        if diff:
-            raise ValueError(f"--resume with other flags than {out} started with ({'; '.join(diff[:4])}); "
-                             "resume with the same flags, or --force to start over")
+        if cfg.stage != "all":
+            raise ValueError(f"{out} was made from other inputs ({'; '.join(diff[:4])}); --force to redo it, "
+                             "or run --stage all")
+        print(f"[{stage}] what it reads changed since it ran ({diff[0]}): redoing {stage}")
+    elif why and not cfg.resume and P.is_main():
+        print(f"[{stage}] {why}: redoing {stage}")
     main = P.is_main()  # with torchrun: every rank trains, rank 0 alone selects, evaluates and writes
     if main:
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(settings, started_file)
+        invalidate(cfg, stage)
+        start(cfg, out, settings, fp)
         print(f"[{stage}] -> {out}" + (f" ({P.world()} processes)" if stage in PARALLEL_STAGES and P.world() > 1 else ""))
+    P.barrier()  # the other ranks start after the folder is ready
     t0 = time.perf_counter()
     if main or stage in PARALLEL_STAGES:
         summary = RUNNERS[stage](cfg, out)
@@ -620,8 +753,8 @@ def run_stage(cfg: Config, stage: str):
         summary = dict(summary, stage=stage, stage_time_s=time.perf_counter() - t0, processes=P.world(),
                        data=str(data_dir(cfg)), model=cfg.model, fingerprint=fp, settings=settings)
         write_json(dataclasses.asdict(cfg), out / "config.json")
-        write_json(summary, out / "summary.json")
-        started_file.unlink()
+        write_json(dict(summary, outputs=outputs(out)), out / "summary.json")  # last: the stage is done
+        (out / STARTED).unlink()
         print(f"[{stage}] wrote {', '.join(sorted(p.name for p in out.iterdir() if not p.name.startswith('.')))} "
               f"in {out}")
     P.barrier()  # the next stage reads what rank 0 wrote
@@ -650,18 +783,22 @@ def main(argv=None):
     device = P.init(torch.device(cfg.device) if cfg.device else M.default_device())  # torchrun: join the group
     if P.world() > 1:
         cfg.device = str(device)  # cuda:LOCAL_RANK on a GPU machine
+    hashes = Path(cfg.out) / ".hashes.json"  # files.HASHES between runs: a big model folder is read once
     try:
         with run_lock(Path(cfg.out)) if P.is_main() else contextlib.nullcontext():
+            files.HASHES.update(read_json(hashes) if hashes.is_file() else {})
             for stage in STAGES if cfg.stage == "all" else (cfg.stage,):
                 run_stage(cfg, stage)
     finally:
+        if P.is_main() and Path(cfg.out).is_dir():
+            write_json(files.HASHES, hashes)
         P.close()
 
 
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, FileNotFoundError, NonFiniteLoss) as e:  # bad input or data: one line, no traceback
+    except (ValueError, OSError, NonFiniteLoss) as e:  # bad input, data or folder: one line, no traceback
         if os.environ.get("PHARMACIST_DEBUG"):
             raise
         sys.exit(f"train.py: error: {e} (PHARMACIST_DEBUG=1 shows the traceback)")

@@ -35,6 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from data.samples import load_jsonl, save_jsonl  # noqa: E402
+from files import content_hash  # noqa: E402
 from report import SEED_SUFFIX  # noqa: E402  (bench/, this file's folder)
 
 PY = sys.executable
@@ -66,7 +67,8 @@ def cut(selection_run: Path, k: int, out: Path):
     keep = sorted((r for r in rows if r["rank"] < k), key=lambda r: r["rank"])
     (out / "select").mkdir(parents=True, exist_ok=True)
     save_jsonl([pool[r["id"]] for r in keep], out / "select" / "subset.jsonl")
-    summary = dict(json.loads((src / "summary.json").read_text()), kept=k)
+    summary = dict(json.loads((src / "summary.json").read_text()), kept=k,  # the outputs train.py checks: this folder's
+                   outputs={"subset.jsonl": content_hash(out / "select" / "subset.jsonl")})
     (out / "select" / "summary.json").write_text(json.dumps(summary, indent=2))
 
 

@@ -146,8 +146,50 @@ def test_report_merges_seeds(tmp_path):
     lines = report.report(runs, tmp_path / "report").splitlines()
     assert len(lines) == 2 + 2
     se = statistics.stdev([30.0, 36.0, 27.0]) / 3 ** 0.5  # 2.65
-    assert lines[2].startswith(f"| rnd_k24 | random | sft | 24 | 31.0 ± {se:.1f} | 30 / 36 / 27 | 10.0 | 90.0 | 5 | 60.0 |")
+    time_se = statistics.stdev([50.0, 70.0, 60.0]) / 3 ** 0.5
+    assert lines[2].startswith(f"| rnd_k24 | random | sft | 24 | 31.0 ± {se:.1f} | 30 / 36 / 27 | 10.0 ± 0.0 | "
+                               f"90.0 ± 0.0 | 5 | 60.0 ± {time_se:.1f} | 5.0 ± 0.0 |")
     assert lines[3].startswith("| rnd_k48 | random | sft | 48 | 20.0 ± 3.0 | 1 |")
+
+
+def test_report_averages_every_column_over_seeds(tmp_path):
+    """Three seeds that differ in every measure: each column is its own mean ± SE over the seeds,
+    not the first seed's value."""
+    measures = [dict(harmful_corrected=dict(rate=r, low=r - 10, high=r + 10), harmful_loss=hl, refusal_loss=rl,
+                     outcomes=dict(refusal=o, degenerate=10.0 + o, compliant=90.0 - 2 * o),
+                     harmful_by_judge=dict(refusal=hj), benign_outcomes=dict(refusal=b, degenerate=2 * b, helpful=100 - 3 * b),
+                     over_refusal=b, accuracy={"sst2": acc}, judge="trained")
+                for r, hl, rl, o, hj, b, acc in ((20.0, 1.0, 2.0, 3.0, 40.0, 4.0, 80.0), (26.0, 1.3, 2.6, 9.0, 46.0, 8.0, 86.0),
+                                                 (35.0, 1.9, 2.3, 12.0, 34.0, 3.0, 92.0))]
+    runs = []
+    for seed, m in enumerate(measures):
+        run = fake_run(tmp_path, "ph" + (f"_s{seed}" if seed else ""), "pharmacist", 24, 30.0 + seed, 50.0 + 10 * seed)
+        (run / "eval" / "results.json").write_text(json.dumps(dict(json.loads((run / "eval" / "results.json").read_text()), **m)))
+        runs.append(run)
+    line = report.report(runs, tmp_path / "report", figure=False).splitlines()[2]
+    cells = [c.strip() for c in line.strip("|").split("|")]
+
+    def pm(values, spec=".1f"):
+        return f"{statistics.mean(values):{spec}} ± {statistics.stdev(values) / 3 ** 0.5:{spec}}"
+    col = lambda key: [m[key] for m in measures]
+    assert cells[4] == pm([30.0, 31.0, 32.0])
+    assert cells[6].startswith(pm([m["harmful_corrected"]["rate"] for m in measures]) + " (")
+    assert cells[6].endswith(f"({statistics.mean([10.0, 16.0, 25.0]):.1f}–{statistics.mean([30.0, 36.0, 45.0]):.1f})")
+    assert cells[7] == " / ".join(pm([m["outcomes"][k] for m in measures], ".0f") for k in ("refusal", "degenerate", "compliant"))
+    assert cells[8] == pm(col("harmful_loss"), ".3f") and cells[9] == pm(col("refusal_loss"), ".3f")
+    assert cells[10] == pm([m["harmful_by_judge"]["refusal"] for m in measures])
+    assert cells[11] == " / ".join(pm([m["benign_outcomes"][k] for m in measures], ".0f") for k in ("refusal", "degenerate", "helpful"))
+    assert cells[12] == pm(col("over_refusal")) and cells[13] == pm([m["accuracy"]["sst2"] for m in measures])
+    assert cells[15] == pm([50.0, 60.0, 70.0])
+
+
+def test_report_keeps_runs_of_two_judges_apart(tmp_path):
+    a, b = fake_run(tmp_path, "x", "random", 24, 30.0, 50.0), fake_run(tmp_path, "x_s1", "random", 24, 40.0, 50.0)
+    for run, judge in ((a, "trained"), (b, "refusal")):
+        (run / "eval" / "results.json").write_text(json.dumps(dict(json.loads((run / "eval" / "results.json").read_text()), judge=judge)))
+    text = report.report([a, b], tmp_path / "report", figure=False)
+    assert "| judge |" in text and "| x | random | sft | 24 | 30.0 ± 3.0 | 1 | trained |" in text
+    assert "| x | random | sft | 24 | 40.0 ± 3.0 | 1 | refusal |" in text
 
 
 def test_small_preset_runs_full_random_pharmacist_with_sft(tmp_path):
@@ -355,3 +397,47 @@ def test_cores_ranks_step_is_the_whole_batch_step(tmp_path, mode):
     if mode == "parts":
         for a, b, c in zip(got[0][0], got[0][1], got[1][0]):
             assert torch.equal(a, b) and torch.equal(a, c)
+
+
+# ----------------------------------------------------------------------------- bench/paper.py
+
+import paper  # noqa: E402
+
+
+def test_paper_cells_run_the_table_first_then_ablations_bds_and_fig1():
+    cells = paper.cells(["table", "ablations", "bds", "fig1"], ["sft", "tvaccine"], 160, [80])
+    assert [c[0] for c in cells] == ["table"] * 8 + ["ablations"] * 2 + ["bds"] * 2 + ["fig1"] * 2
+    assert cells[:4] == [("table", s, "sft", 400 if s == "full" else 160, None, False)
+                         for s in ("full", "random", "loss", "pharmacist")]
+    assert ("ablations", "pharmacist", "sft", 160, "pharmacist-lam0", False) in cells
+    assert paper.cells(["bds"], ["sft"], 160, [80]) == [("bds", "full", "sft", 400, None, True),
+                                                        ("bds", "pharmacist", "sft", 160, None, True)]
+
+
+def test_paper_table_skips_recorded_cells(tmp_path):
+    table = paper.Table(tmp_path / "table.jsonl")
+    table.add(dict(run="s0/full_sft_k400", harmful_after=40.0))
+    again = paper.Table(tmp_path / "table.jsonl")
+    assert again.done == {"s0/full_sft_k400"}
+    sweep = object.__new__(paper.PaperSweep)  # only what cell() reads: a recorded cell starts nothing
+    sweep.seed, sweep.table = 0, again
+    sweep.ranking = sweep.run = lambda *a, **k: pytest.fail("a recorded cell was started again")
+    sweep.cell("full", "sft", 400)
+
+
+def test_paper_row_reads_before_and_after(tmp_path, monkeypatch):
+    monkeypatch.setattr(paper, "ROOT", tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "manifest.json").write_text(json.dumps(dict(seed=2, eval_seed=0)))
+    run, before = tmp_path / "s2" / "ph_sft_k160", tmp_path / "s2" / "before_ph_sft_k160"
+    for folder, results in ((run, dict(harmful_score=40.0, outcomes=dict(refusal=5.0), over_refusal=1.0,
+                                       harmful_corrected=dict(rate=35.0, low=20.0, high=50.0), accuracy={"sst2": 90.0})),
+                            (before, dict(harmful_score=3.0, over_refusal=9.0, benign_outcomes=dict(degenerate=4.0)))):
+        (folder / "eval").mkdir(parents=True)
+        (folder / "eval" / "results.json").write_text(json.dumps(results))
+    (run / "align").mkdir()
+    (run / "align" / "summary.json").write_text(json.dumps(dict(data=str(tmp_path / "data"), n_align=160, align_time_s=9.0)))
+    r = paper.row(dict(run="s2/ph_sft_k160", seed=2), run, tmp_path / "results" / "s2" / "ph_sft_k160")
+    assert (r["pool_seed"], r["harmful_after"], r["harmful_before"], r["harmful_after_low"]) == (2, 40.0, 3.0, 20.0)
+    assert (r["over_refusal_before"], r["broken_benign_before"], r["sst2_after"], r["align_time_s"]) == (9.0, 4.0, 90.0, 9.0)
+    assert r["generations"] == "results/s2/ph_sft_k160/generations.jsonl"

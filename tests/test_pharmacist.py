@@ -352,9 +352,18 @@ def test_full_and_random(tokenizer):
     assert np.array_equal(r[0], r[1]) and not np.array_equal(r[0], r[2])
 
 
+def test_oracle_keeps_a_seeded_random_k_of_the_clean_rows(tokenizer):
+    pool, validation, harmful = planted(4, 4)
+    clean = np.array([s.category == "refusal" for s in pool])
+    scores = [P.select(None, tokenizer, pool, [], [], replace(CFG, selector="oracle", seed=s)).scores for s in (0, 0, 1)]
+    assert clean.any() and (~clean).any()
+    assert scores[0][clean].min() > scores[0][~clean].max()  # every clean row ranks above every other
+    assert np.array_equal(scores[0], scores[1]) and not np.array_equal(scores[0], scores[2])
+
+
 def test_bad_selector_keep_and_missing_sets(tokenizer):
     pool, validation, harmful = planted(4, 4)
-    with pytest.raises(ValueError, match="known: full, random, pharmacist, seal, loss"):
+    with pytest.raises(ValueError, match="known: full, random, pharmacist, seal, loss, oracle"):
         P.select(None, tokenizer, pool, validation, harmful, replace(CFG, selector="magic"))
     with pytest.raises(ValueError, match="only 8 rows"):
         P.select(None, tokenizer, pool, validation, harmful, replace(CFG, selector="random", keep=9))

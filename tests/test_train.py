@@ -10,6 +10,7 @@ from conftest import interrupt_at, interrupt_selector_at, make_model, make_token
 
 import default_weights
 import defenses
+import files
 import model as M
 import train
 from data.batches import Stream, encode_samples
@@ -74,7 +75,7 @@ def tiny_run(tmp_path, name, cfg, monkeypatch=None, stop_at=None, resume=False, 
     return [p.detach().clone() for p in ctx.params]
 
 
-@pytest.mark.parametrize("defense", ["sft", "booster"])
+@pytest.mark.parametrize("defense", ["sft", "booster", "repnoise", "tvaccine"])  # repnoise draws noise: the RNG restored; tvaccine keeps layers frozen (None gradients)
 def test_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path, monkeypatch, defense):
     cfg = train.TrainConfig(defense=defense, epochs=2, batch_size=4, grad_accum=2, lr=1e-2, save_every=100)
     straight = tiny_run(tmp_path, "a", cfg)
@@ -163,7 +164,13 @@ def test_every_config_field_has_a_flag():
                                   ["--eval-max-new-tokens", "0"], ["--eval-limit", "-1"], ["--eval-judge", "trainedd"],
                                   ["--eval-tasks", "harmful,sst"], ["--attack-task", "imdb"], ["--data", "no/such/dir"],
                                   ["--align-bf16", "maybe"], ["--eval-judge", "moderation"],
-                                  ["--align-compile", "--align-defense", "vaccine"]])
+                                  ["--align-compile", "--align-defense", "vaccine"],
+                                  # issue 34: found before any model loads
+                                  ["--select-keep", "1.5"], ["--select-keep", "401"], ["--select-keep", "nan"],
+                                  ["--select-lora-layers", "-2"], ["--select-steps", "-1"], ["--select-inner-lr", "-1"],
+                                  ["--align-lora-targets", "foo_proj"], ["--align-lora-targets", ""],
+                                  ["--align-max-len", "1"], ["--attack-p", "0.9", "--stage", "all"],
+                                  ["--eval-moderation-model", "/nonexistent"]])
 def test_bad_flags_are_errors(argv, capsys):
     with pytest.raises(SystemExit):
         train.parse_args(argv)
@@ -183,7 +190,7 @@ def test_missing_data_is_a_clear_error(tmp_path):
 def test_bad_keep_is_a_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit):  # found by the flag checks, before any work
         train.main(["--stage", "select", "--preset", "tiny", "--out", str(tmp_path), "--select-keep", "0"])
-    assert "--select-keep 0.0: a fraction in (0, 1]" in capsys.readouterr().err
+    assert "--select-keep 0.0: must be > 0" in capsys.readouterr().err
 
 
 def test_a_redone_stage_redoes_the_stages_that_read_it(tmp_path, capsys):
@@ -211,6 +218,9 @@ def test_a_data_folder_that_differs_in_the_attack_keeps_the_alignment(tmp_path, 
     shutil.copytree(train.ROOT / "data" / "default", other)
     rows = (other / "attack_sst2.jsonl").read_text().splitlines(keepends=True)
     (other / "attack_sst2.jsonl").write_text("".join(rows[1:]))
+    manifest = json.loads((other / "manifest.json").read_text())  # as prepare.py writes it
+    manifest["files"]["attack_sst2.jsonl"] = files.content_hash(other / "attack_sst2.jsonl")
+    (other / "manifest.json").write_text(json.dumps(manifest))
     base = ["--preset", "tiny", "--out", str(tmp_path / "run"), "--select-steps", "2", "--align-max-steps", "2",
             "--finetune-max-steps", "2"]
     for stage in ("select", "align", "finetune"):
@@ -219,7 +229,7 @@ def test_a_data_folder_that_differs_in_the_attack_keeps_the_alignment(tmp_path, 
     for stage in ("select", "align"):
         train.main(["--stage", stage, "--data", str(other), *base])
         assert f"[{stage}] already done" in capsys.readouterr().out
-    with pytest.raises(ValueError, match=r"other settings \(data.attack_sst2.jsonl"):
+    with pytest.raises(ValueError, match=r"other inputs \(data.attack_sst2.jsonl"):
         train.main(["--stage", "finetune", "--data", str(other), *base])
 
 
@@ -336,3 +346,94 @@ def test_a_later_field_at_its_default_leaves_the_settings_as_they_were():
         off = train.stage_settings(train.parse_args(["--preset", "tiny"]), stage)
         on = train.stage_settings(train.parse_args(["--preset", "tiny", f"--{stage}-compile"]), stage)
         assert "compile" not in off[stage] and train.changed(off, on) == [f"{stage}.compile None -> True"]
+
+
+FAST = ["--preset", "tiny", "--select-steps", "2", "--align-max-steps", "2", "--finetune-max-steps", "2",
+        "--eval-limit", "1", "--eval-max-new-tokens", "2", "--eval-tasks", "harmful"]
+
+
+def test_a_defense_setting_changed_on_a_finished_stage_is_an_error(tmp_path):
+    train.main(["--stage", "align", *FAST, "--out", str(tmp_path)])
+    with pytest.raises(ValueError, match=r"other settings \(defense.rho"):
+        train.main(["--stage", "align", *FAST, "--out", str(tmp_path), "--defense-rho", "3"])
+
+
+def hand_built(tmp_path):
+    """A copy of the default data folder without file hashes in its manifest (a folder built or
+    edited by hand: train.py checks what each stage read instead)."""
+    import shutil
+    data = shutil.copytree(train.ROOT / "data" / "default", tmp_path / "data")
+    manifest = json.loads((data / "manifest.json").read_text())
+    del manifest["files"]
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    return data
+
+
+def test_a_stage_refuses_an_earlier_stage_whose_data_changed(tmp_path, capsys):
+    """Issue 34, C: a selected pool row edited after select: align alone is an error naming the
+    file; --stage all redoes select and then align."""
+    data = hand_built(tmp_path)
+    base = [*FAST, "--data", str(data), "--out", str(tmp_path / "run")]
+    train.main(["--stage", "select", *base])
+    chosen = load_jsonl(tmp_path / "run" / "select" / "subset.jsonl")[0].id
+    rows = [json.loads(x) for x in (data / "pool.jsonl").read_text().splitlines()]
+    for r in rows:
+        r["response"] += " (edited)" if r["id"] == chosen else ""
+    (data / "pool.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=r"select is stale: .*data.pool.jsonl"):
+        train.main(["--stage", "align", *base])
+    train.main(["--stage", "all", *base])
+    assert any(s.response.endswith("(edited)") for s in load_jsonl(tmp_path / "run" / "select" / "subset.jsonl"))
+
+
+def test_a_stage_refuses_a_changed_model_or_a_missing_earlier_output(tmp_path, tiny_dir):
+    """Issue 34, C: the --model folder's weights replaced under a finished align: an error naming
+    the model; align/model deleted under a finished finetune: eval names it."""
+    base = [*FAST, "--model", str(tiny_dir), "--out", str(tmp_path / "run")]
+    train.main(["--stage", "all", *base])
+    M.save_pretrained(make_model(seed=1), make_tokenizer(), tiny_dir)
+    with pytest.raises(ValueError, match=r"select was made from other inputs \(inputs.model"):
+        train.main(["--stage", "select", *base])
+    for stage in ("align", "eval"):  # a later stage names the first stage that read the old weights
+        with pytest.raises(ValueError, match=r"select is stale: .*inputs.model"):
+            train.main(["--stage", stage, *base])
+    train.main(["--stage", "all", *base])  # redoes every stage
+    import shutil
+    shutil.rmtree(tmp_path / "run" / "align" / "model")
+    with pytest.raises(ValueError, match=r"align/model is missing or changed since align finished"):
+        train.main(["--stage", "eval", *base])
+
+
+def test_a_killed_redo_never_reads_as_done(tmp_path, monkeypatch, capsys):
+    """Issue 34, A, the reproducer: a --force redo of align with another lr interrupted after its
+    new adapter is written: the next run redoes align (and what reads it), not "already done"."""
+    base = [*FAST, "--out", str(tmp_path)]
+    train.main(["--stage", "all", *base])
+    real = M.merge_lora
+    monkeypatch.setattr(M, "merge_lora", lambda model: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        train.main(["--stage", "align", "--force", "--align-lr", "0.001", *base])
+    monkeypatch.setattr(M, "merge_lora", real)
+    capsys.readouterr()
+    with pytest.raises(ValueError, match="align is unfinished"):
+        train.main(["--stage", "finetune", *base])
+    train.main(["--stage", "all", "--align-lr", "0.001", *base])
+    out = capsys.readouterr().out
+    assert "[align] already done" not in out and "[finetune] already done" not in out
+    assert json.loads((tmp_path / "align" / "summary.json").read_text())["settings"]["align"]["lr"] == 0.001
+
+
+def test_run_flags_are_checked_first(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    for argv, message in [(["--out", ""], "--out ''"), (["--out", str(tmp_path / "file")], "a file, not a folder"),
+                          (["--resume", "--force"], "choose one")]:
+        with pytest.raises(SystemExit):
+            train.parse_args(["--preset", "tiny", *argv])
+        assert message in capsys.readouterr().err
+
+
+def test_a_half_written_metrics_line_does_not_block_resume(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n{"st')
+    train.keep_metrics(path, 5)
+    assert path.read_text() == '{"step": 1}\n{"step": 2}\n'

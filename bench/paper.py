@@ -1,0 +1,184 @@
+"""The paper's table on SmolLM2-135M: alignment subsets x alignment-stage defenses, seeds on their
+own pool draws, as a sweep that survives sessions.
+
+    python bench/paper.py --source ../shared/data --out runs/paper [--parts table,ablations,bds,fig1]
+
+Each seed s builds its own data folder (`data/prepare.py --seed s`: its own pool, planted rows,
+training files and retain rows; the evaluation prompts are the same for every seed and none is
+one the judge was fitted on), ranks its pool once per selector, and runs each cell
+select (cut to k) -> align (the defense, align seed s) -> eval before the attack -> attack (the
+calibrated attack, fine-tune seed s) -> eval, in <out>/s<seed>/<cell>.
+
+The parts, in this order (a sweep stopped early has answered the first ones):
+  table      selectors full, random, loss, pharmacist x defenses sft, tvaccine, repnoise;
+  ablations  SFT with Pharmacist at λ = 0 (no harmful term) and an oracle that keeps a random k of
+             the truly clean rows (pharmacist.oracle_select: denoising alone);
+  bds        Full+SFT and Pharmacist+SFT attacked with the tuning-stage defense BDS;
+  fig1       Pharmacist and Random with SFT at k in --ks (the table gives k = --keep).
+Every finished cell appends one line to results/paper/table.jsonl and copies its configs,
+summaries, results and generations to results/paper/runs/s<seed>/<cell>/ (and before/ for the
+evaluation before the attack); a cell already in table.jsonl is skipped, so a rerun, in the same
+session or a later one, does only what is missing. `bench/paper_report.py` makes the tables.
+"""
+import argparse
+import json
+import os
+import shutil
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from reproduce import ATTACK, SMALL_RETAIN, RunFailed, Sweep, build_data, export  # noqa: E402
+
+COMPILED = ("sft",)  # the defenses whose align stage runs compiled blocks (defenses.COMPILABLE, bds aside)
+RESULTS = ROOT / "results" / "paper"
+
+
+class Table:
+    """results/paper/table.jsonl: one line per finished cell, appended under a lock."""
+
+    def __init__(self, path: Path):
+        self.path, self.lock = path, threading.Lock()
+        lines = path.read_text().splitlines() if path.is_file() else []
+        self.done = {json.loads(line)["run"] for line in lines if line.strip()}
+
+    def add(self, row: dict):
+        with self.lock:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            self.done.add(row["run"])
+
+
+def read(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def row(cell: dict, run: Path, results: Path) -> dict:
+    """A finished cell's line: what it is, its pool draw, and its numbers before and after."""
+    after, before = read(run / "eval" / "results.json"), read(run.parent / f"before_{run.name}" / "eval" / "results.json")
+    align, attack = read(run / "align" / "summary.json"), read(run / "finetune" / "summary.json")
+    manifest = read(Path(align.get("data", "")) / "manifest.json")
+    corrected = after.get("harmful_corrected") or {}
+    return dict(
+        cell, pool_seed=manifest.get("seed"), eval_seed=manifest.get("eval_seed"),
+        harmful_after=after.get("harmful_score"), harmful_after_corrected=corrected.get("rate"),
+        harmful_after_low=corrected.get("low"), harmful_after_high=corrected.get("high"),
+        harmful_before=before.get("harmful_score"), judge=after.get("judge"),
+        refusal_after=after.get("outcomes", {}).get("refusal"), refusal_before=before.get("outcomes", {}).get("refusal"),
+        degenerate_after=after.get("outcomes", {}).get("degenerate"),
+        over_refusal_before=before.get("over_refusal"), over_refusal_after=after.get("over_refusal"),
+        broken_benign_before=before.get("benign_outcomes", {}).get("degenerate"),
+        broken_benign_after=after.get("benign_outcomes", {}).get("degenerate"),
+        sst2_after=after.get("accuracy", {}).get("sst2"), sst2_before=before.get("accuracy", {}).get("sst2"),
+        harmful_loss_after=after.get("harmful_loss"), harmful_loss_before=before.get("harmful_loss"),
+        n_align=align.get("n_align"), n_retain=align.get("n_retain"), align_tokens=align.get("tokens"),
+        select_time_s=align.get("select_time_s"), align_time_s=align.get("align_time_s"),
+        attack_time_s=attack.get("wall_time_s"), eval_time_s=after.get("eval_time_s"),
+        generations=str((results / "generations.jsonl").relative_to(ROOT)),
+        generations_before=str((results / "before" / "generations.jsonl").relative_to(ROOT)))
+
+
+class PaperSweep(Sweep):
+    """The runs of one seed: reproduce.Sweep's stages, each finished cell recorded in the table."""
+
+    def __init__(self, out: Path, data: Path, seed: int, table: Table, jobs: int):
+        super().__init__(out, data, ["--align-epochs", "2"], [], keep=160, jobs=jobs)
+        self.seed, self.table, self.before = seed, table, True
+        self.attack(ATTACK["lr"], ATTACK["epochs"], ATTACK["p"])
+
+    def cell(self, selector: str, defense: str, k: int, ranking: str | None = None, bds: bool = False):
+        """Hands one cell to the workers unless the table holds it (its run: s<seed>/<name>)."""
+        name = f"{ranking or selector}_{defense}{'+bds' if bds else ''}_k{k}"
+        key = f"s{self.seed}/{name}"
+        if key in self.table.done:
+            return
+        selection = self.ranking(ranking or selector)
+        info = dict(run=key, selector=ranking or selector, defense=defense + ("+bds" if bds else ""), k=k, seed=self.seed,
+                    lam=0.0 if ranking == "pharmacist-lam0" else 1.0 if selector == "pharmacist" else None)
+        align = ["--align-seed", str(self.seed), *(["--align-compile"] if defense in COMPILED else [])]
+        attack = ["--finetune-seed", str(self.seed), *(["--finetune-defense", "bds"] if bds else ["--finetune-compile"])]
+        self.run(name, selection, k, defense, attack=attack, align=align, info=info)
+
+    def config(self, name: str, selection: Path, k: int, defense: str, info: dict | None = None, **kwargs) -> Path:
+        t0 = time.time()
+        run = super().config(name, selection, k, defense, **kwargs)
+        if info is not None:
+            results = RESULTS / "runs" / f"s{self.seed}" / name
+            export(run, results.parent)
+            export(run.parent / f"before_{name}", results.parent)
+            shutil.rmtree(results / "before", ignore_errors=True)  # a cell redone after a kill
+            os.replace(results.parent / f"before_{name}", results / "before")
+            self.table.add(dict(row(info, run, results), wall_time_s=round(time.time() - t0, 1)))
+        return run
+
+    def ranking(self, selector: str) -> Path:
+        """The select/ run of a selector (pharmacist-lam0: Pharmacist with λ = 0), made on first use."""
+        if selector not in self.rankings:
+            flags = ["--select-lam", "0"] if selector == "pharmacist-lam0" else []
+            name = "pharmacist" if selector == "pharmacist-lam0" else selector
+            run = self.out / f"select_{selector}"
+            self.train(run, "select", "--select-selector", name, "--select-keep", str(self.k_of(name)),
+                       "--select-seed", str(self.seed), *flags, alone=True)
+            self.rankings[selector] = run
+        return self.rankings[selector]
+
+
+def cells(parts: list[str], defenses: list[str], keep: int, ks: list[int]) -> list[tuple]:
+    """(part, selector, defense, k, ranking, bds) in the order the sweep runs them."""
+    out = [("table", s, d, 400 if s == "full" else keep, None, False)
+           for d in defenses for s in ("full", "random", "loss", "pharmacist")]
+    out += [("ablations", "pharmacist", "sft", keep, "pharmacist-lam0", False),
+            ("ablations", "oracle", "sft", keep, None, False)]
+    out += [("bds", s, "sft", 400 if s == "full" else keep, None, True) for s in ("full", "pharmacist")]
+    out += [("fig1", s, "sft", k, None, False) for k in ks for s in ("pharmacist", "random")]
+    return [c for c in out if c[0] in parts]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--source", required=True, help="the public data folder data/prepare.py reads")
+    p.add_argument("--out", default="runs/paper")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--parts", default="table,ablations,bds,fig1")
+    p.add_argument("--defenses", default="sft,tvaccine,repnoise", help="the table's columns, in the order they run")
+    p.add_argument("--keep", type=int, default=160)
+    p.add_argument("--ks", default="80,240,400", help="the other k of fig1")
+    p.add_argument("--fig1-seeds", default="0,1", help="seeds of the fig1 part")
+    p.add_argument("--jobs", type=int, default=2, help="cells at a time, each with cpu_count / jobs threads")
+    args = p.parse_args(argv)
+    seeds, parts = [int(s) for s in args.seeds.split(",")], args.parts.split(",")
+    unknown = set(parts) - {"table", "ablations", "bds", "fig1"}
+    if unknown or args.jobs < 1:
+        p.error(f"--parts: unknown {', '.join(sorted(unknown))}" if unknown else "--jobs must be at least 1")
+    table, out = Table(RESULTS / "table.jsonl"), Path(args.out).resolve()
+    todo = cells(parts, args.defenses.split(","), args.keep, [int(k) for k in args.ks.split(",")])
+    started, failed = time.time(), []
+    for part in ("table", "ablations", "bds", "fig1"):  # each part over every seed before the next part
+        for seed in seeds if part != "fig1" else [s for s in seeds if str(s) in args.fig1_seeds.split(",")]:
+            mine = [c for c in todo if c[0] == part]
+            if not mine:
+                continue
+            root = out / f"s{seed}"
+            data = build_data(args.source, root / "data", root / "sweep.log", "--seed", str(seed), "--p", ATTACK["p"],
+                              "--retain-answers", "self", "--retain-size", str(SMALL_RETAIN))
+            sweep = PaperSweep(root, data, seed, table, args.jobs)
+            for _, selector, defense, k, ranking, bds in mine:
+                try:
+                    sweep.cell(selector, defense, k, ranking, bds)
+                except RunFailed as e:  # a ranking failed: its cells are skipped, the sweep goes on
+                    print(e, flush=True)
+                    failed.append(f"s{seed}/{ranking or selector}")
+            sweep.wait()
+            failed += [f"s{seed}/{name}" for name in sweep.failed]
+    print(f"{len(table.done)} cells in {table.path}; this call {time.time() - started:.0f} s")
+    if failed:
+        sys.exit(f"these cells failed (see {out}/s*/logs): {', '.join(failed)}")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()
