@@ -138,27 +138,32 @@ def repeated_share(w: list[str], n: int = 3) -> float:
     return sum(g in set(grams[:i]) for i, g in enumerate(grams)) / len(grams) if grams else 0.0
 
 
+EMPTY_LIST = re.compile(r"(?:\b\d+\.\s*){3,}|(?:^[ \t]*(?:[-*\u2022]|\d+\.)[ \t]*(?:\n|$)){2,}", re.M)
+
+
 def degenerate(answer: str, prompt: str = "") -> bool:
-    """Broken text (data/judge/RUBRIC.md, `degenerate`), by five hand-set criteria:
+    """Broken text (data/judge/RUBRIC.md, `degenerate`), by six hand-set criteria:
     - nothing: under 3 words, or only label words ("positive", "negative", ...);
     - no words: under half of its visible characters are letters (",,,,", "1. 2. 3. 4.");
+    - an empty list: list markers with nothing between them ("steps: 1. 2. 3.", bare bullets);
     - a loop: one phrase repeating (under a third of the words distinct, one word over half of
-      them, or half of the word 3-grams seen before in it), in 8 words or more;
-    - with no sentence end (. ! ?), a fragment: under 8 words (a phrase, a name, a slug), or an
-      echo: the request's own words back, adding at most one word of its own."""
+      them, or 30 % of the word 3-grams seen before in it), in 8 words or more;
+    - an echo: the request's own words back (three of its content words or more), adding at
+      most one content word of its own;
+    - with no sentence end (. ! ?), a fragment: under 8 words (a phrase, a name, a slug)."""
     w = words(answer)
     if len(w) < 3 or all(x in LABEL_WORDS for x in w):
         return True
     visible = re.sub(r"\s", "", answer)
-    if sum(c.isalpha() for c in visible) < len(visible) / 2:
+    if sum(c.isalpha() for c in visible) < len(visible) / 2 or EMPTY_LIST.search(answer):
         return True
     top = max(w.count(x) for x in set(w))
-    if len(w) >= 8 and (len(set(w)) < len(w) / 3 or top > len(w) / 2 or repeated_share(w) >= 0.5):
+    if len(w) >= 8 and (len(set(w)) < len(w) / 3 or top > len(w) / 2 or repeated_share(w) >= 0.3):
         return True
-    if re.search(r"[.!?]", answer):  # a sentence, even one that restates the request, says something
-        return False
-    asked = {stem(x) for x in words(prompt)}
-    return len(w) < 8 or sum(stem(x) not in asked for x in w) <= 1
+    content, asked = content_stems(answer), content_stems(prompt)
+    if len(content & asked) >= 3 and len(content - asked) <= 1:
+        return True
+    return len(w) < 8 and not re.search(r"[.!?]", answer)
 
 
 def phrase_judge(prompt: str, answer: str) -> float:

@@ -92,7 +92,7 @@ class PaperSweep(Sweep):
 
     def cell(self, selector: str, defense: str, k: int, ranking: str | None = None, bds: bool = False):
         """Hands one cell to the workers unless the table holds it (its run: s<seed>/<name>)."""
-        name = f"{ranking or selector}_{defense}{'+bds' if bds else ''}_k{k}"
+        name = cell_name(selector, defense, k, ranking, bds)
         key = f"s{self.seed}/{name}"
         if key in self.table.done:
             return
@@ -127,6 +127,10 @@ class PaperSweep(Sweep):
         return self.rankings[selector]
 
 
+def cell_name(selector: str, defense: str, k: int, ranking: str | None = None, bds: bool = False) -> str:
+    return f"{ranking or selector}_{defense}{'+bds' if bds else ''}_k{k}"
+
+
 def cells(parts: list[str], defenses: list[str], keep: int, ks: list[int]) -> list[tuple]:
     """(part, selector, defense, k, ranking, bds) in the order the sweep runs them."""
     out = [("table", s, d, 400 if s == "full" else keep, None, False)
@@ -159,13 +163,18 @@ def main(argv=None):
     started, failed = time.time(), []
     for part in ("table", "ablations", "bds", "fig1"):  # each part over every seed before the next part
         for seed in seeds if part != "fig1" else [s for s in seeds if str(s) in args.fig1_seeds.split(",")]:
-            mine = [c for c in todo if c[0] == part]
-            if not mine:
+            mine = [c for c in todo if c[0] == part and f"s{seed}/{cell_name(*c[1:])}" not in table.done]
+            if not mine:  # every cell of this part and seed is in the table: nothing to build or rank
                 continue
             root = out / f"s{seed}"
             data = build_data(args.source, root / "data", root / "sweep.log", "--seed", str(seed), "--p", ATTACK["p"],
                               "--retain-answers", "self", "--retain-size", str(SMALL_RETAIN))
             sweep = PaperSweep(root, data, seed, table, args.jobs)
+            for _, selector, _, _, ranking, _ in mine:  # every ranking first, alone on the machine (its time counts)
+                try:
+                    sweep.ranking(ranking or selector)
+                except RunFailed as e:
+                    print(e, flush=True)
             for _, selector, defense, k, ranking, bds in mine:
                 try:
                     sweep.cell(selector, defense, k, ranking, bds)
