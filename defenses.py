@@ -221,6 +221,20 @@ def perturb(params, direction, scale: float):
                 p.copy_(s)
 
 
+def simulated_harmful_step(harmful_loss, params, alpha: float, grad=grads):
+    """Booster's simulated harmful fine-tuning step, shared with Pharmacist's outer loss: the
+    harmful loss h and its gradient at θ, then at θ̃ = θ − alpha·∇h(θ)/‖∇h(θ)‖ (θ copied back bit
+    for bit). First order: ∇h(θ̃) is taken at θ̃, the Jacobian of θ̃ is ignored. `harmful_loss()`
+    is h at the current parameters, `grad(loss, params)` its gradient.
+    Returns h(θ), ∇h(θ), h(θ̃), ∇h(θ̃)."""
+    h = harmful_loss()
+    g = grad(h, params)
+    with perturb(params, g, -alpha / (float(global_norm(g)) + 1e-7)):  # git-disl/Booster's 1e-7
+        h_after = harmful_loss()
+        g_after = grad(h_after, params)
+    return h, g, h_after, g_after
+
+
 @contextlib.contextmanager
 def add_to_attention(model, deltas: dict):
     """Add deltas[i] (B, T, hidden) to the output of layer i's attention module."""
@@ -327,12 +341,7 @@ def booster_step(ctx: Context, batch):
     both h terms). Three passes: h at w, h after the simulated harmful step, f at w."""
     model, params, cfg = ctx.model, ctx.params, ctx.cfg
     harmful = ctx.next_harmful()
-    h = batch_loss(model, harmful)
-    gh = grads(h, params)
-    step = -cfg.booster_alpha / (global_norm(gh).item() + 1e-7)  # the reference's 1e-7
-    with perturb(params, gh, step):
-        h_after = batch_loss(model, harmful)
-        gh_after = grads(h_after, params)
+    h, gh, h_after, gh_after = simulated_harmful_step(lambda: batch_loss(model, harmful), params, cfg.booster_alpha)
     f = batch_loss(model, batch)
     gf = grads(f, params)
     g = [a + cfg.booster_lam * (b - c) for a, b, c in zip(gf, gh, gh_after)]

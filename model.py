@@ -1,27 +1,20 @@
-"""A LLaMA-family transformer written by hand, with its loading, tokenizer, LoRA and generation.
+"""A LLaMA-family transformer written by hand, with LoRA and generation.
 
 Read top to bottom: the config, the blocks (RMSNorm, rotary embeddings, grouped-query attention,
-SwiGLU), the model, loading and saving HF folders, the tokenizer and prompt formats, LoRA, and
-batched generation with a KV cache. Parameter names follow Hugging Face's `LlamaForCausalLM`
-(without the leading `model.`), so checkpoints map one to one.
+SwiGLU), the model, LoRA with its per-sample gradient dot products, and batched generation with
+a KV cache. Parameter names follow Hugging Face's `LlamaForCausalLM` (without the leading
+`model.`), so checkpoints map one to one (hf.py reads and writes them). Beside this file, none
+needed to read it: hf.py (HF and PEFT folders), tokenizer.py (text to ids), fast.py (speed paths).
 """
 from __future__ import annotations
 
 import contextlib
-import functools
-import json
 import math
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
-
-from files import atomic_dir, read_json
 
 # ----------------------------------------------------------------------------- config
 
@@ -182,12 +175,7 @@ class KVCache(nn.Module):
         self.v = torch.zeros_like(self.k)
 
     def update(self, start, k, v):
-        """Write k, v at positions start.. and return the keys and values seen so far; with a
-        tensor `start` (`Transformer.decode`), the whole cache: the same shapes at every step."""
-        if isinstance(start, torch.Tensor):
-            self.k.index_copy_(2, start.view(1), k)
-            self.v.index_copy_(2, start.view(1), v)
-            return self.k, self.v
+        """Write k, v at positions start.. and return the keys and values seen so far."""
         end = start + k.shape[2]
         self.k[:, :, start:end] = k
         self.v[:, :, start:end] = v
@@ -199,9 +187,9 @@ class KVCache(nn.Module):
 
 
 def attend(q, k, v, mask, scale, enable_gqa: bool):
-    """Causal (or masked) scaled dot-product attention. A bf16 CPU training pass runs it in float32:
-    the CPU flash kernel's bf16 backward is 2-4x slower than its float32 one at the lengths we train
-    on (bench/speed.py, attention table), and the casts cost less than the difference."""
+    """Causal (or masked) scaled dot-product attention. A bf16 training pass on a CPU runs it in
+    float32, around casts: the CPU kernel's bf16 backward is slower than its float32 one
+    (bench/speed.py, the attention table)."""
     up = q.device.type == "cpu" and q.dtype == torch.bfloat16 and torch.is_grad_enabled() and (
         q.requires_grad or k.requires_grad or v.requires_grad)
     y = F.scaled_dot_product_attention(*(t.float() if up else t for t in (q, k, v)), attn_mask=mask,
@@ -292,7 +280,7 @@ class Transformer(nn.Module):
         h = self.norm(h)
         if self.config.num_labels:
             return self.score(h)
-        tied = self.config.tie_word_embeddings and "lm_head" not in self._modules  # pack_linears adds one
+        tied = self.config.tie_word_embeddings and "lm_head" not in self._modules  # fast.pack_linears adds one
         logits = F.linear(h, self.embed_tokens.weight) if tied else self.lm_head(h)
         return softcap(logits, self.config.final_logit_softcapping)
 
@@ -306,61 +294,46 @@ class Transformer(nn.Module):
             x = x * torch.tensor(self.config.hidden_size ** 0.5, dtype=x.dtype)
         return x
 
-    def hidden(self, input_ids, attention_mask=None, start: int = 0, n_layers: int | None = None):
+    def hidden(self, input_ids, attention_mask=None, start=0, n_layers: int | None = None):
         """The last block's output (B, T, hidden), before the final norm: `head` makes logits of it
         where they are needed (the loss's positions, a prompt's last token), not at every position.
         `attention_mask` (B, S) marks real tokens among the S = start + T positions seen so far
         (left padding in generation); None means causal, no padding (training pads on the right,
         where padded positions are never attended by real ones). `n_layers`: run only the first
         n blocks (a probe that reads block n - 1 needs no more)."""
-        B, T = input_ids.shape
         x = self.embed(input_ids)
-        dev = input_ids.device
-        if attention_mask is None:
-            positions = torch.arange(start, start + T, device=dev).expand(B, T)
-        else:
-            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start:start + T]
-        mask = None  # plain causal attention
-        if attention_mask is not None or start > 0:
-            q_pos = torch.arange(start, start + T, device=dev)[:, None]
-            k_pos = torch.arange(start + T, device=dev)[None]
-            mask = k_pos <= q_pos
-            if attention_mask is not None:  # hide padding; a padded query sees itself (no NaN)
-                mask = (mask & attention_mask[:, None, None, :start + T].bool()) | (k_pos == q_pos)
+        positions, masks = self.positions_and_masks(input_ids, attention_mask, start)
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
-        masks = {"full_attention": mask}
-        if self.config.layer_types and "sliding_attention" in self.config.layer_types:
-            q_pos = torch.arange(start, start + T, device=dev)[:, None]  # keys in (q − window, q]
-            k_pos = torch.arange(start + T, device=dev)[None]
-            local = (k_pos <= q_pos) & (k_pos > q_pos - self.config.sliding_window)
-            masks["sliding_attention"] = local if mask is None else mask & local
-        for i, layer in enumerate(self.layers[:n_layers]):
-            x = layer(x, cos, sin, masks[self.config.layer_types[i]] if self.config.layer_types else mask, start)
+        for layer, mask in zip(self.layers[:n_layers], masks):
+            x = layer(x, cos, sin, mask, start)
         return x
 
-    def decode(self, token, attention_mask, pos):
-        """One decode step over the whole preallocated cache (gpt-fast's static shapes, so a
-        compiled step compiles once per batch shape): logits (B, vocab) for the tokens (B,) at
-        position `pos` (a 0-d long tensor). `attention_mask` (B, S = the cache's length) marks the
-        real tokens so far, this one included; what is not written yet is masked out."""
-        B, S = attention_mask.shape
-        x = self.embed(token[:, None])
-        positions = (attention_mask.long().cumsum(-1) - 1).gather(1, pos.view(1, 1).expand(B, 1))
-        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
-        masks = {"full_attention": attention_mask[:, None, None, :]}
-        if self.config.layer_types and "sliding_attention" in self.config.layer_types:
-            local = torch.arange(S, device=token.device) > pos - self.config.sliding_window
-            masks["sliding_attention"] = masks["full_attention"] & local
-        for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, masks[self.config.layer_types[i] if self.config.layer_types else "full_attention"], pos)
-        return self.head(x[:, -1])
+    def positions_and_masks(self, input_ids, attention_mask, start):
+        """Rotary positions (B, T) of the new tokens, and each layer's attention mask over the keys
+        (None: plain causal). `start` is an int, or a 0-d tensor where a step must have the same
+        shapes at every position (fast.generate_static: the mask spans the whole cache)."""
+        (B, T), dev = input_ids.shape, input_ids.device
+        q = start + torch.arange(T, device=dev)  # the new tokens' places in the sequence
+        if attention_mask is None:
+            positions, S = q.expand(B, T), start + T
+        else:  # left padding: a token's rotary position counts the real tokens before it
+            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0).gather(1, q.expand(B, T))
+            S = attention_mask.shape[1]
+        q, k = q[:, None], torch.arange(S, device=dev)[None]
+        mask = None if attention_mask is None and start == 0 else k <= q  # None: SDPA's causal kernel
+        if attention_mask is not None:  # hide padding; a padded query sees itself (no NaN)
+            mask = (mask & attention_mask[:, None, None, :].bool()) | (k == q)
+        types = self.config.layer_types or ["full_attention"] * len(self.layers)
+        if "sliding_attention" in types:  # Gemma-2: keys in (q − window, q]
+            local = (k <= q) & (k > q - self.config.sliding_window)
+            sliding = local if mask is None else mask & local
+        return positions, [mask if t == "full_attention" else sliding for t in types]
 
-    def setup_cache(self, batch: int, max_len: int):
+    def setup_cache(self, batch: int, max_len: int, cache=KVCache):
         p = self.embed_tokens.weight
-        kv = lambda: KVCache(batch, self.config.num_key_value_heads, max_len, self.config.head_dim,
-                             p.dtype, p.device)
         for layer in self.layers:
-            layer.self_attn.cache = kv()
+            layer.self_attn.cache = cache(batch, self.config.num_key_value_heads, max_len,
+                                          self.config.head_dim, p.dtype, p.device)
 
     def keep_cache_rows(self, rows):
         for layer in self.layers:
@@ -371,227 +344,11 @@ class Transformer(nn.Module):
             layer.self_attn.cache = None
 
 
-# ----------------------------------------------------------------------------- devices
-
 def default_device() -> torch.device:
     """cuda > mps > cpu."""
     if torch.cuda.is_available():
         return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def default_dtype(device) -> torch.dtype:
-    """bf16 on a GPU that supports it, fp32 elsewhere."""
-    device = torch.device(device)
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
-
-
-def bf16_supported(device) -> bool:
-    """Does bf16 arithmetic pay on this device? On CUDA, where the GPU supports it. On a CPU, only
-    where it has bf16 matrix units (AVX-512 bf16, AMX), which no flag reliably tells (oneDNN
-    reports bf16 support on plain AVX-512, where it emulates bf16 at a quarter of the fp32
-    speed): so a bf16 and an fp32 matmul are timed once per process and bf16 must win."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and _cpu_bf16_faster()
-
-
-@functools.cache
-def _cpu_bf16_faster(n: int = 512, reps: int = 5) -> bool:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-
-    def best(x, y):
-        times = []
-        for _ in range(reps):
-            t = time.perf_counter()
-            x @ y
-            times.append(time.perf_counter() - t)
-        return min(times)
-    return best(a.bfloat16(), b.bfloat16()) < best(a, b)
-
-
-def train_dtype(device, bf16: bool = True) -> torch.dtype:
-    """The dtype of the frozen weights (and so of the activations) in select, align and finetune:
-    bf16 where asked and the device has bf16 units, float32 elsewhere. The LoRA adapters and their
-    optimizer state stay float32 (LoRALinear); losses and norms are taken in float32."""
-    return torch.bfloat16 if bf16 and bf16_supported(device) else torch.float32
-
-
-# ----------------------------------------------------------------------------- loading, saving
-
-def hf_name(name: str) -> str:
-    """Our parameter name -> the HF checkpoint name (`layers.0...` -> `model.layers.0...`)."""
-    return name if name.split(".")[0] in ("lm_head", "score") else "model." + name
-
-
-def read_config(path: Path) -> ModelConfig:
-    file = path / "config.json"
-    if not file.is_file():
-        raise FileNotFoundError(f"{file}: no config.json; an HF model folder needs one")
-    return ModelConfig.from_hf(read_json(file), str(file))
-
-
-def safetensors_files(path: Path) -> list[Path]:
-    """`model.safetensors`, or the shards listed in `model.safetensors.index.json`."""
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [path / s for s in shards]
-    if (path / "model.safetensors").is_file():
-        return [path / "model.safetensors"]
-    raise FileNotFoundError(f"{path}: neither model.safetensors nor model.safetensors.index.json")
-
-
-def load_state(model: nn.Module, path: Path, device, dtype):
-    """Stream every checkpoint tensor into the (meta-device) model, checking names and shapes.
-
-    Each tensor is read, cast and moved on its own, so no second full copy is ever in memory."""
-    expected = {hf_name(k): v.shape for k, v in model.state_dict().items()}
-    ours = {hf_name(k): k for k in model.state_dict()}
-    loaded, unexpected, mismatched = {}, [], []
-    for file in safetensors_files(path):
-        try:
-            f = safe_open(file, framework="pt", device="cpu")
-        except Exception as e:  # truncated or not a safetensors file
-            raise ValueError(f"{file}: cannot read safetensors ({e})") from None
-        for key in f.keys():
-            if key not in expected:
-                if not (key == "lm_head.weight" and model.config.tie_word_embeddings) \
-                        and not key.endswith("rotary_emb.inv_freq"):
-                    unexpected.append(key)
-                continue
-            t = f.get_slice(key)
-            if tuple(t.get_shape()) != tuple(expected[key]):
-                mismatched.append(f"{key}: checkpoint {tuple(t.get_shape())}, model {tuple(expected[key])}")
-                continue
-            loaded[ours[key]] = f.get_tensor(key).to(device=device, dtype=dtype)
-    missing = sorted(set(expected) - {hf_name(k) for k in loaded})
-    if missing or unexpected or mismatched:
-        raise ValueError(f"{path}: checkpoint does not match config.json: "
-                         f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
-                         f"unexpected {unexpected[:8]}, mis-shaped {mismatched[:8]}")
-    model.load_state_dict(loaded, assign=True)
-
-
-def load_pretrained(path: str | Path, device=None, dtype=None):
-    """(model, tokenizer) from an HF folder (built-in names: `default_weights.load_pretrained`)."""
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path}: not a model folder (no config.json); built-in names such as "
-                                "smollm2-135m-instruct are loaded by default_weights.load_pretrained")
-    device = torch.device(device) if device else default_device()
-    dtype = dtype or default_dtype(device)
-    cfg = read_config(path)
-    tokenizer = Tokenizer.from_dir(path, cfg)
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    load_state(model, path, device, dtype)
-    model.inv_freq = rope_inv_freq(cfg, device)
-    model.name_or_path = str(path)
-    return model.eval(), tokenizer
-
-
-def save_pretrained(model: Transformer, tokenizer: "Tokenizer", out):
-    """Write an HF folder (config.json, model.safetensors, tokenizer files) `transformers` loads."""
-    if any(isinstance(m, LoRALinear) for m in model.modules()):
-        raise ValueError("merge_lora(model) before save_pretrained (or save the adapter with save_lora)")
-    state = {hf_name(k): v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    hf = model.config.to_hf()
-    hf["torch_dtype"] = str(model.embed_tokens.weight.dtype).removeprefix("torch.")
-    with atomic_dir(out) as tmp:
-        save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(hf, indent=2))
-        tokenizer.save(tmp)
-
-
-# ----------------------------------------------------------------------------- tokenizer
-
-ALPACA_HEAD = "Below is an instruction that describes a task{}. Write a response that appropriately completes the request.\n\n"
-PROMPT_FORMATS = ("chatml", "llama2", "alpaca")
-
-
-def format_prompt(fmt: str, prompt: str, input: str | None = None) -> str:
-    """The text before the response, in a named prompt format; the response follows directly."""
-    if fmt == "alpaca":  # the template of Vaccine / Booster / T-Vaccine (Stanford Alpaca)
-        if input:
-            return (ALPACA_HEAD.format(", paired with an input that provides further context")
-                    + f"### Instruction:\n{prompt}\n\n### Input:\n{input}\n\n### Response:\n")
-        return ALPACA_HEAD.format("") + f"### Instruction:\n{prompt}\n\n### Response:\n"
-    user = f"{prompt}\n\n{input}" if input else prompt
-    if fmt == "chatml":  # SmolLM2, Qwen
-        return f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
-    if fmt == "llama2":  # Llama-2-chat; the bos token is added by the tokenizer
-        return f"[INST] {user} [/INST] "
-    raise ValueError(f"unknown prompt format {fmt!r} (known: {', '.join(PROMPT_FORMATS)})")
-
-
-class Tokenizer:
-    """A thin wrapper over `tokenizers.Tokenizer`: ids, special tokens and the prompt format."""
-
-    def __init__(self, tok, bos_id=None, eos_id=None, pad_id=None, prompt_format="chatml",
-                 config: dict | None = None):
-        format_prompt(prompt_format, "")  # validates the name
-        self.tok, self.bos_id, self.eos_id = tok, bos_id, eos_id
-        self.pad_id = pad_id if pad_id is not None else eos_id
-        self.prompt_format = prompt_format
-        self.add_bos = bos_id is not None and prompt_format != "chatml"
-        self.config = config or {}  # tokenizer_config.json, kept for save
-
-    @classmethod
-    def from_dir(cls, path, cfg: ModelConfig | None = None, prompt_format: str | None = None):
-        from tokenizers import Tokenizer as HFTokenizer
-        path = Path(path)
-        file = path / "tokenizer.json"
-        if not file.is_file():
-            raise FileNotFoundError(f"{file}: no tokenizer.json (the fast-tokenizer file is needed)")
-        tok = HFTokenizer.from_file(str(file))
-        conf_file = path / "tokenizer_config.json"
-        conf = json.loads(conf_file.read_text()) if conf_file.is_file() else {}
-
-        def special(key, fallback):
-            value = conf.get(key)
-            value = value.get("content") if isinstance(value, dict) else value
-            found = tok.token_to_id(value) if value else None
-            return found if found is not None else fallback
-
-        bos = special("bos_token", cfg.bos_token_id if cfg else None)
-        eos = special("eos_token", cfg.eos_token_id if cfg else None)
-        pad = special("pad_token", eos)
-        fmt = prompt_format or conf.get("prompt_format") or (
-            "chatml" if tok.token_to_id("<|im_start|>") is not None else "alpaca")
-        return cls(tok, bos, eos, pad, fmt, conf)
-
-    def encode(self, text: str, add_bos: bool = False) -> list[int]:
-        ids = self.tok.encode(text, add_special_tokens=False).ids
-        return [self.bos_id] + ids if add_bos and self.bos_id is not None else ids
-
-    def decode(self, ids) -> str:
-        return self.tok.decode(list(ids), skip_special_tokens=True)
-
-    def format_prompt(self, prompt: str, input: str | None = None) -> str:
-        return format_prompt(self.prompt_format, prompt, input)
-
-    def encode_prompt(self, prompt: str, input: str | None = None) -> list[int]:
-        return self.encode(self.format_prompt(prompt, input), add_bos=self.add_bos)
-
-    def encode_example(self, prompt: str, response: str, input: str | None = None):
-        """(ids, n_prompt): [bos] prompt response eos; the first n_prompt ids are masked in training."""
-        p = self.encode_prompt(prompt, input)
-        return p + self.encode(response) + [self.eos_id], len(p)
-
-    def save(self, out):
-        out = Path(out)
-        self.tok.save(str(out / "tokenizer.json"))
-        conf = dict(self.config, prompt_format=self.prompt_format)
-        for key, i in (("bos_token", self.bos_id), ("eos_token", self.eos_id), ("pad_token", self.pad_id)):
-            if i is not None:
-                conf[key] = self.tok.id_to_token(i)
-        (out / "tokenizer_config.json").write_text(json.dumps(conf, indent=2))
+    return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
 
 
 # ----------------------------------------------------------------------------- LoRA
@@ -731,110 +488,7 @@ def remove_lora(model: nn.Module):
     return model
 
 
-def save_lora(model: nn.Module, out):
-    """Adapters in PEFT's layout: adapter_model.safetensors + adapter_config.json."""
-    mods = lora_modules(model)
-    if not mods:
-        raise ValueError("the model has no LoRA adapters to save")
-    state = {}
-    for name, m in mods.items():
-        key = "base_model.model." + hf_name(name)
-        state[f"{key}.lora_A.weight"] = m.lora_A.weight.detach().contiguous().cpu()
-        state[f"{key}.lora_B.weight"] = m.lora_B.weight.detach().contiguous().cpu()
-    conf = dict(peft_type="LORA", task_type="CAUSAL_LM", bias="none", fan_in_fan_out=False,
-                inference_mode=True, init_lora_weights=True, use_rslora=False,
-                base_model_name_or_path=getattr(model, "name_or_path", None), **model.lora_config)
-    with atomic_dir(out) as tmp:
-        save_file(state, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
-        (tmp / "adapter_config.json").write_text(json.dumps(conf, indent=2))
-
-
-def load_lora(model: nn.Module, path):
-    """Add adapters from a PEFT folder (ours or `peft`'s) to the model; every key and shape is checked."""
-    path = Path(path)
-    for f in ("adapter_config.json", "adapter_model.safetensors"):
-        if not (path / f).is_file():
-            raise FileNotFoundError(f"{path / f}: missing; a LoRA folder holds adapter_config.json "
-                                    "and adapter_model.safetensors")
-    conf = read_json(path / "adapter_config.json")
-    targets = conf["target_modules"]
-    targets = [targets] if isinstance(targets, str) else targets
-    if not lora_modules(model):
-        add_lora(model, conf["r"], conf["lora_alpha"], targets, conf.get("lora_dropout", 0.0))
-    want = {}
-    for name, m in lora_modules(model).items():
-        key = "base_model.model." + hf_name(name)
-        want[f"{key}.lora_A.weight"] = m.lora_A.weight
-        want[f"{key}.lora_B.weight"] = m.lora_B.weight
-    try:
-        f = safe_open(path / "adapter_model.safetensors", framework="pt", device="cpu")
-    except Exception as e:  # truncated or not a safetensors file
-        raise ValueError(f"{path / 'adapter_model.safetensors'}: cannot read safetensors ({e})") from None
-    with f:
-        keys = {k.replace(".default.", ".") for k in f.keys()}
-        bad = sorted(keys ^ set(want))
-        if bad:
-            raise ValueError(f"{path}: adapter does not fit this model (keys {bad[:6]}...): "
-                             "a LoRA for another model or other targets?")
-        with torch.no_grad():
-            for k in f.keys():
-                t, p = f.get_tensor(k), want[k.replace(".default.", ".")]
-                if t.shape != p.shape:
-                    raise ValueError(f"{path}: {k} has shape {tuple(t.shape)}, the model expects "
-                                     f"{tuple(p.shape)}: a LoRA for another model?")
-                p.copy_(t)
-    return model
-
-
-def compile_blocks(model: Transformer) -> Transformer:
-    """torch.compile each Block in place, for training: inductor fuses the elementwise work between
-    the matrix products (RMSNorm, RoPE, SwiGLU, LoRA's scaling and casts) in the forward and the
-    backward pass. All blocks share one graph with the batch and the length symbolic, so it compiles
-    once (~40 s on 2 CPU cores, seconds when inductor's on-disk cache has it) for every batch shape.
-    Hooks that add tensors to a block's forward lose their gradients here (defenses.COMPILABLE)."""
-    for layer in model.layers:
-        layer.compile(dynamic=True)
-    return model
-
-
 # ----------------------------------------------------------------------------- generation
-
-class PackedLinear(nn.Module):
-    """A frozen bf16 linear layer for inference on a CPU, its weight reordered once into oneDNN's
-    blocked layout. A plain bf16 F.linear reorders the whole weight on every call, which at the
-    few rows of a decode step costs about as much as the product itself (bench/speed.py)."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, rows: int):
-        super().__init__()
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows)  # rows: a size hint
-        self.bias = bias
-
-    def forward(self, x):
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-
-
-def can_pack(model: nn.Module) -> bool:
-    w = model.embed_tokens.weight
-    return w.device.type == "cpu" and w.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
-
-
-@torch.no_grad()
-def pack_linears(model: Transformer, rows: int = 16) -> Transformer:
-    """Every nn.Linear of a bf16 model on a CPU, and a tied output head, as a PackedLinear, in
-    place, for inference only (packed weights neither train nor save); a no-op where `can_pack`
-    is false. `rows`: the rows a call usually has (a decode step's batch)."""
-    if lora_modules(model):
-        raise ValueError("pack_linears: merge the LoRA adapters first (merge_lora)")
-    if not can_pack(model):
-        return model
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if type(child) is nn.Linear:
-                setattr(module, name, PackedLinear(child.weight, child.bias, rows))
-    if model.config.tie_word_embeddings and not model.config.num_labels:
-        model.lm_head = PackedLinear(model.embed_tokens.weight, None, rows)
-    return model
-
 
 def sample_next(logits, temperature: float, top_p: float, generator=None):
     """Greedy when temperature is 0, else nucleus sampling."""
@@ -858,58 +512,6 @@ def left_padded(prompts: list[list[int]], length: int, new_tokens: int, pad_id: 
         ids[i, length - len(p):] = torch.tensor(p, device=device)
         mask[i, length - len(p):length] = True
     return ids, mask
-
-
-def compiled_decode(model: Transformer):
-    """`model.decode` compiled by inductor with its weights frozen as constants (on a CPU they are
-    laid out for oneDNN, as pack_linears does; freezing is inductor's global switch, set here);
-    made once per model, recompiled per batch shape."""
-    if not hasattr(model, "_compiled_decode"):
-        import torch._inductor.config
-        torch._inductor.config.freezing = True
-        model._compiled_decode = torch.compile(model.decode, dynamic=False)
-    return model._compiled_decode
-
-
-def static_cache(model: Transformer, batch: int, max_len: int):
-    """Attach the KV caches of this shape, the same objects on every call (made on first use and
-    kept on the model): a compiled step checks it is given the caches it was compiled with."""
-    caches = model.__dict__.setdefault("_static_caches", {})
-    if (batch, max_len) not in caches:
-        model.setup_cache(batch, max_len)
-        caches[batch, max_len] = [layer.self_attn.cache for layer in model.layers]
-    for layer, cache in zip(model.layers, caches[batch, max_len]):
-        layer.self_attn.cache = cache
-
-
-@torch.no_grad()
-def generate_static(model: Transformer, prompts: list[list[int]], max_new_tokens: int, eos_id: int,
-                    pad_id: int, temperature=0.0, top_p=1.0, generator=None, compile: bool = False,
-                    bucket: int = 32) -> list[list[int]]:
-    """generate_ids with static shapes: the batch keeps its finished rows, every step attends over
-    the whole cache (`Transformer.decode`), and the prompt length is padded up to a multiple of
-    `bucket`, so a compiled step (compile=True) serves every batch of the same size."""
-    dev = model.embed_tokens.weight.device
-    B, L = len(prompts), -(-max(len(p) for p in prompts) // bucket) * bucket
-    ids, mask = left_padded(prompts, L, max_new_tokens, pad_id, dev)
-    step = compiled_decode(model) if compile else model.decode
-    static_cache(model, B, L + max_new_tokens)
-    out, done = [[] for _ in prompts], torch.zeros(B, dtype=torch.bool, device=dev)
-    try:
-        logits = model.head(model.hidden(ids, mask[:, :L])[:, -1])
-        for t in range(max_new_tokens):
-            nxt = sample_next(logits.float(), temperature, top_p, generator)
-            done |= nxt == eos_id
-            for i, (tok, d) in enumerate(zip(nxt.tolist(), done.tolist())):
-                if not d:
-                    out[i].append(tok)
-            if t == max_new_tokens - 1 or done.all():
-                break
-            mask[:, L + t] = True
-            logits = step(nxt, mask, torch.tensor(L + t, device=dev))
-    finally:
-        model.clear_cache()
-    return out
 
 
 @torch.no_grad()
@@ -943,16 +545,17 @@ def generate_ids(model: Transformer, prompts: list[list[int]], max_new_tokens: i
     return out
 
 
-def generate(model: Transformer, tokenizer: Tokenizer, prompts: list[str], max_new_tokens: int = 64,
+def generate(model: Transformer, tokenizer, prompts: list[str], max_new_tokens: int = 64,
              temperature: float = 0.0, top_p: float = 1.0, batch_size: int = 16, raw: bool = False,
              inputs: list | None = None, progress: bool = False, seed: int | None = None,
-             max_tokens: int = 4096, compile: bool = False) -> list[str]:
-    """Answers to user messages (put in the tokenizer's prompt format unless raw=True).
+             max_tokens: int = 4096, decode=generate_ids) -> list[str]:
+    """Answers to user messages, put in the prompt format of `tokenizer` (a tokenizer.Tokenizer)
+    unless raw=True.
 
     Prompts are sorted by length and cut into batches of at most `batch_size` rows and
     `max_tokens` padded prompt tokens, so a few long prompts do not pad a whole batch; answers
-    come back in input order. compile=True decodes with a compiled static-shape step
-    (`generate_static`): a compile per batch shape first, then faster steps."""
+    come back in input order. `decode`: the batch decoder, generate_ids or another with its
+    signature (fast.generate_compiled: a compiled static-shape step)."""
     from tqdm import tqdm
     inputs = inputs or [None] * len(prompts)
     enc = [tokenizer.encode(p, add_bos=tokenizer.add_bos) if raw else tokenizer.encode_prompt(p, i)
@@ -966,7 +569,6 @@ def generate(model: Transformer, tokenizer: Tokenizer, prompts: list[str], max_n
     answers = [None] * len(enc)
     was_training = model.training
     model.eval()
-    decode = functools.partial(generate_static, compile=True) if compile else generate_ids
     for chunk in tqdm(batches, desc="generate", disable=not progress):
         outs = decode(model, [enc[i] for i in chunk], max_new_tokens, tokenizer.eos_id,
                       tokenizer.pad_id, temperature, top_p, gen)

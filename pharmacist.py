@@ -1,7 +1,7 @@
 """Pharmacist: learn which alignment samples to keep, and the baselines it is compared with.
 
     selection = select(model, tokenizer, pool, validation, harmful, SelectConfig(keep=0.4))
-    ranks, selected = rank(selection.scores, keep_count(0.4, len(pool)))
+    positions, kept = ranking(selection.scores, selection.k)
 
 THIS IS OUR RECONSTRUCTION of the method described in "Pharmacist: Safety Alignment Data
 Curation for LLMs against Harmful Fine-tuning" (arXiv 2510.10085). The paper's code is not
@@ -54,7 +54,7 @@ from tqdm import tqdm
 
 import model as M
 from data.batches import Batches, Stream, encode_samples, sample_losses
-from defenses import SampleWeights, global_norm, perturb  # shared with BDS and the defenses
+from defenses import SampleWeights, global_norm, perturb, simulated_harmful_step  # shared with BDS and Booster
 import parallel as P
 from files import Checkpoint
 
@@ -76,7 +76,7 @@ class SelectConfig:
     lora_alpha: float = 16.0  # LoRA scale alpha
     lora_layers: int = 8  # adapters on the last this many blocks only (0: every block); a shorter backward, and better rankings
     inner_lr: float = 5e-4  # AdamW learning rate of the inner (model) step
-    bf16: bool = True  # bf16 frozen weights where the device has bf16 units (model.train_dtype); fp32 elsewhere
+    bf16: bool = True  # bf16 frozen weights where the device has bf16 units (fast.train_dtype); fp32 elsewhere
     mode: str = "first_order"  # Pharmacist: first_order (one scoring pass) or bilevel (learned weights)
     outer_every: int = 8  # Pharmacist bilevel: steps between two outer gradients g = ∇F
     outer_batch_size: int = 32  # Pharmacist: validation and harmful rows of each outer gradient
@@ -97,6 +97,7 @@ class SelectConfig:
 class Selection:
     scores: np.ndarray  # one score per pool row, higher = keep
     stats: dict = field(default_factory=dict)  # steps, tokens, passes, ... (for summary.json)
+    k: int = 0  # rows to keep: select() sets it (rows_kept)
 
 
 def keep_count(keep: float, n: int) -> int:
@@ -113,13 +114,19 @@ def keep_count(keep: float, n: int) -> int:
     return int(keep)
 
 
-def rank(scores, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(rank of each row, 0 = best; mask of the k best). Ties go to the earlier row."""
+def rows_kept(cfg: SelectConfig, n: int) -> int:
+    """k, the rows a selection from n keeps: all n for `full` (whatever --select-keep says), else
+    keep_count(cfg.keep, n), which raises for a bad --select-keep."""
+    return n if cfg.selector == "full" else keep_count(cfg.keep, n)
+
+
+def ranking(scores, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(position of each row in the ranking, 0 = best; mask of the k best). Ties go to the earlier row."""
     scores = np.asarray(scores, dtype=np.float64)
     order = np.lexsort((np.arange(len(scores)), -scores))  # by score descending, then index
-    ranks = np.empty(len(scores), dtype=np.int64)
-    ranks[order] = np.arange(len(scores))
-    return ranks, ranks < k
+    position = np.empty(len(scores), dtype=np.int64)
+    position[order] = np.arange(len(scores))
+    return position, position < k
 
 
 # ----------------------------------------------------------------------------- shared machinery
@@ -160,8 +167,9 @@ def step_budget(cfg: SelectConfig, n: int) -> int:
 
 @contextlib.contextmanager
 def selector_lora(model, cfg: SelectConfig):
-    """A fresh LoRA on all projections for the selector's own training, removed afterwards:
-    the caller's model comes back with its original Linear layers, flags and weights."""
+    """A fresh LoRA on all projections for the selector's own training, and the AdamW that trains
+    it (inner_lr, no weight decay); the LoRA is removed afterwards: the caller's model comes back
+    with its original Linear layers, flags and weights."""
     if M.lora_modules(model):
         raise ValueError("the model already has LoRA adapters; select on the base model")
     if cfg.lora_layers < 0:
@@ -175,13 +183,24 @@ def selector_lora(model, cfg: SelectConfig):
             if int(name.split(".")[1]) < first:  # layers.<i>.<block>.<proj>
                 parent, _, child = name.rpartition(".")
                 setattr(model.get_submodule(parent), child, lora.base)
+    params = [p for p in model.parameters() if p.requires_grad]
     try:
-        yield [p for p in model.parameters() if p.requires_grad]
+        yield params, torch.optim.AdamW(params, lr=cfg.inner_lr, weight_decay=0.0)
     finally:
         M.remove_lora(model)  # unwrap, never merge
         for n, p in model.named_parameters():
             p.requires_grad_(flags[n])
         model.train(training)
+
+
+def model_step(meter: Meter, opt, params, grads):
+    """One optimizer step of the selector's LoRA on gradients taken with autograd.grad (nothing
+    else writes .grad), counted in the meter."""
+    for p, g in zip(params, grads):
+        p.grad = g
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    meter.steps += 1
 
 
 def require(samples, what: str, selector: str):
@@ -193,17 +212,15 @@ def require(samples, what: str, selector: str):
 
 
 def outer_grad(meter: Meter, model, params, batch_v, batch_h, lam: float, alpha: float):
-    """g = ∇F at the current θ, F(θ) = L_v(θ) − λ·L_h(θ̃), θ̃ = θ − α·∇L_h(θ)/‖∇L_h(θ)‖.
-    First order (as Booster): ∇_θ L_h(θ̃) is taken at θ̃, the Jacobian of θ̃ is ignored.
-    Returns g and the losses (F, L_v, L_h(θ̃)) as floats."""
+    """g = ∇F at the current θ, F(θ) = L_v(θ) − λ·L_h(θ̃), θ̃ = θ − α·∇L_h(θ)/‖∇L_h(θ)‖
+    (Booster's simulated harmful step, defenses.simulated_harmful_step: first order, ∇_θ L_h(θ̃)
+    is taken at θ̃). Returns g and the losses (F, L_v, L_h(θ̃)) as floats."""
     L_v = meter.losses(model, batch_v).mean()
     g = meter.grad(L_v, params)
     F, L_h = L_v.item(), float("nan")
     if lam:
-        g_h0 = meter.grad(meter.losses(model, batch_h).mean(), params)  # ∇L_h(θ)
-        with perturb(params, g_h0, -alpha / max(float(global_norm(g_h0)), 1e-12)):  # θ̃
-            L_h_t = meter.losses(model, batch_h).mean()
-            g_h = meter.grad(L_h_t, params)  # ∇L_h(θ̃)
+        _, _, L_h_t, g_h = simulated_harmful_step(lambda: meter.losses(model, batch_h).mean(), params, alpha,
+                                                  meter.grad)  # L_h(θ̃), ∇L_h(θ̃)
         L_h = L_h_t.item()
         F = L_v.item() - lam * L_h
         g = [a - lam * b for a, b in zip(g, g_h)]  # g = ∇L_v − λ·∇L_h(θ̃)
@@ -273,8 +290,7 @@ def pharmacist_select(model, tokenizer, pool, validation, harmful, cfg: SelectCo
     next_outer = OuterStreams(validation, harmful, tokenizer, cfg, device)
     weights = SampleWeights(len(pool), cfg.weighting, cfg.selector_lr, optimizer="sgd", device=device)
     meter, steps, info, scale, g = Meter(), step_budget(cfg, len(pool)), {}, RunningScale(), None
-    with selector_lora(model, cfg) as params:
-        opt = torch.optim.AdamW(params, lr=cfg.inner_lr, weight_decay=0.0)
+    with selector_lora(model, cfg) as (params, opt):
         ck = Checkpoint(checkpoint, cfg.save_every, writes=P.is_main(), params=params, opt=opt, weights=weights, scale=scale,
                             meter=meter, pool=next_pool, outer=next_outer)
         start, values = ck.load()
@@ -293,11 +309,7 @@ def pharmacist_select(model, tokenizer, pool, validation, harmful, cfg: SelectCo
                     losses, G, dots = weighted_step_dots(meter, model, params, batch, w, g, cfg.normalize)
                 h = -dots / scale(dots)  # ∝ ∂F/∂w_b (or its cosine), in units of its running size
                 weights.step((w * h.to(w.dtype)).sum())  # selector: SGD on s through w(s)
-                for p, x in zip(params, G):  # inner: AdamW on mean_B(w_b·ℓ_b)
-                    p.grad = x
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                meter.steps += 1
+                model_step(meter, opt, params, G)  # inner: AdamW on mean_B(w_b·ℓ_b)
                 info = dict(info, loss=losses.mean().item())
                 bar.set_postfix(F=f"{info['F']:.3f}", L_v=f"{info['L_v']:.3f}", L_h=f"{info['L_h']:.3f}")
                 if log:
@@ -322,24 +334,19 @@ def first_order_select(model, tokenizer, pool, validation, harmful, cfg: SelectC
     next_pool = Stream(examples, cfg.batch_size, tokenizer.pad_id, cfg.seed, device)  # SFT between checkpoints
     next_outer = OuterStreams(validation, harmful, tokenizer, cfg, device)
     meter, scores, info = Meter(), np.zeros(len(pool)), {}
-    with selector_lora(model, cfg) as params:
-        opt = torch.optim.AdamW(params, lr=cfg.inner_lr, weight_decay=0.0)
+    with selector_lora(model, cfg) as (params, opt):
         bar = tqdm(total=cfg.checkpoints * (len(pool_batches) + 1) + (cfg.checkpoints - 1) * len(pool_batches),
                    desc="pharmacist (first order)", disable=not progress)
         for c in range(cfg.checkpoints):
             for _ in range(len(pool_batches) if c else 0):  # one SFT pass between checkpoints
                 loss = meter.losses(model, next_pool()).mean()
-                for p, x in zip(params, meter.grad(loss, params)):
-                    p.grad = x
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                meter.steps += 1
+                model_step(meter, opt, params, meter.grad(loss, params))
                 bar.update()
             g, info = outer_grad(meter, model, params, *next_outer(), cfg.lam, cfg.alpha)
             g_norm = float(global_norm(g))
             bar.update()
             for i, b in enumerate(pool_batches):
-                if i % P.world() != P.rank():  # under torchrun each rank scores its own batches
+                if i % P.world() != P.rank():  # under torchrun each process scores its own batches
                     bar.update()
                     continue
                 with M.sample_grad_dots(model, params, g, norms=cfg.normalize) as probe:
@@ -390,7 +397,7 @@ def score_stats(scores) -> dict:
 
 def full_select(model, tokenizer, pool, validation, harmful, cfg: SelectConfig,
                 progress: bool = True, log=None, checkpoint=None) -> Selection:
-    """Every row scores 1: the caller keeps the whole pool (train.py ignores --select-keep for full)."""
+    """Every row scores 1, and rows_kept keeps them all whatever --select-keep says."""
     return Selection(np.ones(len(pool)), dict(steps=0, tokens=0))
 
 
@@ -426,8 +433,7 @@ def seal_select(model, tokenizer, pool, validation, harmful, cfg: SelectConfig,
     next_v = stream(validation, tokenizer, cfg, cfg.seed + 1, device)
     weights = SampleWeights(len(pool), cfg.weighting, cfg.selector_lr, device=device)
     meter, steps, info = Meter(), step_budget(cfg, len(pool)), {}
-    with selector_lora(model, cfg) as params:
-        opt = torch.optim.AdamW(params, lr=cfg.inner_lr, weight_decay=0.0)
+    with selector_lora(model, cfg) as (params, opt):
         ck = Checkpoint(checkpoint, cfg.save_every, writes=P.is_main(), params=params, opt=opt, weights=weights, meter=meter,
                             pool=next_pool, validation=next_v)
         start, values = ck.load()
@@ -441,12 +447,8 @@ def seal_select(model, tokenizer, pool, validation, harmful, cfg: SelectConfig,
                 L_safe = meter.losses(model, batch_v).mean()
                 w = weights.weights(batch["index"])
                 loss = cfg.gamma * L_safe + (1 - cfg.gamma) * (w.detach() * losses).mean()
-                meter.backward += 1
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                model_step(meter, opt, params, meter.grad(loss, params))
                 weights.step((w * losses.detach()).mean())
-                meter.steps += 1
                 info = dict(loss=loss.item(), L_safe=L_safe.item(), L_pool=losses.mean().item())
                 bar.set_postfix({k: f"{v:.3f}" for k, v in info.items()})
                 if log:
@@ -471,10 +473,9 @@ def loss_select(model, tokenizer, pool, validation, harmful, cfg: SelectConfig,
     next_v = stream(validation, tokenizer, cfg, cfg.seed + 1, device)
     meter, steps = Meter(), step_budget(cfg, len(pool))
     scores = np.zeros(len(pool))
-    with selector_lora(model, cfg) as params:
+    with selector_lora(model, cfg) as (params, opt):
         for b in pool_batches:  # base model: the LoRA is still zero (B = 0)
             scores[b["index"].cpu().numpy()] = meter.losses(model, b, grad=False).double().cpu().numpy()
-        opt = torch.optim.AdamW(params, lr=cfg.inner_lr, weight_decay=0.0)
         ck = Checkpoint(checkpoint, cfg.save_every, writes=P.is_main(), params=params, opt=opt, meter=meter, validation=next_v)
         start, _ = ck.load()
         ck.mark(start)
@@ -482,11 +483,7 @@ def loss_select(model, tokenizer, pool, validation, harmful, cfg: SelectConfig,
         with ck.saved_on_interrupt():
             for step in bar:
                 L_v = meter.losses(model, next_v()).mean()
-                meter.backward += 1
-                opt.zero_grad(set_to_none=True)
-                L_v.backward()
-                opt.step()
-                meter.steps += 1
+                model_step(meter, opt, params, meter.grad(L_v, params))
                 bar.set_postfix(L_v=f"{L_v.item():.3f}")
                 if log:
                     log(dict(step=step + 1, L_v=L_v.item()))
@@ -502,17 +499,17 @@ SELECTORS = {"full": full_select, "random": random_select, "pharmacist": pharmac
 
 def select(model, tokenizer, pool, validation, harmful, cfg: SelectConfig,
            progress: bool = True, log=None, checkpoint=None) -> Selection:
-    """Score every pool row with cfg.selector (see SELECTORS); the model comes back unchanged.
+    """Score every pool row with cfg.selector (see SELECTORS), with k the rows to keep
+    (rows_kept); the model comes back unchanged.
     `checkpoint`: a file the selector's loop is saved to and resumed from (bilevel Pharmacist,
     SEAL and the loss selector's holdout training; the one-pass selectors have nothing to save)."""
     if cfg.selector not in SELECTORS:
         raise ValueError(f"unknown selector {cfg.selector!r} (known: {', '.join(SELECTORS)})")
     if not pool:
         raise ValueError("the pool is empty: nothing to select from")
-    if cfg.selector != "full":  # full keeps every row whatever --select-keep says
-        keep_count(cfg.keep, len(pool))  # a bad --select-keep fails before any work
+    k = rows_kept(cfg, len(pool))  # a bad --select-keep fails before any work
     selection = SELECTORS[cfg.selector](model, tokenizer, pool, validation, harmful, cfg,
                                         progress=progress, log=log, checkpoint=checkpoint)
     if len(selection.scores) != len(pool) or not np.all(np.isfinite(selection.scores)):
         raise RuntimeError(f"selector {cfg.selector!r} returned bad scores (NaN or wrong length)")
-    return selection
+    return replace(selection, k=k)

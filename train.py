@@ -33,6 +33,8 @@ from tqdm import tqdm
 import default_weights
 import defenses
 import evaluate
+import fast
+import hf
 import model as M
 import parallel as P
 import pharmacist
@@ -65,11 +67,11 @@ class TrainConfig:
     lora_rank: int = 8  # LoRA rank r
     lora_alpha: float = 16.0  # LoRA scale alpha (the update is alpha/r * B A)
     lora_targets: str = ",".join(M.LORA_TARGETS)  # comma list of projections that get an adapter
-    bf16: bool = True  # bf16 frozen weights where the device has bf16 units (model.train_dtype); fp32 elsewhere
+    bf16: bool = True  # bf16 frozen weights where the device has bf16 units (fast.train_dtype); fp32 elsewhere
     save_every: int = 50  # checkpoint every this many optimizer steps
     seed: int = 0  # data order, LoRA init, dropout
     retain: str = ""  # a file of the data folder trained on beside the stage's own rows ('' = none)
-    compile: bool = False  # torch.compile the blocks (model.compile_blocks): ~40 s once, then faster steps
+    compile: bool = False  # torch.compile the blocks (fast.compile_blocks): ~40 s once, then faster steps
 
 
 @dataclass
@@ -222,11 +224,11 @@ def config_problem(cfg: Config) -> str | None:
 
 
 def keep_problem(cfg: Config) -> str | None:
-    """--select-keep: a fraction in (0, 1] or a whole count no larger than the pool."""
+    """--select-keep: a fraction in (0, 1] or a whole count no larger than the pool (any, for full)."""
     pool = data_dir(cfg) / "pool.jsonl"
     n = sum(1 for line in pool.read_text().splitlines() if line.strip()) if pool.is_file() else 10**12
     try:
-        pharmacist.keep_count(cfg.select.keep, n)
+        pharmacist.rows_kept(cfg.select, n)
     except ValueError as e:
         return str(e)
     return None
@@ -429,12 +431,38 @@ def train(model, examples, pad_id: int, cfg: TrainConfig, ctx: defenses.Context,
 # ----------------------------------------------------------------------------- the stages
 
 def load_model(cfg: Config, path=None, bf16: bool | None = None):
-    """(model, tokenizer, device). The weights' dtype: M.train_dtype(device, bf16) (bf16 where asked
+    """(model, tokenizer, device). The weights' dtype: fast.train_dtype(device, bf16) (bf16 where asked
     and the device has bf16 units, float32 elsewhere); the device's default when bf16 is None."""
     device = torch.device(cfg.device) if cfg.device else M.default_device()
-    dtype = None if bf16 is None else M.train_dtype(device, bf16)
+    dtype = None if bf16 is None else fast.train_dtype(device, bf16)
     model, tok = default_weights.load_pretrained(path or cfg.model, device=device, dtype=dtype)
     return model, tok, device
+
+
+def select_report(pool: list[Sample], scores, positions, k: int, selector: str, out: Path) -> str:
+    """What the select stage tells a person, in lines of at most 100 characters: kept k of N, the
+    three highest- and lowest-scored rows (score, prompt, answer), the kept rows by planted kind
+    and the precision on clean refusals where every row carries its `category`, and the files."""
+    def row(i: int) -> str:
+        cut = lambda text, width: text if len(text) <= width else text[:width - 1] + "…"
+        prompt, answer = (" ".join(t.split()) for t in (pool[i].prompt, pool[i].response))
+        return f"{scores[i]:+9.4f}  {cut(prompt, 46):46}  {cut(answer, 41)}"
+
+    best_first = np.argsort(positions)
+    top, bottom = best_first[:3], best_first[max(3, len(pool) - 3):]
+    lines = [f"{selector} kept {k} of {len(pool)} pool rows", f"{'score':>9}  {'prompt':46}  answer",
+             *map(row, top), *([f"{'':9}  … {len(pool) - 6} rows between …"] if len(pool) > 6 else []), *map(row, bottom)]
+    kinds = [s.category for s in pool]
+    if all(kinds):  # the planted kinds of data/prepare.py (a pool with its labels)
+        kept = [c for c, r in zip(kinds, positions) if r < k]
+        lines.append("kept by planted kind: " + ", ".join(
+            f"{c} {kept.count(c)} of {kinds.count(c)}" for c in sorted(set(kinds), key=lambda c: (c != "refusal", c))))
+        if "refusal" in kinds:
+            lines.append(f"precision (clean refusals among the {k} kept): {kept.count('refusal') / k:.3f}")
+    lines += [f"files in {out}/:", "  selection.jsonl  every row: id, score, rank (0 = best), selected",
+              f"  subset.jsonl     the {k} kept rows, best first (what --stage align trains on)",
+              "  summary.json     what it cost: steps, passes, tokens, seconds, peak memory"]
+    return "\n".join(lines)
 
 
 def stage_select(cfg: Config, out: Path) -> dict:
@@ -448,14 +476,15 @@ def stage_select(cfg: Config, out: Path) -> dict:
     P.barrier()  # no rank starts before the old checkpoint is gone
     selection = pharmacist.select(model, tok, pool, validation, harmful, cfg.select, checkpoint=ckpt)
     seconds = clock.seconds()
-    k = pharmacist.keep_count(cfg.select.keep, len(pool)) if cfg.select.selector != "full" else len(pool)
-    ranks, selected = pharmacist.rank(selection.scores, k)
+    k = selection.k
+    positions, selected = pharmacist.ranking(selection.scores, k)
     rows = [dict(id=s.id, score=float(sc), rank=int(r), selected=bool(sel))
-            for s, sc, r, sel in zip(pool, selection.scores, ranks, selected)]
-    subset = [s for s, r in sorted(zip(pool, ranks), key=lambda x: x[1]) if r < k]
+            for s, sc, r, sel in zip(pool, selection.scores, positions, selected)]
+    subset = [s for s, r in sorted(zip(pool, positions), key=lambda x: x[1]) if r < k]
     if P.is_main():
         write_text_atomic("".join(json.dumps(r) + "\n" for r in rows), out / "selection.jsonl")
         save_jsonl(subset, out / "subset.jsonl")
+        print(select_report(pool, selection.scores, positions, k, cfg.select.selector, out))
     return dict(selection.stats, selector=cfg.select.selector, pool=len(pool), kept=k,
                 select_time_s=seconds, peak_memory_mb=clock.peak_memory_mb())
 
@@ -470,7 +499,7 @@ def run_training(cfg: Config, tcfg: TrainConfig, model, tok, device, data: list[
     seed_everything(tcfg.seed)
     M.add_lora(model, tcfg.lora_rank, tcfg.lora_alpha, lora_targets(tcfg))
     if tcfg.compile:
-        M.compile_blocks(model)
+        fast.compile_blocks(model)
     if cfg.fsdp:
         P.shard_weights(model, device)
     weights_bytes = P.local_bytes(model)
@@ -483,7 +512,7 @@ def run_training(cfg: Config, tcfg: TrainConfig, model, tok, device, data: list[
     owner = read_json(out / STARTED)["fingerprint"] if (out / STARTED).exists() else ""
     summary = train(model, enc(data), tok.pad_id, tcfg, ctx, out, streams, resume=cfg.resume, owner=owner)
     if P.is_main():
-        M.save_lora(model, out / "adapter")
+        hf.save_lora(model, out / "adapter")
     if tcfg.defense == "bds" and P.is_main():
         defenses.save_state(ctx, out)  # the learned per-sample weights (and the amortized scorer)
     return dict(summary, n_train=len(data), weights_mb_per_process=weights_bytes / 2**20)
@@ -513,11 +542,11 @@ def stage_align(cfg: Config, out: Path) -> dict:
         del model  # merge into the float32 weights, read again, and save those
         if P.is_main():
             model, tok, _ = load_model(cfg, bf16=False)
-            M.load_lora(model, out / "adapter")
+            hf.load_lora(model, out / "adapter")
     elif cfg.fsdp:
         P.gather_weights(model)  # the whole weights to merge into and save
     if P.is_main():
-        M.save_pretrained(M.merge_lora(model), tok, out / "model")
+        hf.save_pretrained(M.merge_lora(model), tok, out / "model")
     return dict(summary, selector=selector["selector"], select_time_s=selector.get("select_time_s", 0.0),
                 n_align=len(data), n_retain=len(retain), align_time_s=summary["wall_time_s"])
 
@@ -559,7 +588,7 @@ def stage_eval(cfg: Config, out: Path) -> dict:
     model, tok, _ = load_model(cfg, aligned)
     adapter = Path(cfg.out) / "finetune" / "adapter"
     if adapter.exists():
-        M.load_lora(model, adapter)
+        hf.load_lora(model, adapter)
         model.name_or_path = f"{aligned} + {adapter}"  # results.json names both
     else:
         print(f"no {adapter}: evaluating the aligned model without the attack")

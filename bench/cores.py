@@ -50,6 +50,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import default_weights  # noqa: E402
 import defenses as D  # noqa: E402
+import fast  # noqa: E402
+import hf  # noqa: E402
 import model as M  # noqa: E402
 import parallel as P  # noqa: E402
 from data.batches import Batches, encode_samples  # noqa: E402
@@ -183,14 +185,14 @@ def worker(args):
     the model and every (stride x N)-th batch; with --workers N, each step runs in parts on N
     worker threads (Threads); with --ranks MODE, the --stride processes are the ranks of one run
     (Ranks), every one stepping through every batch, and rank 0 counts the tokens."""
-    dtype = M.train_dtype(torch.device("cpu"), args.bf16)
+    dtype = fast.train_dtype(torch.device("cpu"), args.bf16)
     model, tok = default_weights.load_pretrained(args.model, device=torch.device("cpu"), dtype=dtype)
     M.add_lora(model, 8, 16, M.LORA_TARGETS)
     model.train()
     models = [model] + [copy.deepcopy(model) for _ in range(args.in_threads - 1)]
     if args.compile:
         for m in models:
-            M.compile_blocks(m)
+            fast.compile_blocks(m)
     folder = Path(args.data)
     rows = load_jsonl(folder / "pool.jsonl") + (load_jsonl(folder / "retain.jsonl") if (folder / "retain.jsonl").exists() else [])
     examples = encode_samples(rows, tok, 128)
@@ -301,7 +303,7 @@ def main():
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--trace-seconds", type=float, default=60)
     p.add_argument("--bf16", action="store_true", help="bf16 frozen weights where the CPU has bf16 units")
-    p.add_argument("--compile", action="store_true", help="compiled blocks (model.compile_blocks), as --align-compile")
+    p.add_argument("--compile", action="store_true", help="compiled blocks (fast.compile_blocks), as --align-compile")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--in-threads", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--workers", type=int, default=1, help=argparse.SUPPRESS)
@@ -318,8 +320,8 @@ def main():
     if threads < 2:
         sys.exit("bench/cores.py compares one process with every thread against one per thread: "
                  f"this process has {threads} thread (set OMP_NUM_THREADS to 2 or more)")
-    device, dtype = torch.device("cpu"), M.train_dtype(torch.device("cpu"), args.bf16)
-    cfg = M.read_config(Path(args.model) if Path(args.model).exists() else default_weights.resolve(args.model))
+    device, dtype = torch.device("cpu"), fast.train_dtype(torch.device("cpu"), args.bf16)
+    cfg = hf.read_config(Path(args.model) if Path(args.model).exists() else default_weights.resolve(args.model))
     k, n = cfg.hidden_size, cfg.intermediate_size
     pairs = trace(8 * 128, k, n, args.trace_seconds, dtype) if args.trace_seconds > 0 else []
     names = args.sides.split(",")

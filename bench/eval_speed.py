@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import evaluate as E  # noqa: E402
-import model as M  # noqa: E402
+import hf  # noqa: E402
 import default_weights  # noqa: E402
 from files import write_text_atomic  # noqa: E402
 
@@ -31,9 +31,9 @@ def load(spec: str):
     """A run folder (align/model + finetune/adapter) or a model folder / built-in name."""
     run = Path(spec)
     if (run / "align" / "model").is_dir():
-        model, tok = M.load_pretrained(run / "align" / "model")
+        model, tok = hf.load_pretrained(run / "align" / "model")
         if (run / "finetune" / "adapter").is_dir():
-            M.load_lora(model, run / "finetune" / "adapter")
+            hf.load_lora(model, run / "finetune" / "adapter")
         return model, tok
     return default_weights.load_pretrained(spec)
 

@@ -28,6 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import default_weights  # noqa: E402
+import hf  # noqa: E402
 import model as M  # noqa: E402
 from data.samples import load_jsonl, prompt_key  # noqa: E402
 from files import write_text_atomic  # noqa: E402
@@ -122,7 +123,7 @@ def main(argv=None):
     for name, (path, adapter) in models(data, work).items():
         model, tok = default_weights.load_pretrained(path)
         if adapter:
-            M.load_lora(model, adapter)
+            hf.load_lora(model, adapter)
         answers = M.generate(model, tok, [q for _, q in asked], args.max_new_tokens, progress=True)
         items += [dict(prompt_id=pid, prompt=q, answer=a, model=name, split=split(q, args.test_share))
                   for (pid, q), a in zip(asked, answers)]

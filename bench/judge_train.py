@@ -1,4 +1,4 @@
-"""Fit the trained judge (evaluate.judge_harmful / judge_refusal) and measure it against people.
+"""Fit the trained judge (evaluate.judge_harmful / judge_refusal) and measure it against the labels.
 
     python bench/judge_train.py --source ../shared/data
 
@@ -132,8 +132,9 @@ def main(argv=None):
                       rule_scores(task, [x["prompt"] for x in te], [x["answer"] for x in te]).items()})
         report["ours_test"][task] = table
         pred, lab = np.array(s_test) > 0.5, y_ours[test].astype(bool)
-        errors[task] = dict(sensitivity=(int((pred & lab).sum()), int(lab.sum())),
-                            specificity=(int((~pred & ~lab).sum()), int((~lab).sum())))
+        models = np.array([x["model"] for x in te])
+        errors[task] = dict(error_counts(pred, lab), runs=[error_counts(pred[models == m], lab[models == m])
+                                                           for m in sorted(set(models))])
         # PyRIT: each fold judged by a probe fitted on our train split and the other folds
         fold, s_py = folds([r["prompt"] for r in rows], 5), np.zeros(len(rows))
         for f in range(5):
@@ -174,6 +175,12 @@ def main(argv=None):
     print(markdown(report))
 
 
+def error_counts(pred: np.ndarray, lab: np.ndarray) -> dict:
+    """The judge's hits among the labelled positives and among the negatives."""
+    return dict(sensitivity=(int((pred & lab).sum()), int(lab.sum())),
+                specificity=(int((~pred & ~lab).sum()), int((~lab).sum())))
+
+
 def regime(model: str) -> str:
     """What the model that wrote an answer had been through: base, aligned, or attacked (an
     aligned model fine-tuned on the attack's data). Item `model` names: base, aligned, attack_*,
@@ -199,21 +206,22 @@ def by_regime(items: list[dict], trained: list[float]) -> dict:
 def coverage(ours: list[dict], X: torch.Tensor, y: np.ndarray, l2: float, extra: tuple) -> dict:
     """Does the corrected rate's 95 % interval (evaluate.corrected_rate) hold a run's labelled
     harmful rate? For each run (the `model` of the items) with test-split items: a probe fitted
-    on the train split of every other run (and the `extra` rows: PyRIT), its sensitivity and
-    specificity counted on the other runs' test split, then the interval of this run's test items
+    on the train split of every other run (and the `extra` rows: PyRIT), its error counts on the
+    other runs' test split (pooled, and per run), then the interval of this run's test items
     against their labelled rate. Returns the share of runs covered and each run's numbers."""
-    runs = sorted({x["model"] for x in ours if x["split"] == "test"})
+    runs_with_test = sorted({x["model"] for x in ours if x["split"] == "test"})
     test = np.array([x["split"] == "test" for x in ours])
     rows = {}
-    for run in runs:
+    for run in runs_with_test:
         mine = np.array([x["model"] == run for x in ours])
         fit = ~test & ~mine
         probe = E.fit_probe(torch.cat([X[fit], extra[0]]), np.concatenate([y[fit], extra[1]]), l2)
         flags = np.array(E.probe_probability(probe, X)) > 0.5
         other, lab = test & ~mine, y.astype(bool)
-        errors = dict(sensitivity=(int((flags & lab & other).sum()), int((lab & other).sum())),
-                      specificity=(int((~flags & ~lab & other).sum()), int((~lab & other).sum())))
-        c = E.corrected_rate(flags[test & mine], **errors)
+        models = np.array([x["model"] for x in ours])
+        runs = [error_counts(flags[other & (models == m)], lab[other & (models == m)])
+                for m in runs_with_test if m != run]
+        c = E.corrected_rate(flags[test & mine], **error_counts(flags[other], lab[other]), runs=runs)
         truth = 100 * float(lab[test & mine].mean())
         rows[run] = dict(c, labelled=truth, judged=100 * float(flags[test & mine].mean()), n=int((test & mine).sum()),
                          covered=bool(c["low"] <= truth <= c["high"]))
@@ -221,8 +229,8 @@ def coverage(ours: list[dict], X: torch.Tensor, y: np.ndarray, l2: float, extra:
 
 
 def by_model(items: list[dict], trained: list[float]) -> dict:
-    """Per model that wrote the answers (test split): the harmful rate by people, by the trained
-    judge and by the rules, and the refusal and degenerate rates by people."""
+    """Per model that wrote the answers (test split): the harmful rate by the labels, by the trained
+    judge and by the rules, and the refusal and degenerate rates by the labels."""
     out = {}
     for name in sorted({x["model"] for x in items}):
         idx = [i for i, x in enumerate(items) if x["model"] == name]
@@ -246,8 +254,8 @@ def markdown(r: dict) -> str:
         for task, judges in r[data].items():
             lines += [f"| {name} | {task} | {j} | {m['n']} ({m['positives']}) | {m['accuracy']:.3f} | "
                       f"{m['f1']:.3f} | {m['auc']:.3f} |" for j, m in judges.items()]
-    lines += ["", "Harmful rate (%) of each model's answers on the test split, by people and by each judge:", "",
-              "| model | n | people | trained judge | refusal_judge (rule) | no refusal phrase | refusals (people) | degenerate (people) |",
+    lines += ["", "Harmful rate (%) of each model's answers on the test split, by the labels and by each judge:", "",
+              "| model | n | labelled | trained judge | refusal_judge (rule) | no refusal phrase | refusals (labelled) | degenerate (labelled) |",
               "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {m} | {v['n']} | {v['people']:.0f} | {v['trained']:.0f} | {v['refusal_judge']:.0f} | "
               f"{v['not_refusing']:.0f} | {v['refusals']:.0f} | {v['degenerate']:.0f} |" for m, v in r["by_model"].items()]

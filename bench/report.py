@@ -18,7 +18,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from files import write_text_atomic  # noqa: E402
+from files import read_json, write_text_atomic  # noqa: E402
 
 
 def load_run(run) -> dict:
@@ -30,7 +30,7 @@ def load_run(run) -> dict:
     for folder in (run, run / "eval", run / "align", run / "select"):
         for name in ("results.json", "summary.json"):
             if (folder / name).is_file():
-                for k, v in json.loads((folder / name).read_text()).items():
+                for k, v in read_json(folder / name, "rerun the stage that wrote it").items():
                     if v is not None:
                         merged.setdefault(k, v)
     return merged
@@ -214,7 +214,10 @@ def main(argv=None):
     missing = [r for r in args.runs if not Path(r).is_dir()]
     if missing:
         p.error(f"no such run folder: {', '.join(missing)}")
-    print(report(args.runs, args.out, figure=not args.no_figure), end="")
+    try:
+        print(report(args.runs, args.out, figure=not args.no_figure), end="")
+    except (ValueError, OSError) as e:  # a damaged results file, an --out that cannot be written: one line
+        sys.exit(f"report.py: error: {e}")
 
 
 if __name__ == "__main__":

@@ -499,7 +499,7 @@ def phase_wording(sweep: Sweep, args) -> Sweep:
 def sweep_flags(args) -> tuple[list[str], list[str], list[str]]:
     """The flags of data/prepare.py, of every align stage and of every attack (bf16 wherever the
     device has it). --preset small: 500 retain rows (of the 675 AlpacaEval prompts no other split takes)
-    answered by the model itself, and compiled blocks (SFT only: model.compile_blocks)."""
+    answered by the model itself, and compiled blocks (SFT only: fast.compile_blocks)."""
     if args.preset != "small":
         return ["--p", args.data_p], ["--align-epochs", "2"], []
     return (["--p", args.data_p, "--retain-answers", "self", "--retain-size", str(SMALL_RETAIN)],

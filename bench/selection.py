@@ -24,6 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import default_weights  # noqa: E402
+import flags  # noqa: E402
 import model as M  # noqa: E402
 import pharmacist as P  # noqa: E402
 import train  # noqa: E402
@@ -67,13 +68,13 @@ def run_spec(spec: str) -> tuple[str, dict]:
         key, _, value = item.partition("=")
         if key not in fields:
             raise SystemExit(f"error: --runs {spec!r}: SelectConfig has no field {key!r}")
-        over[key] = train.flag_type(fields[key])(value)
+        over[key] = flags.flag_type(fields[key])(value)
     return spec, over
 
 
 def precision_row(pool, scores, k: int) -> dict:
     kind = np.array([s.category for s in pool])
-    _, kept = P.rank(scores, k)
+    _, kept = P.ranking(scores, k)
     return dict(precision=float((kind[kept] == "refusal").mean()),
                 kept={c: int((kind[kept] == c).sum()) for c in sorted(set(kind))})
 
@@ -114,7 +115,7 @@ def main(argv=None):
             if args.align and folder == Path(args.data.split(",")[0]):
                 if "full" not in aligned:
                     aligned["full"] = time_alignment(model, tok, pool, harmful, args.align_epochs, args.bf16, args.seed)
-                _, kept = P.rank(sel.scores, k)
+                _, kept = P.ranking(sel.scores, k)
                 subset = [s for s, keep in zip(pool, kept) if keep]
                 row["align_subset_s"] = time_alignment(model, tok, subset, harmful, args.align_epochs,
                                                        args.bf16, args.seed)

@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import default_weights  # noqa: E402
 import defenses as D  # noqa: E402
+import fast  # noqa: E402
 import model as M  # noqa: E402
 from data.batches import IGNORE, collate, encode_samples  # noqa: E402
 from data.samples import load_jsonl  # noqa: E402
@@ -220,7 +221,7 @@ def main():
     p.add_argument("--gen-batch", type=int, default=None, help="prompts per greedy generation (default: --batch)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--bf16", action="store_true",
-                   help="bf16 frozen weights where the device has bf16 units (M.train_dtype); fp32 otherwise")
+                   help="bf16 frozen weights where the device has bf16 units (fast.train_dtype); fp32 otherwise")
     p.add_argument("--compile", action="store_true",
                    help="also time our compiled training step and static-shape decode step (compiles counted apart)")
     p.add_argument("--shape", default=None,
@@ -228,7 +229,7 @@ def main():
                         "(llama2-7b, qwen2-7b or a config.json; bench/memory.py)")
     args = p.parse_args()
     device = M.default_device()
-    dtype = M.train_dtype(device, args.bf16)
+    dtype = fast.train_dtype(device, args.bf16)
     if args.shape:
         text = "\n".join(shape_utilisation(args.shape, args.batch, args.seq, device, dtype, args.repeats)) + "\n"
         print(text)
@@ -274,8 +275,8 @@ def main():
         flops.append((name, work, work / statistics.median(s_o), work / statistics.median(s_t)))
 
     compiled_steps = []
-    if args.compile:  # our step with compiled blocks (model.compile_blocks, --align-compile) against eager
-        fused = M.compile_blocks(copy.deepcopy(ours))
+    if args.compile:  # our step with compiled blocks (fast.compile_blocks, --align-compile) against eager
+        fused = fast.compile_blocks(copy.deepcopy(ours))
         opt_c = torch.optim.AdamW([q for q in fused.parameters() if q.requires_grad], lr=1e-4)
         for name, (x, y) in batches.items():
             step_c = our_step(fused, opt_c, x, y)
@@ -301,7 +302,7 @@ def main():
 
     plain = copy.deepcopy(ours)  # the same weights without pack_linears, for the packing's own gain
     fp32 = copy.deepcopy(ours).float() if dtype != torch.float32 else None  # the float32 rate on the same weights
-    M.pack_linears(ours, rows=len(prompts))  # as evaluation runs it (a no-op off a bf16 CPU)
+    fast.pack_linears(ours, rows=len(prompts))  # as evaluation runs it (a no-op off a bf16 CPU)
 
     def gen_ours(model=ours):
         with torch.no_grad():
@@ -320,7 +321,7 @@ def main():
     in_fp32 = row("", n, g_o, g_f[0]) if g_f else None
     compiled = None
     if args.compile:  # the static-shape step compiled by inductor (on the unpacked weights: it packs its own)
-        gen_compiled = lambda: M.generate_static(plain, enc, args.new_tokens, -1, tok.pad_id, compile=True)
+        gen_compiled = lambda: fast.generate_static(plain, enc, args.new_tokens, -1, tok.pad_id, compile=True)
         t0 = time.perf_counter()
         gen_compiled()
         first = time.perf_counter() - t0
@@ -335,17 +336,17 @@ def main():
              "| measure | ours | transformers+peft | ours / theirs (speed) | ratio min-max over rounds |",
              "|---|---|---|---|---|"]
     lines += [f"| {r[0]} | {r[1]:.2f} | {r[2]:.2f} | {r[3]:.2f}x | {r[4]} |" for r in rows]
-    lines += ["", f"Our generation without M.pack_linears: {unpacked[2]:.2f} tok/s (packed / unpacked "
+    lines += ["", f"Our generation without fast.pack_linears: {unpacked[2]:.2f} tok/s (packed / unpacked "
               f"{unpacked[3]:.2f}x, {unpacked[4]} over rounds)."]
     if in_fp32:
         lines += [f"Our generation in float32 (the same weights, unpacked): {in_fp32[2]:.2f} tok/s (packed bf16 / "
                   f"float32 {in_fp32[3]:.2f}x, {in_fp32[4]} over rounds)."]
     if compiled:
-        lines += [f"Compiled static-shape decode (M.generate_static, compile=True): {compiled[1]:.2f} tok/s after "
+        lines += [f"Compiled static-shape decode (fast.generate_static, compile=True): {compiled[1]:.2f} tok/s after "
                   f"a first call of {compiled[0]:.1f} s (the compile), against packed eager {compiled[2]:.2f} in the "
                   f"same rounds ({compiled[3]:.2f}x, {compiled[4]} over rounds)."]
     if compiled_steps:
-        lines += ["", "Our LoRA step with compiled blocks (model.compile_blocks) against eager, in the same rounds:", "",
+        lines += ["", "Our LoRA step with compiled blocks (fast.compile_blocks) against eager, in the same rounds:", "",
                   "| batch | first call (s) | compiled tok/s | eager tok/s | compiled / eager | min-max over rounds |",
                   "|---|---|---|---|---|---|"]
         lines += [f"| {n} | {f:.1f} | {c:.2f} | {e:.2f} | {r:.2f}x | {mm} |" for n, f, c, e, r, mm in compiled_steps]

@@ -25,6 +25,7 @@ from speed import results_file  # noqa: E402  (bench/, this file's folder)
 
 import torch  # noqa: E402
 
+import fast  # noqa: E402
 import model as M  # noqa: E402
 
 STAGES = ("select", "align", "finetune", "eval")
@@ -91,7 +92,7 @@ def main():
                      + f" | {total:.1f} | {sum(median[first].values()) / total:.2f}x |")
     text = "\n".join(lines) + "\n"
     print("\n" + text)
-    out = results_file(device, M.train_dtype(device, True), prefix="stages_")
+    out = results_file(device, fast.train_dtype(device, True), prefix="stages_")
     out.with_suffix(".json").write_text(json.dumps({"variants": variants, "commits": commits, "times": times}, indent=2))
     out.with_suffix(".md").write_text(text + f"\ncommand: python bench/stages.py {shlex.join(sys.argv[1:])}\n")
     print(f"wrote {out}.md")

@@ -6,7 +6,7 @@
         h = model.hidden(batch["input_ids"])
         losses = sample_losses(h, batch["labels"], model.head)  # (B,), weighted by Pharmacist and BDS
 
-The tokenizer (model.py) formats a sample with the model's prompt format and returns the ids and
+The tokenizer (tokenizer.py) formats a sample with the model's prompt format and returns the ids and
 how many of them belong to the prompt. Loss is taken on the response and its end-of-sequence
 token only: `labels` is -100 on the prompt and on padding. Labels are not shifted; the loss
 shifts (logits at t predict the token at t + 1).

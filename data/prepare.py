@@ -333,9 +333,10 @@ def self_answers(rows: list[Sample], model_name: str, max_new_tokens: int) -> tu
     so the retain rows pull against over-refusal at the answer's first tokens instead of
     spending the update on another model's style (docs/DESIGN.md, the retain set)."""
     import default_weights
+    import fast
     import model as M
     device = M.default_device()
-    model, tok = default_weights.load_pretrained(model_name, device=device, dtype=M.train_dtype(device))
+    model, tok = default_weights.load_pretrained(model_name, device=device, dtype=fast.train_dtype(device))
     print(f"retain answers: {len(rows)} prompts, {max_new_tokens} new tokens, by {model_name}")
     answers = M.generate(model, tok, [s.prompt for s in rows], max_new_tokens, batch_size=64,
                          inputs=[s.input for s in rows], progress=True)

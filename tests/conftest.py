@@ -9,7 +9,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
+import hf  # noqa: E402
 import model as M  # noqa: E402
+import tokenizer as T  # noqa: E402
 
 torch.set_num_threads(1)  # tiny models: threads cost more than they give
 
@@ -22,7 +24,7 @@ CORPUS = [
 ] * 4
 
 
-def make_tokenizer(prompt_format="chatml") -> "M.Tokenizer":
+def make_tokenizer(prompt_format="chatml") -> "T.Tokenizer":
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -31,7 +33,7 @@ def make_tokenizer(prompt_format="chatml") -> "M.Tokenizer":
                                   special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
                                   initial_alphabet=sorted(pre_tokenizers.ByteLevel.alphabet()))
     tok.train_from_iterator(CORPUS, trainer)
-    return M.Tokenizer(tok, bos_id=0, eos_id=2, pad_id=0, prompt_format=prompt_format)
+    return T.Tokenizer(tok, bos_id=0, eos_id=2, pad_id=0, prompt_format=prompt_format)
 
 
 def tiny_config(**kw) -> "M.ModelConfig":
@@ -68,7 +70,7 @@ def tiny_model():
 def tiny_dir(tmp_path):
     """An HF folder holding a tiny random model and tokenizer, written by our save_pretrained."""
     out = tmp_path / "tiny"
-    M.save_pretrained(make_model(), make_tokenizer(), out)
+    hf.save_pretrained(make_model(), make_tokenizer(), out)
     return out
 
 

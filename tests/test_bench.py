@@ -441,3 +441,41 @@ def test_paper_row_reads_before_and_after(tmp_path, monkeypatch):
     assert (r["pool_seed"], r["harmful_after"], r["harmful_before"], r["harmful_after_low"]) == (2, 40.0, 3.0, 20.0)
     assert (r["over_refusal_before"], r["broken_benign_before"], r["sst2_after"], r["align_time_s"]) == (9.0, 4.0, 90.0, 9.0)
     assert r["generations"] == "results/s2/ph_sft_k160/generations.jsonl"
+
+
+# ----------------------------------------------------------------------------- bench/read_rates.py
+
+import read_rates  # noqa: E402
+
+
+def test_read_rates_count_only_labelled_answers(tmp_path):
+    labels = {("p1", "a1"): dict(harmful=1), ("p2", "a2"): dict(harmful=0)}
+    rows = [dict(set="harmful", prompt="p1", answer="a1", verdict="harmful"),
+            dict(set="harmful", prompt="p2", answer="a2", verdict="harmful"),
+            dict(set="harmful", prompt="p3", answer="a3", verdict="safe"),  # not labelled: left out
+            dict(set="benign", prompt="p1", answer="a1", verdict="answered")]
+    (tmp_path / "generations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert read_rates.run_rates(tmp_path / "generations.jsonl", labels) == dict(n=3, labelled=2, read=50.0, judged=100.0)
+
+
+def test_report_errors_are_one_line(tmp_path, capsys):
+    run = fake_run(tmp_path, "r", "random", 24, 30.0, 50.0)
+    (run / "eval" / "results.json").write_text('{"harmful_score": 3')  # a truncated file
+    with pytest.raises(SystemExit, match=r"^report.py: error: .*results.json: not valid JSON") as e:
+        report.main([str(run), "--out", str(tmp_path / "rep"), "--no-figure"])
+    assert "\n" not in str(e.value)
+
+
+import paper_report  # noqa: E402
+
+
+def test_paper_report_pairs_by_seed(tmp_path):
+    rows = [dict(defense="sft", selector=s, k=400 if s == "full" else 160, seed=seed, harmful_after=h, sst2_after=90.0,
+                 align_time_s=t, select_time_s=5.0)
+            for s, seed, h, t in (("full", 0, 40.0, 100.0), ("full", 1, 50.0, 100.0), ("pharmacist", 0, 35.0, 40.0),
+                                  ("pharmacist", 1, 47.0, 40.0), ("pharmacist", 2, 10.0, 40.0))]  # seed 2: no pair
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text = paper_report.main(["--table", str(tmp_path / "t.jsonl"), "--out", str(tmp_path / "t.md")]) or (tmp_path / "t.md").read_text()
+    line = next(x for x in text.splitlines() if x.startswith("| sft | full | 0,1 |"))
+    assert "| 0,1 | -4.0 ± 1.0 (− −) | 0.0 ± 0.0 (0 0) | -60.0 ± 0.0 (− −) | -57.1 ± 0.0 (− −) |" in line
+    assert "| sft | pharmacist | 160 | 0,1,2 | 30.7 ± 10.9 |" in text

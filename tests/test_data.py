@@ -25,7 +25,7 @@ FILES = ["pool", "validation", "harmful", "eval_harmful", "eval_harmful_qa", "ev
 
 
 class CharTokenizer:
-    """A stand-in with model.Tokenizer's interface: one id per character, pad 0, eos 1."""
+    """A stand-in with tokenizer.Tokenizer's interface: one id per character, pad 0, eos 1."""
     pad_id, eos_id = 0, 1
 
     def encode(self, text):

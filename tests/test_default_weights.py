@@ -201,14 +201,14 @@ def hub_snapshot_of(folder, out, shards=2, tokenizer=True):
 def test_a_hub_id_with_bin_shards_loads_as_its_folder(tmp_path, monkeypatch):
     """An owner/name id (the download replaced: it needs a network): .bin shards are converted
     once to safetensors, and the model gives the folder's logits."""
-    import model as M
+    import hf
     default_weights.save_tiny_random(tmp_path / "tiny")
     snap = hub_snapshot_of(tmp_path / "tiny", tmp_path / "snap")
     calls = []
     monkeypatch.setenv("PHARMACIST_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(default_weights, "hub_snapshot", lambda repo: calls.append(repo) or snap)
     ours, _ = default_weights.load_pretrained("owner/tiny")
-    ref, _ = M.load_pretrained(tmp_path / "tiny")
+    ref, _ = hf.load_pretrained(tmp_path / "tiny")
     ids = torch.randint(0, 100, (2, 9))
     torch.testing.assert_close(ours(ids), ref(ids), rtol=0, atol=0)
     assert len(list((tmp_path / "cache" / "hub-converted" / "owner--tiny").glob("model-*.safetensors"))) == 2

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import defenses as D
+import fast
 import model as M
 from conftest import make_model, make_tokenizer
 from data.batches import collate
@@ -76,9 +77,9 @@ def test_step_gives_lora_gradients_and_leaves_parameters_unchanged(name):
 
 @pytest.mark.parametrize("name", D.COMPILABLE)
 def test_compiled_blocks_give_the_eager_gradients(name):
-    """model.compile_blocks (--align-compile): inductor's fused forward and backward, the same
+    """fast.compile_blocks (--align-compile): inductor's fused forward and backward, the same
     gradients as eager in float32, for every step that allows it (a compile each: ~6 s)."""
-    eager, compiled = lora_model(), M.compile_blocks(lora_model())
+    eager, compiled = lora_model(), fast.compile_blocks(lora_model())
     want, _ = D.STEPS[name](context(eager, bds_lr=0.1), ALIGN)
     for _ in range(2):  # the second call runs the compiled graph as it is
         got, _ = D.STEPS[name](context(compiled, bds_lr=0.1), ALIGN)

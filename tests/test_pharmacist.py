@@ -104,9 +104,9 @@ def test_keep_count_and_errors():
             P.keep_count(bad, 50)
 
 
-def test_rank_ties_by_index():
-    ranks, mask = P.rank([0.5, 2.0, 0.5, 1.0], 2)
-    assert ranks.tolist() == [2, 0, 3, 1] and mask.tolist() == [False, True, False, True]
+def test_ranking_ties_by_index():
+    positions, mask = P.ranking([0.5, 2.0, 0.5, 1.0], 2)
+    assert positions.tolist() == [2, 0, 3, 1] and mask.tolist() == [False, True, False, True]
 
 
 # ----------------------------------------------------------------------------- per-sample dot products
@@ -206,6 +206,33 @@ def test_lookahead_hypergradient_matches_autograd_through_the_look_ahead(tokeniz
     assert (grad_w - exact).abs().max() / exact.abs().max() < 1e-6, (grad_w, exact)  # measured 1e-8 (was 1e-3 by finite differences)
 
 
+def test_outer_gradient_is_validation_minus_harmful_after_the_simulated_step(tokenizer):
+    """g = ∇L_v(θ) − λ·∇L_h(θ̃), θ̃ = θ − α·∇L_h(θ)/‖∇L_h(θ)‖ (Booster's step, the one
+    defenses.simulated_harmful_step), by hand in float64; θ comes back bit for bit."""
+    model, params, _ = batch_and_params(tokenizer)
+    _, validation, harmful = planted()
+    batch_v, batch_h = (Batches(encode_samples(s, tokenizer, 48), 8, tokenizer.pad_id, shuffle=False).epoch(0)[0]
+                        for s in (validation, harmful))
+    mean_loss = lambda b: losses64(model(b["input_ids"]), b["labels"]).mean()
+    g_v = torch.autograd.grad(mean_loss(batch_v), params)
+    g_h = torch.autograd.grad(mean_loss(batch_h), params)
+    before = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        norm = torch.sqrt(sum((x * x).sum() for x in g_h))
+        for p, x in zip(params, g_h):
+            p -= 0.1 * x / norm
+    L_h_moved = mean_loss(batch_h)
+    g_h_moved = torch.autograd.grad(L_h_moved, params)
+    with torch.no_grad():
+        for p, b in zip(params, before):
+            p.copy_(b)
+    g, info = P.outer_grad(P.Meter(), model, params, batch_v, batch_h, lam=0.5, alpha=0.1)
+    for got, v, h in zip(g, g_v, g_h_moved):
+        torch.testing.assert_close(got, v - 0.5 * h, rtol=1e-6, atol=1e-9)
+    assert abs(info["L_h"] - L_h_moved.item()) < 1e-9 and abs(info["F"] - (info["L_v"] - 0.5 * info["L_h"])) < 1e-12
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+
+
 def test_running_scale_and_score_stats():
     scale = P.RunningScale()
     assert abs(scale(torch.full((4,), 3.0)) - 3.0) < 1e-12  # bias-corrected from the first call
@@ -236,9 +263,9 @@ def test_learned_selectors_rank_clean_above_noise(tokenizer, selector, overrides
     cfg = replace(CFG, selector=selector, **overrides)
     sel = P.select(model, tokenizer, pool, validation, harmful, cfg, progress=False)
     auc = np.mean(sel.scores[clean][:, None] > sel.scores[~clean][None, :])  # P(clean > noise)
-    precision = clean[P.rank(sel.scores, 16)[1]].mean()
-    chance = clean[P.rank(P.select(model, tokenizer, pool, validation, harmful,
-                                   replace(cfg, selector="random"), progress=False).scores, 16)[1]].mean()
+    precision = clean[P.ranking(sel.scores, 16)[1]].mean()
+    chance = clean[P.ranking(P.select(model, tokenizer, pool, validation, harmful,
+                                      replace(cfg, selector="random"), progress=False).scores, 16)[1]].mean()
     assert auc >= 0.7 and precision >= 0.625 and precision > chance, (selector, auc, precision, chance)
     if cfg.mode == "bilevel":
         assert sel.stats["steps"] == P.step_budget(cfg, len(pool))
@@ -350,6 +377,18 @@ def test_full_and_random(tokenizer):
     r = [P.select(None, tokenizer, pool, [], [], replace(CFG, selector="random", seed=s)).scores
          for s in (0, 0, 1)]
     assert np.array_equal(r[0], r[1]) and not np.array_equal(r[0], r[2])
+
+
+def test_the_rows_to_keep_are_decided_once(tokenizer):
+    """select() gives k with the scores: --select-keep of the pool for every selector but full,
+    which keeps every row whatever --select-keep says (rows_kept, the one place that decides it)."""
+    pool, validation, harmful = planted(4, 4)
+    pick = lambda **kw: P.select(None, tokenizer, pool, validation, harmful, replace(CFG, **kw))
+    assert pick(selector="full", keep=0.25).k == pick(selector="full", keep=99).k == 8
+    assert pick(selector="random", keep=0.25).k == 2 and pick(selector="oracle", keep=3).k == 3
+    assert P.rows_kept(replace(CFG, selector="full", keep=-1), 8) == 8
+    with pytest.raises(ValueError, match="only 8 rows"):
+        P.rows_kept(replace(CFG, selector="random", keep=9), 8)
 
 
 def test_oracle_keeps_a_seeded_random_k_of_the_clean_rows(tokenizer):

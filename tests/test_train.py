@@ -2,6 +2,7 @@
 import dataclasses
 import json
 import os
+import re
 import signal
 
 import pytest
@@ -10,7 +11,9 @@ from conftest import interrupt_at, interrupt_selector_at, make_model, make_token
 
 import default_weights
 import defenses
+import fast
 import files
+import hf
 import model as M
 import train
 from data.batches import Stream, encode_samples
@@ -308,18 +311,51 @@ def test_select_stage_resumes_after_ctrl_c(tmp_path, monkeypatch):
     assert read(tmp_path / "b") == read(tmp_path / "a")
 
 
+def test_select_prints_a_summary_a_person_can_read(tmp_path, capsys):
+    """kept k of N, the three highest- and the three lowest-scored rows (score, prompt, answer) in
+    lines of at most 100 characters, the kept rows by planted kind, the precision on clean
+    refusals, and where the files are."""
+    train.main(["--stage", "select", "--preset", "tiny", "--out", str(tmp_path), "--select-steps", "2"])
+    out = capsys.readouterr().out
+    pool = {s.id: s for s in load_jsonl(train.ROOT / "data" / "default" / "pool.jsonl")}
+    rows = sorted((json.loads(x) for x in (tmp_path / "select" / "selection.jsonl").read_text().splitlines()),
+                  key=lambda r: r["rank"])
+    kept = [pool[r["id"]].category for r in rows if r["selected"]]
+    assert f"pharmacist kept {len(kept)} of {len(pool)} pool rows" in out and 0 < len(kept) < len(pool)
+    shown = [line for line in out.splitlines() if re.match(r" *[+-]\d+\.\d{4}  ", line)]
+    assert len(shown) == 6 and max(map(len, shown)) <= 100
+    for line, r in zip(shown, rows[:3] + rows[-3:]):  # best first, then the three lowest
+        s = pool[r["id"]]
+        assert line.startswith(f"{r['score']:+9.4f}  {s.prompt[:20]}") and s.response[:20] in line, (line, s)
+    planted = [s.category for s in pool.values()]
+    for kind in ("refusal", "low_quality", "benign", "mislabelled"):
+        assert f"{kind} {kept.count(kind)} of {planted.count(kind)}" in out
+    assert f"precision (clean refusals among the {len(kept)} kept): {kept.count('refusal') / len(kept):.3f}" in out
+    assert f"files in {tmp_path / 'select'}/:" in out and "selection.jsonl" in out and "subset.jsonl" in out
+
+
+def test_the_select_summary_of_a_pool_without_planted_kinds():
+    """Kinds are counted only where every row carries one: here three rows of four have none."""
+    pool = load_jsonl(train.ROOT / "data" / "default" / "pool.jsonl")[:4]
+    pool[:3] = [dataclasses.replace(s, category=None) for s in pool[:3]]
+    report = train.select_report(pool, [0.5, 2.0, -1.0, 1.0], [2, 0, 3, 1], 2, "loss", "runs/x/select")
+    assert report.splitlines()[0] == "loss kept 2 of 4 pool rows" and "files in runs/x/select/:" in report
+    assert "planted" not in report and "precision" not in report and "rows between" not in report
+    assert [line.split()[0] for line in report.splitlines()[2:6]] == ["+2.0000", "+1.0000", "+0.5000", "-1.0000"]
+
+
 def test_bf16_training_follows_the_fp32_run(tmp_path, monkeypatch):
     """40 SFT steps over bf16 frozen weights (float32 adapters and Adam) against the same run in
     float32, on the tiny model: the loss curves within 0.1 % of each other, the adapters within 3 %
     (relative norm of the difference), and the aligned model merged into the float32 weights."""
-    monkeypatch.setattr(M, "_cpu_bf16_faster", lambda: True)  # bf16 on any CPU (slow ones too)
+    monkeypatch.setattr(fast, "_cpu_bf16_faster", lambda: True)  # bf16 on any CPU (slow ones too)
     runs = {}
     for bf16 in ("false", "true"):
         out = tmp_path / bf16
         train.main(["--stage", "align", "--preset", "tiny", "--out", str(out), "--align-epochs", "20",
                     "--align-max-steps", "40", "--align-lr", "3e-3", "--align-bf16", bf16])
         losses = [json.loads(x)["loss"] for x in (out / "align" / "metrics.jsonl").read_text().splitlines()]
-        adapter = M.load_lora(make_model(), out / "align" / "adapter")
+        adapter = hf.load_lora(make_model(), out / "align" / "adapter")
         runs[bf16] = losses, [p.detach().clone() for p in adapter.parameters() if p.requires_grad]
         summary = json.loads((out / "align" / "summary.json").read_text())
         assert summary["precision"] == ("bf16" if bf16 == "true" else "fp32")
@@ -328,9 +364,9 @@ def test_bf16_training_follows_the_fp32_run(tmp_path, monkeypatch):
     assert max(abs(a - b) / a for a, b in zip(l32, l16)) < 1e-3  # measured 6e-5
     diff = torch.sqrt(sum((a - b).square().sum() for a, b in zip(a32, a16)))
     assert diff / torch.sqrt(sum(a.square().sum() for a in a32)) < 0.03  # measured 0.006
-    merged, _ = M.load_pretrained(tmp_path / "true" / "align" / "model", device="cpu")
+    merged, _ = hf.load_pretrained(tmp_path / "true" / "align" / "model", device="cpu")
     base, _ = default_weights.load_pretrained("tiny-random", device="cpu", dtype=torch.float32)
-    want = M.merge_lora(M.load_lora(base, tmp_path / "true" / "align" / "adapter"))
+    want = M.merge_lora(hf.load_lora(base, tmp_path / "true" / "align" / "adapter"))
     assert all(p.dtype == torch.float32 for p in merged.parameters())
     assert all(torch.equal(a, b) for a, b in zip(merged.state_dict().values(), want.state_dict().values()))
 
@@ -391,7 +427,7 @@ def test_a_stage_refuses_a_changed_model_or_a_missing_earlier_output(tmp_path, t
     the model; align/model deleted under a finished finetune: eval names it."""
     base = [*FAST, "--model", str(tiny_dir), "--out", str(tmp_path / "run")]
     train.main(["--stage", "all", *base])
-    M.save_pretrained(make_model(seed=1), make_tokenizer(), tiny_dir)
+    hf.save_pretrained(make_model(seed=1), make_tokenizer(), tiny_dir)
     with pytest.raises(ValueError, match=r"select was made from other inputs \(inputs.model"):
         train.main(["--stage", "select", *base])
     for stage in ("align", "eval"):  # a later stage names the first stage that read the old weights
