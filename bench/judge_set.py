@@ -21,6 +21,7 @@ import argparse
 import hashlib
 import json
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -77,21 +78,26 @@ def split(prompt: str, test_share: float) -> str:
     return "test" if h < test_share else "train"
 
 
-def from_runs(pattern: str, count: int, first_id: int, test_share: float, seed: int) -> list[dict]:
+def from_runs(pattern: str, count: int, first_id: int, test_share: float, seed: int,
+              only_split: str | None = None) -> list[dict]:
     """`count` distinct (prompt, answer) pairs to harmful prompts from the generations of the run
-    folders matching `pattern`, none already an item, shuffled by `seed`, ids from first_id."""
+    folders matching `pattern`, none already an item, shuffled by `seed`, ids from first_id;
+    `only_split` puts every item in that split (answers to evaluation prompts: "test", so the
+    judge never fits on a prompt that scores a model)."""
     known = {(x["prompt"], x["answer"]) for x in map(json.loads, open(ROOT / "data/judge/items.jsonl"))}
     pairs = {}
     for run in sorted(ROOT.glob(pattern)):
+        seed_folder = re.fullmatch(r"s(\d+)", run.parent.name)  # bench/paper.py's <out>/s<seed>/<run>
+        model = f"{run.name}_s{seed_folder.group(1)}" if seed_folder else run.name
         for g in map(json.loads, open(run / "generations.jsonl")):
             if g["set"] == "harmful" and (g["prompt"], g["answer"]) not in known:
-                pairs.setdefault((g["prompt"], g["answer"]), dict(prompt_id=g["id"], prompt=g["prompt"],
-                                                                  answer=g["answer"], model=run.name))
-    items = sorted(pairs.values(), key=lambda x: (x["model"], x["prompt_id"]))
+                pairs.setdefault((g["prompt"], g["answer"]), (run.name, dict(
+                    prompt_id=g["id"], prompt=g["prompt"], answer=g["answer"], model=model)))
+    items = [x for _, x in sorted(pairs.values(), key=lambda p: (p[0], p[1]["prompt_id"]))]
     random.Random(seed).shuffle(items)
     if len(items) < count:
         raise SystemExit(f"--from-runs: {len(items)} new distinct answers, fewer than --count {count}")
-    return [dict(id=f"j{first_id + i:04d}", **x, split=split(x["prompt"], test_share))
+    return [dict(id=f"j{first_id + i:04d}", **x, split=only_split or split(x["prompt"], test_share))
             for i, x in enumerate(items[:count])]
 
 
@@ -109,9 +115,11 @@ def main(argv=None):
                    "whose generations.jsonl give the items, instead of training models")
     p.add_argument("--count", type=int, default=600, help="with --from-runs: items to draw")
     p.add_argument("--first-id", type=int, default=0, help="with --from-runs: the first item's number")
+    p.add_argument("--split", choices=("train", "test"), default=None,
+                   help="with --from-runs: every item in this split (test for answers to evaluation prompts)")
     args = p.parse_args(argv)
     if args.from_runs:
-        items = from_runs(args.from_runs, args.count, args.first_id, args.test_share, args.seed)
+        items = from_runs(args.from_runs, args.count, args.first_id, args.test_share, args.seed, args.split)
         write_text_atomic("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in items), Path(args.out))
         print(f"{len(items)} items ({sum(x['split'] == 'test' for x in items)} test) -> {args.out}")
         return

@@ -2,6 +2,7 @@
 paired differences between selectors: the comparison without the judge's error.
 
     python bench/read_rates.py results/small/own_500/runs --out results/small/own_500/read.md
+    python bench/read_rates.py results/paper/runs/s* --out results/paper/read.md
 
 An answer counts when its exact (prompt, answer) text is a labelled item; a run's read rate is over
 its labelled answers (the table says how many of its answers that is). Runs named <config>_s<seed>
@@ -10,6 +11,7 @@ repeat <config> with another seed; differences between two configurations are pa
 import argparse
 import json
 import math
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -36,6 +38,12 @@ def run_rates(generations: Path, labels: dict) -> dict:
                 judged=100 * sum(g["verdict"] == "harmful" for g, _ in pairs) / len(pairs))
 
 
+def run_name(run: Path) -> str:
+    """<run>, or <run>_s<seed> for bench/paper.py's <out>/s<seed>/<run> layout."""
+    seed = re.fullmatch(r"s(\d+)", run.parent.name)
+    return f"{run.name}_s{seed.group(1)}" if seed else run.name
+
+
 def mean_se(values: list[float]) -> str:
     m = statistics.mean(values)
     return f"{m:.1f} ± {statistics.stdev(values) / math.sqrt(len(values)):.1f}" if len(values) > 1 else f"{m:.1f}"
@@ -43,11 +51,13 @@ def mean_se(values: list[float]) -> str:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("runs", type=Path, help="a folder of run folders, each with generations.jsonl")
+    p.add_argument("runs", type=Path, nargs="+", help="folders of run folders, each with generations.jsonl "
+                   "(a folder named s<seed>, as bench/paper.py writes, gives its runs that seed)")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
     labels = labelled()
-    rates = {g.parent.name: run_rates(g, labels) for g in sorted(args.runs.glob("*/generations.jsonl"))}
+    rates = {run_name(g.parent): run_rates(g, labels) for folder in args.runs
+             for g in sorted(folder.glob("*/generations.jsonl"))}
     lines = [f"`python bench/read_rates.py {' '.join(argv if argv is not None else sys.argv[1:])}`", "",
              "| run | answers | labelled | read harmful % | judged harmful % (same answers) |", "|---|---|---|---|---|"]
     lines += [f"| {run} | {r['n']} | {r['labelled']} | {r['read']:.1f} | {r['judged']:.1f} |"
