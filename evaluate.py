@@ -43,7 +43,7 @@ import model as M
 from data.answers import REFERENCE_REFUSAL
 from data.batches import IGNORE, Batches, encode_samples, sample_losses, truncate
 from data.samples import load_jsonl
-from files import write_text_atomic
+from files import read_json, write_text_atomic
 from flags import Parser, add_flags
 
 # ----------------------------------------------------------------------------- 1. judges
@@ -687,10 +687,7 @@ def read_results(folder: Path) -> dict:
     for name in ("results.json", "generations.jsonl"):
         if not (folder / name).is_file():
             raise FileNotFoundError(f"{folder / name}: missing; rescore reads a folder evaluate.py wrote")
-    try:
-        return json.loads((folder / "results.json").read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{folder / 'results.json'}: not valid JSON ({e})") from None
+    return read_json(folder / "results.json", "evaluate it again")
 
 
 def results_markdown(r: dict) -> str:

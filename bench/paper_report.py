@@ -11,11 +11,12 @@ Pharmacist's gains over the full set for RepNoise and T-Vaccine: defense (harmfu
 """
 import argparse
 import json
-import math
-import statistics
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from read_rates import mean_se  # noqa: E402
 PAPER = {"repnoise": dict(harmful=-2.60, accuracy=3.50, time=-56.83),
          "tvaccine": dict(harmful=-3.30, accuracy=1.10, time=-57.63)}  # Pharmacist − full, the abstract
 COLUMNS = [("harmful_after", "judged harmful after (%)"), ("harmful_after_corrected", "corrected (%)"),
@@ -23,16 +24,6 @@ COLUMNS = [("harmful_after", "judged harmful after (%)"), ("harmful_after_correc
            ("broken_benign_before", "broken benign before (%)"), ("sst2_after", "SST-2 after (%)"),
            ("harmful_loss_after", "harmful loss after"), ("select_time_s", "select (s)"),
            ("align_time_s", "align (s)")]
-
-
-def mean_se(values: list[float], spec: str = ".1f") -> str:
-    values = [v for v in values if v is not None]
-    if not values:
-        return "–"
-    m = statistics.mean(values)
-    if len(values) == 1:
-        return format(m, spec)
-    return f"{m:{spec}} ± {statistics.stdev(values) / math.sqrt(len(values)):{spec}}"
 
 
 def cells(rows: list[dict]) -> dict:

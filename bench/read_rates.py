@@ -44,9 +44,15 @@ def run_name(run: Path) -> str:
     return f"{run.name}_s{seed.group(1)}" if seed else run.name
 
 
-def mean_se(values: list[float]) -> str:
+def mean_se(values: list, spec: str = ".1f") -> str:
+    """'mean ± SE' over the values that are not None ('–' when none; one value: itself)."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return "–"
     m = statistics.mean(values)
-    return f"{m:.1f} ± {statistics.stdev(values) / math.sqrt(len(values)):.1f}" if len(values) > 1 else f"{m:.1f}"
+    if len(values) == 1:
+        return format(m, spec)
+    return f"{m:{spec}} ± {statistics.stdev(values) / math.sqrt(len(values)):{spec}}"
 
 
 def main(argv=None):
