@@ -68,8 +68,8 @@ MODES = ("bilevel", "first_order")
 class SelectConfig:
     selector: str = "pharmacist"  # full|random|pharmacist|seal|loss|oracle (an ablation: reads the planted kinds)
     keep: float = 0.4  # rows to keep: a fraction in (0, 1] or a count > 1
-    passes: int = 2  # passes over the pool for the learned selectors
-    steps: int = 0  # selector steps (0: `passes` passes over the pool)
+    passes: int = 2  # passes over the pool (Pharmacist bilevel: outer steps; SEAL, loss: training)
+    steps: int = 0  # SEAL and loss: training steps (0: `passes` passes over the pool's batches)
     batch_size: int = 8  # pool rows per step (and validation rows per step for SEAL and loss)
     max_len: int = 128  # tokens per sample (prompt truncated first)
     lora_rank: int = 8  # rank of the selector's own LoRA (all projections)
@@ -77,14 +77,14 @@ class SelectConfig:
     lora_layers: int = 8  # adapters on the last this many blocks only (0: every block); a shorter backward, and better rankings
     inner_lr: float = 5e-4  # AdamW learning rate of the inner (model) step
     bf16: bool = True  # bf16 frozen weights where the device has bf16 units (fast.train_dtype); fp32 elsewhere
-    mode: str = "first_order"  # Pharmacist: first_order (one scoring pass) or bilevel (learned weights)
-    outer_every: int = 8  # Pharmacist bilevel: steps between two outer gradients g = ∇F
+    mode: str = "first_order"  # Pharmacist: first_order (one scoring pass) or bilevel (an outer step a pass)
     outer_batch_size: int = 32  # Pharmacist: validation and harmful rows of each outer gradient
-    lookahead: bool = False  # Pharmacist bilevel: g at θ − η·G each step (learning to reweight)
+    lookahead: bool = False  # Pharmacist bilevel: g at θ − η·∇ mean_i w_i·ℓ_i (learning to reweight; one pass more)
     eta: float = 1e-3  # Pharmacist lookahead: look-ahead learning rate η
     lam: float = 1.0  # Pharmacist: weight λ of the harmful term of the outer loss
     alpha: float = 0.1  # Pharmacist: size α of the simulated harmful step
-    selector_lr: float = 0.05  # step of the per-sample logits (Pharmacist: SGD on normalised hypergradients; SEAL: Adam)
+    outer_lr: float = 1.0  # Pharmacist bilevel: logit step a pass, in units of the pass's hypergradient spread
+    selector_lr: float = 0.05  # SEAL: Adam learning rate of the per-sample logits
     weighting: str = "softmax"  # softmax (w = N·softmax(s)) or sigmoid (w = 2·sigmoid(s))
     checkpoints: int = 1  # Pharmacist first_order: scoring passes, one SFT pass on the pool between two
     normalize: bool = True  # Pharmacist: cos(∇ℓ_b, g) in place of ∇ℓ_bᵀg (rows of any length count alike)
@@ -227,56 +227,77 @@ def outer_grad(meter: Meter, model, params, batch_v, batch_h, lam: float, alpha:
     return g, dict(F=F, L_v=L_v.item(), L_h=L_h)
 
 
-def weighted_step_dots(meter: Meter, model, params, batch, w_batch, direction, normalize: bool = False):
-    """One forward and one backward of the inner loss mean_B(w_b·ℓ_b): its gradient G and,
-    from the same backward, ∇ℓ_b(θ)ᵀg for every row b (model.sample_grad_dots), or with
-    `normalize` the cosine ∇ℓ_bᵀg / (‖∇ℓ_b‖·‖g‖). The backward carries c_b = w_b/|B| into row b,
-    so the dots are divided by it (a cosine does not see it)."""
-    with M.sample_grad_dots(model, params, direction, norms=normalize) as probe:
-        losses = meter.losses(model, batch)
-    w = w_batch.detach().to(losses.dtype)
-    G = meter.grad((w * losses).mean(), params)
-    if normalize:
-        norm = probe.sq_norms.double().sqrt() * float(global_norm(direction))
-        return losses, G, probe.dots.double() / norm.clamp_min(1e-30)
-    return losses, G, probe.dots.double() * len(w) / w.double()
+def score_pass(meter: Meter, model, params, batches, g, cfg: SelectConfig, bar=None) -> np.ndarray:
+    """cos(∇ℓ_b(θ), g) of every pool row (∇ℓ_bᵀg without cfg.normalize), every row at the same θ
+    against the same g: one forward and one backward a batch, the dots formed in the backward by
+    model.sample_grad_dots, nothing trained. Under torchrun each process scores its own batches."""
+    device, scores = next(model.parameters()).device, None
+    g_norm = float(global_norm(g))
+    for i, b in enumerate(batches):
+        if scores is None:
+            scores = np.zeros(int(sum(len(x["index"]) for x in batches)))
+        if i % P.world() == P.rank():
+            with M.sample_grad_dots(model, params, g, norms=cfg.normalize) as probe:
+                losses = meter.losses(model, {k: v.to(device) for k, v in b.items()})
+            meter.grad(losses.sum(), params)  # for the hooks only
+            dots = probe.dots.double()
+            if cfg.normalize:
+                dots = dots / (probe.sq_norms.double().sqrt().clamp_min(1e-30) * max(g_norm, 1e-30))
+            scores[b["index"].numpy()] = dots.cpu().numpy()
+        if bar is not None:
+            bar.update()
+    return P.summed(scores, device)  # each row was scored on one rank
 
 
-def lookahead_step_dots(meter: Meter, model, params, batch, w_batch, next_outer, cfg: SelectConfig):
-    """The look-ahead of learning-to-reweight: G from the inner loss, g = ∇F(θ⁺) at θ⁺ = θ − η·G,
-    then G again and ∇ℓ_b(θ)ᵀg from a second forward and backward at θ (two of each, where the
-    finite differences of the DARTS trick took a backward and three forwards)."""
-    G = meter.grad((w_batch.detach() * meter.losses(model, batch)).mean(), params)
-    with perturb(params, G, -cfg.eta):  # θ⁺ = θ − η·G
-        g, info = outer_grad(meter, model, params, *next_outer(), cfg.lam, cfg.alpha)
-    return (*weighted_step_dots(meter, model, params, batch, w_batch, g, cfg.normalize), g, info)
+def inner_pass(meter: Meter, opt, model, params, batches, w: torch.Tensor, bar=None):
+    """One pass of the inner training: AdamW on mean_B(w_b·ℓ_b(θ)) batch by batch (w fixed)."""
+    device = next(model.parameters()).device
+    for b in batches:
+        losses = meter.losses(model, {k: v.to(device) for k, v in b.items()})
+        loss = (w[b["index"].to(w.device)].to(losses.dtype) * losses).mean()
+        model_step(meter, opt, params, meter.grad(loss, params))
+        if bar is not None:
+            bar.update()
 
 
-class RunningScale:
-    """Root of an exponential moving average of mean(x²): the typical size of a hypergradient,
-    so a selector step is `selector_lr` in units of it and rows keep their relative sizes."""
+def pool_grad(meter: Meter, model, params, batches, w: torch.Tensor) -> list[torch.Tensor]:
+    """∇_θ mean_i w_i·ℓ_i(θ) over the whole pool (the look-ahead's inner step direction)."""
+    device, n = next(model.parameters()).device, len(w)
+    total = [torch.zeros_like(p) for p in params]
+    for b in batches:
+        losses = meter.losses(model, {k: v.to(device) for k, v in b.items()})
+        grads = meter.grad((w[b["index"].to(w.device)].to(losses.dtype) * losses).sum() / n, params)
+        total = [t + x for t, x in zip(total, grads)]
+    return total
 
-    def __init__(self, beta: float = 0.9):
-        self.beta, self.avg, self.n = beta, 0.0, 0
 
-    def __call__(self, x: torch.Tensor) -> float:
-        self.n += 1
-        self.avg = self.beta * self.avg + (1 - self.beta) * float((x.double() ** 2).mean())
-        return max(math.sqrt(self.avg / (1 - self.beta ** self.n)), 1e-30)  # bias-corrected
+def lookahead_grad(meter: Meter, model, params, batches, w, batch_v, batch_h, cfg: SelectConfig):
+    """g = ∇F(θ⁺) at the look-ahead point θ⁺ = θ − η·∇ mean_i w_i·ℓ_i(θ) (learning to reweight):
+    then ∂F(θ⁺)/∂w_b = −(η/N)·∇ℓ_b(θ)ᵀg exactly. θ comes back bit for bit."""
+    with perturb(params, pool_grad(meter, model, params, batches, w), -cfg.eta):
+        return outer_grad(meter, model, params, batch_v, batch_h, cfg.lam, cfg.alpha)
+
+
+def standardised(h: np.ndarray) -> np.ndarray:
+    """(h − mean h) / std h: one pass's hypergradients in units of their spread over the pool."""
+    return (h - h.mean()) / max(float(h.std()), 1e-30)
 
 
 def pharmacist_select(model, tokenizer, pool, validation, harmful, cfg: SelectConfig,
                       progress: bool = True, log=None, checkpoint=None) -> Selection:
-    """The bilevel selector (mode "bilevel") or its first-order single pass ("first_order").
+    """The bilevel selector (mode "bilevel"), one outer step a pass, or its first step alone
+    (mode "first_order", the default: first_order_select).
 
-    bilevel: each step, one forward and one backward of the weighted inner loss on a pool batch
-    give the inner gradient G and the exact ∇ℓ_bᵀg (with `normalize`: the cosine) of every row
-    against the outer gradient g (refreshed every `outer_every` steps on `outer_batch_size` rows,
-    or at the look-ahead point θ − ηG each step with `lookahead`). Then
-        selector  s_B ← s_B − selector_lr·∇_s Σ_b w_b(s)·h_b,   h_b = −∇ℓ_bᵀg / rms(∇ℓᵀg)
-                  (∂F/∂w_b = −(η/|B|)·∇ℓ_bᵀg up to its positive factor, in units of its running size)
-        inner     AdamW on mean_B(w_b·ℓ_b), w as before the selector step
-    score = the final logit s_b: the sum of a row's normalised, centred hypergradients."""
+    bilevel, for p = 0 .. passes−1:
+        θ_p   p > 0: one pass of the inner training on mean_b w_b(s)·ℓ_b(θ)     (inner_pass)
+        g_p   = ∇F(θ_p) on `outer_batch_size` rows, held for the pass            (outer_grad;
+              with `lookahead` at θ_p − η·∇ mean_i w_i·ℓ_i(θ_p): lookahead_grad)
+        h_b   = cos(∇ℓ_b(θ_p), g_p), every row at θ_p against g_p                (score_pass)
+        s     ← s + outer_lr·∇_s Σ_b w_b(s)·z_b,  z = standardised(h)
+    ∂F/∂w_b = −(η/N)·∇ℓ_bᵀg, so the step descends F; through w = N·softmax(s) the gradient is
+    w_b·(z_b − Σ_j softmax(s)_j·z_j): each row is compared with the whole pool. At p = 0 the
+    weights are 1 and the adapter fresh: the first step ranks exactly as the first-order score.
+    score = the final logit s_b."""
     if cfg.mode not in MODES:
         raise ValueError(f"select mode {cfg.mode!r}: choose {' or '.join(MODES)}")
     require(pool, "pool", "pharmacist")
@@ -286,35 +307,38 @@ def pharmacist_select(model, tokenizer, pool, validation, harmful, cfg: SelectCo
     if cfg.mode == "first_order":
         return first_order_select(model, tokenizer, pool, validation, harmful, cfg, progress, log, checkpoint)
     device = next(model.parameters()).device
-    next_pool = stream(pool, tokenizer, cfg, cfg.seed, device)
+    examples = encode_samples(pool, tokenizer, cfg.max_len)
+    batches = Batches(examples, cfg.batch_size, tokenizer.pad_id, seed=cfg.seed)
     next_outer = OuterStreams(validation, harmful, tokenizer, cfg, device)
-    weights = SampleWeights(len(pool), cfg.weighting, cfg.selector_lr, optimizer="sgd", device=device)
-    meter, steps, info, scale, g = Meter(), step_budget(cfg, len(pool)), {}, RunningScale(), None
+    weights = SampleWeights(len(pool), cfg.weighting, cfg.outer_lr, optimizer="sgd", device=device)
+    meter, info, n_batches = Meter(), {}, len(batches)
     with selector_lora(model, cfg) as (params, opt):
-        ck = Checkpoint(checkpoint, cfg.save_every, writes=P.is_main(), params=params, opt=opt, weights=weights, scale=scale,
-                            meter=meter, pool=next_pool, outer=next_outer)
+        ck = Checkpoint(checkpoint, 1, writes=P.is_main(), params=params, opt=opt, weights=weights, meter=meter,
+                        outer=next_outer)  # at every pass boundary
         start, values = ck.load()
-        g, info = values.get("g", g), values.get("info", info)
-        ck.mark(start, g=g, info=info)
-        bar = tqdm(range(start, steps), initial=start, total=steps, desc="pharmacist", disable=not progress)
+        info = values.get("info", info)
+        ck.mark(start, info=info)
+        per_pass = 2 * n_batches + (n_batches if cfg.lookahead else 0)
+        bar = tqdm(total=cfg.passes * per_pass - n_batches, initial=max(0, start * per_pass - n_batches),
+                   desc="pharmacist (bilevel)", disable=not progress)
         with ck.saved_on_interrupt():
-            for step in bar:
-                batch = next_pool()
-                w = weights.weights(batch["index"])
+            for p in range(start, cfg.passes):
+                w = weights.weights().detach()
+                if p:  # θ_p: the inner training on the current weights
+                    inner_pass(meter, opt, model, params, batches.epoch(p), w, bar)
                 if cfg.lookahead:
-                    losses, G, dots, g, info = lookahead_step_dots(meter, model, params, batch, w, next_outer, cfg)
+                    g, info = lookahead_grad(meter, model, params, batches.epoch(0), w, *next_outer(), cfg)
+                    bar.update(n_batches)
                 else:
-                    if step % cfg.outer_every == 0:  # g = ∇F(θ), held for outer_every steps
-                        g, info = outer_grad(meter, model, params, *next_outer(), cfg.lam, cfg.alpha)
-                    losses, G, dots = weighted_step_dots(meter, model, params, batch, w, g, cfg.normalize)
-                h = -dots / scale(dots)  # ∝ ∂F/∂w_b (or its cosine), in units of its running size
-                weights.step((w * h.to(w.dtype)).sum())  # selector: SGD on s through w(s)
-                model_step(meter, opt, params, G)  # inner: AdamW on mean_B(w_b·ℓ_b)
-                info = dict(info, loss=losses.mean().item())
+                    g, info = outer_grad(meter, model, params, *next_outer(), cfg.lam, cfg.alpha)
+                z = torch.as_tensor(standardised(score_pass(meter, model, params, batches.epoch(0), g, cfg, bar)),
+                                    device=device)
+                weights.step(-(weights.weights() * z.to(weights.logits.dtype)).sum())  # s += outer_lr·∇_s Σ w_b z_b
+                info = dict(info, passes=p + 1)
                 bar.set_postfix(F=f"{info['F']:.3f}", L_v=f"{info['L_v']:.3f}", L_h=f"{info['L_h']:.3f}")
                 if log:
-                    log(dict(step=step + 1, **info))
-                ck.mark(step + 1, g=g, info=info)
+                    log(dict(step=p + 1, **info))
+                ck.mark(p + 1, info=info)
     scores = weights.logits.detach().double().cpu().numpy()
     return Selection(scores, meter.stats(**info, scores=score_stats(scores)))
 
@@ -325,41 +349,24 @@ def first_order_select(model, tokenizer, pool, validation, harmful, cfg: SelectC
         score_b = mean_c cos(∇ℓ_b(θ_c), g_c),   g_c = ∇F(θ_c) on `outer_batch_size` rows
     θ_0 is the fresh adapter (B = 0: ∇ℓ_b is then ∇_W ℓ_b projected through the random A, a
     random projection of the full gradient as in LESS); between checkpoints the adapter trains
-    one pass on the pool with plain SFT. It is the bilevel selector's hypergradient with the
-    inner training's weights held at 1 and each row seen once per checkpoint; `normalize`
-    false ranks by the raw dot product ∇ℓ_bᵀg instead of the cosine."""
+    one pass on the pool with plain SFT. It is the bilevel selector's first step (w = 1);
+    `normalize` false ranks by the raw dot product ∇ℓ_bᵀg instead of the cosine."""
     device = next(model.parameters()).device
-    examples = encode_samples(pool, tokenizer, cfg.max_len)
-    pool_batches = Batches(examples, cfg.batch_size, tokenizer.pad_id, seed=cfg.seed).epoch(0)  # length-bucketed
-    next_pool = Stream(examples, cfg.batch_size, tokenizer.pad_id, cfg.seed, device)  # SFT between checkpoints
+    batches = Batches(encode_samples(pool, tokenizer, cfg.max_len), cfg.batch_size, tokenizer.pad_id, seed=cfg.seed)
     next_outer = OuterStreams(validation, harmful, tokenizer, cfg, device)
-    meter, scores, info = Meter(), np.zeros(len(pool)), {}
+    meter, scores, info, n_batches = Meter(), np.zeros(len(pool)), {}, len(batches)
+    ones = torch.ones(len(pool), device=device)
     with selector_lora(model, cfg) as (params, opt):
-        bar = tqdm(total=cfg.checkpoints * (len(pool_batches) + 1) + (cfg.checkpoints - 1) * len(pool_batches),
+        bar = tqdm(total=cfg.checkpoints * (n_batches + 1) + (cfg.checkpoints - 1) * n_batches,
                    desc="pharmacist (first order)", disable=not progress)
         for c in range(cfg.checkpoints):
-            for _ in range(len(pool_batches) if c else 0):  # one SFT pass between checkpoints
-                loss = meter.losses(model, next_pool()).mean()
-                model_step(meter, opt, params, meter.grad(loss, params))
-                bar.update()
+            if c:  # one SFT pass between checkpoints
+                inner_pass(meter, opt, model, params, batches.epoch(c), ones, bar)
             g, info = outer_grad(meter, model, params, *next_outer(), cfg.lam, cfg.alpha)
-            g_norm = float(global_norm(g))
             bar.update()
-            for i, b in enumerate(pool_batches):
-                if i % P.world() != P.rank():  # under torchrun each process scores its own batches
-                    bar.update()
-                    continue
-                with M.sample_grad_dots(model, params, g, norms=cfg.normalize) as probe:
-                    losses = meter.losses(model, {k: v.to(device) for k, v in b.items()})
-                meter.grad(losses.sum(), params)  # for the hooks only
-                dots = probe.dots.double()
-                if cfg.normalize:
-                    dots = dots / (probe.sq_norms.double().sqrt().clamp_min(1e-30) * max(g_norm, 1e-30))
-                scores[b["index"].numpy()] += dots.cpu().numpy() / cfg.checkpoints
-                bar.update()
+            scores += score_pass(meter, model, params, batches.epoch(0), g, cfg, bar) / cfg.checkpoints
             if log:
                 log(dict(checkpoint=c, **info))
-    scores = P.summed(scores, device)  # each row was scored on one rank
     return Selection(scores, meter.stats(**info, scores=score_stats(scores)))
 
 

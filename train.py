@@ -172,7 +172,7 @@ def config_problem(cfg: Config) -> str | None:
     if cfg.device and cfg.device != "cpu" and not (cfg.device.startswith("cuda") and torch.cuda.is_available()
                                                      or cfg.device == "mps" and torch.backends.mps.is_available()):
         checks.append(f"--device {cfg.device}: not available on this machine (use cpu, or leave it out for the best one)")
-    for name in ("outer_every", "outer_batch_size", "checkpoints", "batch_size", "passes", "max_len", "lora_rank",
+    for name in ("outer_batch_size", "checkpoints", "batch_size", "passes", "max_len", "lora_rank",
                  "save_every"):
         if getattr(cfg.select, name) < 1:
             checks.append(f"--select-{name.replace('_', '-')} {getattr(cfg.select, name)}: must be at least 1")
@@ -180,7 +180,7 @@ def config_problem(cfg: Config) -> str | None:
     for name in ("steps", "lora_layers"):
         if getattr(cfg.select, name) < 0:
             checks.append(f"--select-{name.replace('_', '-')} {getattr(cfg.select, name)}: must be >= 0")
-    for name in ("inner_lr", "selector_lr", "eta"):
+    for name in ("inner_lr", "selector_lr", "outer_lr", "eta"):
         if not 0 < getattr(cfg.select, name) < math.inf:
             checks.append(f"--select-{name.replace('_', '-')} {getattr(cfg.select, name)}: must be a finite number > 0")
     for section in ("align", "finetune"):
@@ -403,6 +403,8 @@ def train(model, examples, pad_id: int, cfg: TrainConfig, ctx: defenses.Context,
                                         f"{ckpt.path if ckpt.path.exists() else 'none'}: lower the learning "
                                         "rate and start over (--resume continues only with the same flags)")
                 for p, g in zip(params, grads):
+                    if g is None:  # kept frozen this step (T-Vaccine's unsampled layers): AdamW skips it
+                        continue
                     g = g / len(chunk)
                     p.grad = g if p.grad is None else p.grad + g
             gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.clip)

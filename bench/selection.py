@@ -34,7 +34,7 @@ from data.samples import load_jsonl  # noqa: E402
 RUNS = {
     "pharmacist": {},  # the default mode: first_order
     "pharmacist-bilevel": dict(mode="bilevel"),
-    "pharmacist-lookahead": dict(mode="bilevel", lookahead=True, outer_every=1),
+    "pharmacist-lookahead": dict(mode="bilevel", lookahead=True),
     "seal": dict(selector="seal"),
     "loss": dict(selector="loss"),
     "random": dict(selector="random"),
@@ -46,7 +46,7 @@ def parse(argv=None):
     p.add_argument("--data", default="runs/data", help="comma list of data folders (data/prepare.py)")
     p.add_argument("--runs", default="pharmacist,pharmacist-bilevel,seal,loss,random",
                    help=f"comma list of {', '.join(RUNS)}; NAME:field=value/field=value adds "
-                        "SelectConfig overrides (e.g. pharmacist:passes=1/outer_every=8)")
+                        "SelectConfig overrides (e.g. pharmacist-bilevel:passes=3/outer_lr=0.5)")
     p.add_argument("--keep", type=float, default=160, help="rows kept (count or fraction)")
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for selection and alignment")
@@ -58,7 +58,7 @@ def parse(argv=None):
 
 
 def run_spec(spec: str) -> tuple[str, dict]:
-    """'pharmacist:outer_every=8/selector_lr=0.2' -> (the same string, its SelectConfig overrides)."""
+    """'pharmacist-bilevel:passes=3/outer_lr=0.5' -> (the same string, its SelectConfig overrides)."""
     name, _, extra = spec.partition(":")
     if name not in RUNS:
         raise SystemExit(f"error: --runs {name!r}: choose from {', '.join(RUNS)}")

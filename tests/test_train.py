@@ -61,7 +61,8 @@ def tiny_run(tmp_path, name, cfg, monkeypatch=None, stop_at=None, resume=False, 
     ex = encode_samples(samples, tok, 48)
     harmful = Stream(ex, 4, tok.pad_id, seed=1)
     ctx = defenses.Context(model=model, params=[p for p in model.parameters() if p.requires_grad],
-                           next_harmful=harmful, next_align=harmful, n_samples=len(ex))
+                           next_harmful=harmful, next_align=harmful, n_samples=len(ex),
+                           cfg=defenses.DefenseConfig(tvaccine_layers=1))  # T-Vaccine: 1 of 2 blocks, the other None
     if stop_at is not None:
         real = defenses.STEPS[cfg.defense]
 
