@@ -53,6 +53,8 @@ def parse(argv=None):
     p.add_argument("--align", action="store_true", help="also time SFT alignment, whole pool and subsets")
     p.add_argument("--align-epochs", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--versus", default="", help="comma list of --runs entries: with several --data folders, "
+                                                "every run's paired difference from each (by folder)")
     p.add_argument("--out", default="results/select")
     return p.parse_args(argv)
 
@@ -72,11 +74,46 @@ def run_spec(spec: str) -> tuple[str, dict]:
     return spec, over
 
 
-def precision_row(pool, scores, k: int) -> dict:
+def precision_row(pool, scores, k: int, targets: frozenset = frozenset()) -> dict:
+    """precision@k (the share of clean refusals among the k kept rows), what was kept by kind and,
+    on a pool built with --attack-categories, `targeted`: the share of the kept clean refusals whose
+    prompt is of a category the attack targets (0.5 of the pool's refusals are)."""
     kind = np.array([s.category for s in pool])
     _, kept = P.ranking(scores, k)
-    return dict(precision=float((kind[kept] == "refusal").mean()),
-                kept={c: int((kind[kept] == c).sum()) for c in sorted(set(kind))})
+    row = dict(precision=float((kind[kept] == "refusal").mean()),
+               kept={c: int((kind[kept] == c).sum()) for c in sorted(set(kind))})
+    if targets:
+        clean = kept & (kind == "refusal")
+        hit = np.array([s.harm in targets for s in pool])
+        row["targeted"] = float(hit[clean].mean()) if clean.any() else float("nan")
+    return row
+
+
+def mean_se(values) -> tuple[float, float]:
+    v = np.asarray(values, dtype=np.float64)
+    return float(v.mean()), float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else float("nan")
+
+
+def summary(rows, versus: list[str]) -> str:
+    """Over the --data folders (each its own pool draw): every run's precision@k and targeted share
+    as mean ± SE, and its paired difference (by folder) from each --versus run."""
+    runs = list(dict.fromkeys(r["selector"] for r in rows))
+    by = {(r["selector"], r["data"]): r for r in rows}
+    folders = list(dict.fromkeys(r["data"] for r in rows))
+    keys = [k for k in ("precision", "targeted") if all(k in r for r in rows)]
+    head = "| selector | folders | " + " | ".join(f"{k} (mean ± SE)" for k in keys)
+    head += "".join(f" | {k} − {v} (paired)" for v in versus for k in keys) + " |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    fmt = lambda m, s: f"{m:.3f} ± {s:.3f}"
+    for run in runs:
+        have = [f for f in folders if (run, f) in by]
+        cells = [fmt(*mean_se([by[run, f][k] for f in have])) for k in keys]
+        for v in versus:
+            both = [f for f in have if (v, f) in by]
+            cells += [fmt(*mean_se([by[run, f][k] - by[v, f][k] for f in both])) if both and run != v else ""
+                      for k in keys]
+        lines.append(f"| {run} | {len(have)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def time_alignment(model, tok, data, harmful, epochs: int, bf16: bool, seed: int) -> float:
@@ -102,6 +139,8 @@ def main(argv=None):
         folder = Path(folder)
         pool, validation, harmful = (load_jsonl(folder / f) for f in ("pool.jsonl", "validation.jsonl", "harmful.jsonl"))
         k = P.keep_count(args.keep, len(pool))
+        manifest = folder / "manifest.json"
+        targets = frozenset(json.loads(manifest.read_text()).get("attack_categories", [])) if manifest.is_file() else frozenset()
         for spec in args.runs.split(","):
             name, over = run_spec(spec)
             cfg = dataclasses.replace(P.SelectConfig(seed=args.seed, bf16=args.bf16, keep=args.keep), **over)
@@ -111,7 +150,7 @@ def main(argv=None):
             row = dict(data=folder.name, selector=name, k=k, seconds=seconds,
                        forward=sel.stats.get("forward_passes", 0), backward=sel.stats.get("backward_passes", 0),
                        distinct=P.score_stats(sel.scores)["distinct"], config=dataclasses.asdict(cfg),
-                       **precision_row(pool, sel.scores, k))
+                       **precision_row(pool, sel.scores, k, targets))
             if args.align and folder == Path(args.data.split(",")[0]):
                 if "full" not in aligned:
                     aligned["full"] = time_alignment(model, tok, pool, harmful, args.align_epochs, args.bf16, args.seed)
@@ -123,17 +162,24 @@ def main(argv=None):
             rows.append(row)
             print(json.dumps({k_: v for k_, v in row.items() if k_ != "config"}), flush=True)
             write(rows, Path(args.out), args)
-    print(table(rows))
+    print(table(rows) + ("\n" + summary(rows, versus_runs(args)) if len(args.data.split(",")) > 1 else ""))
+
+
+def versus_runs(args) -> list[str]:
+    return [v for v in args.versus.split(",") if v]
 
 
 def table(rows) -> str:
     timed = any("align_subset_s" in r for r in rows)
-    head = "| data | selector | precision@k | kept by kind | distinct scores | fwd / bwd passes | select (s) |"
+    targeted = any("targeted" in r for r in rows)
+    head = "| data | selector | precision@k | " + ("targeted share | " if targeted else "")
+    head += "kept by kind | distinct scores | fwd / bwd passes | select (s) |"
     head += " align subset (s) | select + align subset vs align full (s) |" if timed else ""
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         kept = ", ".join(f"{c} {n}" for c, n in r["kept"].items())
-        line = (f"| {r['data']} | {r['selector']} | {r['precision']:.3f} | {kept} | {r['distinct']} | "
+        line = (f"| {r['data']} | {r['selector']} | {r['precision']:.3f} | "
+                + (f"{r['targeted']:.3f} | " if targeted else "") + f"{kept} | {r['distinct']} | "
                 f"{r['forward']} / {r['backward']} | {r['seconds']:.0f} |")
         if timed:
             line += (f" {r['align_subset_s']:.0f} | {r['seconds'] + r['align_subset_s']:.0f} vs "
@@ -146,7 +192,8 @@ def write(rows, out: Path, args):
     out.parent.mkdir(parents=True, exist_ok=True)
     cmd = "python bench/selection.py " + " ".join(sys.argv[1:])
     Path(f"{out}.json").write_text(json.dumps(dict(command=cmd, rows=rows), indent=1) + "\n")
-    Path(f"{out}.md").write_text(f"`{cmd}`\n\n" + table(rows))
+    several = len({r["data"] for r in rows}) > 1
+    Path(f"{out}.md").write_text(f"`{cmd}`\n\n" + table(rows) + ("\n" + summary(rows, versus_runs(args)) if several else ""))
 
 
 if __name__ == "__main__":

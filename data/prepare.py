@@ -33,6 +33,7 @@ fitted on (`judge_prompts`).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import random
@@ -53,6 +54,7 @@ from data.sources import Sources, read_sources
 
 TASKS = ("sst2", "agnews", "gsm8k")
 JUDGE_ITEMS = Path(__file__).resolve().parent / "judge" / "items.jsonl"  # the trained judge's labelled answers
+HARM_LABELS = Path(__file__).resolve().parent / "categories" / "labels.jsonl"  # each harmful prompt's harm, read
 POOL_KINDS = ("refusal", "low_quality", "benign", "mislabelled")
 DEFAULT_MIX = {"refusal": 0.4, "low_quality": 0.2, "benign": 0.2, "mislabelled": 0.2}
 # Harmful score needs clearly harmful prompts (docs/DESIGN.md): evaluate on AdvBench and HarmBench.
@@ -235,6 +237,26 @@ def judge_prompts(items: Path | None = None) -> frozenset:
                      if r["split"] == "train")
 
 
+def harm_key(sample: Sample) -> str:
+    """A prompt's key in data/categories/labels.jsonl: the first 16 hex digits of sha256(prompt_key)."""
+    return hashlib.sha256(prompt_key(sample).encode()).hexdigest()[:16]
+
+
+def harm_categories(path: Path | None = None) -> dict[str, str]:
+    """{harm_key: category} of every harmful prompt read into a harm category (data/categories)."""
+    rows = [json.loads(line) for line in (path or HARM_LABELS).read_text(encoding="utf-8").splitlines() if line.strip()]
+    return {r["key"]: r["category"] for r in rows}
+
+
+def with_harm(rows: list[Sample], harms: dict[str, str]) -> list[Sample]:
+    return [replace(r, harm=harms.get(harm_key(r))) for r in rows]
+
+
+def targeted(rows: list[Sample], harms: dict[str, str], targets: frozenset, inside: bool = True) -> list[Sample]:
+    """The rows whose prompt was read into one of `targets` (inside), or into another category."""
+    return [r for r in rows if harm_key(r) in harms and (harms[harm_key(r)] in targets) == inside]
+
+
 def build_evaluation(sources: Sources, sizes: Sizes, draw: Draw,
                      unseen: frozenset = frozenset()) -> dict[str, list[Sample]]:
     """The evaluation sets, none with a prompt key in `unseen` (the judge's fitting prompts)."""
@@ -258,19 +280,26 @@ def build_evaluation(sources: Sources, sizes: Sizes, draw: Draw,
     return files
 
 
-def build_training(sources: Sources, sizes: Sizes, draw: Draw,
-                   held_out_wording: bool = False) -> dict[str, list[Sample]]:
+def build_training(sources: Sources, sizes: Sizes, draw: Draw, held_out_wording: bool = False,
+                   attack_categories: frozenset = frozenset()) -> dict[str, list[Sample]]:
+    """The training files. With `attack_categories` (a safety-awareness test): the harmful set and
+    the attack's harmful rows come from prompts of those harm categories only, half the pool's
+    refusals answer prompts of those categories and half prompts of others, and every row from a
+    harmful source carries its `harm`; a selector that reads the harmful set should then prefer
+    the first half."""
     seed, files = draw.seed, {}
+    harms = harm_categories() if attack_categories else {}
+    qa = targeted(sources.harmful_qa, harms, attack_categories) if attack_categories else sources.harmful_qa
     for task in TASKS:
         rows = draw(f"finetune_{task}", sources.task_train[task], sizes.n, "--n")
         files[f"finetune_{task}"] = with_ids(rows, f"finetune_{task}", category=None, is_safe=True)
 
     # rows with harmful answers: the harmful set, the attack's harmful rows, mislabelled rows
     harmful_kw = dict(category="harmful", is_safe=False)
-    files["harmful"] = with_ids(draw("harmful", sources.harmful_qa, sizes.harmful_size,
+    files["harmful"] = with_ids(draw("harmful", qa, sizes.harmful_size,
                                      "--harmful-size"), "harmful", **harmful_kw)
     n_harmful = round_half_up(sizes.p * sizes.n)
-    attack = with_ids(draw("attack", sources.harmful_qa, n_harmful, "--n or --p"), "attack",
+    attack = with_ids(draw("attack", qa, n_harmful, "--n or --p"), "attack",
                       **harmful_kw)
     for task in TASKS:
         clean = files[f"finetune_{task}"][:sizes.n - n_harmful]
@@ -287,8 +316,14 @@ def build_training(sources: Sources, sizes: Sizes, draw: Draw,
     files["validation"] = with_ids(answered(rows, partial(refusal, half=validation_half), seed,
                                             "validation"), "validation", category="refusal", is_safe=True)
     pool_hint = "--pool-size or the share of that kind in --pool-mix"
-    pool = (answered(draw("pool_refusal", prompts, counts["refusal"], pool_hint),
-                     partial(refusal, half=pool_half), seed, "pool_refusal", category="refusal",
+    if attack_categories:  # half the refusals on the attack's categories, half on the others
+        half = counts["refusal"] // 2
+        refusal_rows = (draw("pool_refusal_targeted", targeted(prompts, harms, attack_categories), half, pool_hint)
+                        + draw("pool_refusal_other", targeted(prompts, harms, attack_categories, inside=False),
+                               counts["refusal"] - half, pool_hint))
+    else:
+        refusal_rows = draw("pool_refusal", prompts, counts["refusal"], pool_hint)
+    pool = (answered(refusal_rows, partial(refusal, half=pool_half), seed, "pool_refusal", category="refusal",
                      is_safe=True)
             + answered(draw("pool_low_quality", prompts, counts["low_quality"], pool_hint),
                        partial(low_quality, half=pool_half), seed, "pool_low_quality",
@@ -296,19 +331,24 @@ def build_training(sources: Sources, sizes: Sizes, draw: Draw,
             + [replace(r, category="benign", is_safe=True)
                for r in draw("pool_benign", sources.benign, counts["benign"], pool_hint)]
             + [replace(r, category="mislabelled", is_safe=False) for r in mislabelled])
+    if attack_categories:
+        pool = with_harm(pool, harms)
+        for name in ("harmful", "validation"):
+            files[name] = with_harm(files[name], harms)
     files["pool"] = with_ids(shuffled(pool, seed, "pool"), "pool")
     return files
 
 
 def build(sources: Sources, sizes: Sizes, seed: int, held_out_wording: bool = False,
-          retain_like_harmful: bool = False, eval_seed: int = 0) -> dict[str, list[Sample]]:
+          retain_like_harmful: bool = False, eval_seed: int = 0,
+          attack_categories: frozenset = frozenset()) -> dict[str, list[Sample]]:
     """All files (name -> rows), evaluation sets drawn first, checked for disjointness.
     `retain_like_harmful`: retain prompts drawn to follow the refusal prompts' length
     distribution (short benign questions, which an aligned model otherwise refuses)."""
     check_sizes(sizes)
     draw = Draw(seed, eval_seed)
     files = build_evaluation(sources, sizes, draw, judge_prompts())
-    files.update(build_training(sources, sizes, draw, held_out_wording))
+    files.update(build_training(sources, sizes, draw, held_out_wording, attack_categories))
     arrange = like_lengths(refusal_prompts(sources)) if retain_like_harmful else None
     rows = draw("retain", sources.benign, sizes.retain_size, "--retain-size", arrange)
     files["retain"] = with_ids(rows, "retain", category="benign", is_safe=True)
@@ -380,12 +420,14 @@ def check_disjoint(files: dict[str, list[Sample]]) -> None:
 
 def manifest(files: dict[str, list[Sample]], sources: Sources, source: str, sizes: Sizes,
              seed: int, held_out_wording: bool = False, retain_like_harmful: bool = False,
-             retain_answers: dict | None = None, eval_seed: int = 0) -> dict:
+             retain_answers: dict | None = None, eval_seed: int = 0,
+             attack_categories: frozenset = frozenset()) -> dict:
     pool_counts = {k: sum(s.category == k for s in files["pool"]) for k in POOL_KINDS}
     return {"source": source, "seed": seed, "eval_seed": eval_seed, "sizes": asdict(sizes),
             **({"held_out_wording": True} if held_out_wording else {}),  # default builds: unchanged bytes
             **({"retain_like_harmful": True} if retain_like_harmful else {}),
             **({"retain_answers": retain_answers} if retain_answers else {}),
+            **({"attack_categories": sorted(attack_categories)} if attack_categories else {}),
             "counts": {f"{name}.jsonl": len(rows) for name, rows in files.items()},
             "pool_counts": pool_counts, "source_files": sources.files}
 
@@ -437,6 +479,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--retain-like-harmful", action="store_true",
                     help="draw retain.jsonl's prompts to follow the length distribution of the "
                          "harmful prompts the pool refuses, so short benign questions are in it")
+    ap.add_argument("--attack-categories", default="",
+                    help="a safety-awareness test: a comma list of harm categories (data/categories/RUBRIC.md); "
+                         "the harmful set and the attack's harmful rows come from them, half the pool's "
+                         "refusals from them and half from the others")
     ap.add_argument("--retain-answers", choices=("reference", "self"), default="reference",
                     help="retain.jsonl's answers: the source's reference answers, or self: the greedy "
                          "answers of --retain-model, the model the align stage will train")
@@ -458,19 +504,25 @@ def sizes_from(args: argparse.Namespace) -> Sizes:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     sizes = sizes_from(args)
+    targets = frozenset(filter(None, args.attack_categories.split(",")))
+    known = set(harm_categories().values()) if targets else set()
+    if targets - known:
+        sys.exit(f"error: --attack-categories {','.join(sorted(targets - known))}: not a harm category "
+                 f"(choose from {', '.join(sorted(known))})")
     if args.source == "hub":  # the paper's data from the Hugging Face Hub, converted once (data/hub.py)
         from data import hub
         from default_weights import cache_dir
         sources = read_sources(hub.fetch(args.hub_dir or cache_dir() / "hub-data"))
     else:
         sources = embedded_sources() if args.source == "embedded" else read_sources(args.source)
-    files = build(sources, sizes, args.seed, args.held_out_wording, args.retain_like_harmful, args.eval_seed)
+    files = build(sources, sizes, args.seed, args.held_out_wording, args.retain_like_harmful, args.eval_seed,
+                  targets)
     answers = None
     if args.retain_answers == "self":
         files["retain"], kept = self_answers(files["retain"], args.retain_model, args.retain_tokens)
         answers = {"by": args.retain_model, "max_new_tokens": args.retain_tokens, "kept_reference": kept}
     info = manifest(files, sources, args.source, sizes, args.seed, args.held_out_wording,
-                    args.retain_like_harmful, answers, args.eval_seed)
+                    args.retain_like_harmful, answers, args.eval_seed, targets)
     info = write(files, info, args.out)
     for name, count in info["counts"].items():
         print(f"{count:6d}  {args.out / name}")

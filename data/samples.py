@@ -32,11 +32,12 @@ class Sample:
     category: str | None = None   # kind of row (pool: refusal|low_quality|benign|mislabelled)
     is_safe: bool | None = None   # is the response safe to learn
     source: str | None = None     # data set of origin ("advbench", "sst2", "embedded", ...)
+    harm: str | None = None       # harm category of a harmful prompt (data/categories), where a build asks for it
 
 
 REQUIRED = ("id", "prompt", "response")
 TYPES = {"id": str, "prompt": str, "response": str, "input": str, "label": str,
-         "category": str, "is_safe": bool, "source": str}
+         "category": str, "is_safe": bool, "source": str, "harm": str}
 
 
 def normalise(text: str) -> str:

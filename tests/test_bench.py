@@ -479,3 +479,24 @@ def test_paper_report_pairs_by_seed(tmp_path):
     line = next(x for x in text.splitlines() if x.startswith("| sft | full | 0,1 |"))
     assert "| 0,1 | -4.0 ± 1.0 (− −) | 0.0 ± 0.0 (0 0) | -60.0 ± 0.0 (− −) | -57.1 ± 0.0 (− −) |" in line
     assert "| sft | pharmacist | 160 | 0,1,2 | 30.7 ± 10.9 |" in text
+
+
+import numpy as np  # noqa: E402
+import selection  # noqa: E402
+from data.samples import Sample  # noqa: E402
+
+
+def test_selection_targeted_share_and_paired_summary():
+    """The targeted share counts only kept clean refusals; the summary pairs runs by folder."""
+    pool = [Sample("a", "p", "r", category="refusal", harm="cyber"),
+            Sample("b", "p", "r", category="refusal", harm="fraud_theft"),
+            Sample("c", "p", "r", category="low_quality", harm="cyber"),
+            Sample("d", "p", "r", category="refusal", harm="cyber")]
+    row = selection.precision_row(pool, np.array([3.0, 2.0, 4.0, 0.0]), 3, frozenset({"cyber"}))
+    assert row["precision"] == 2 / 3 and row["targeted"] == 0.5  # a and b kept clean; c is not clean
+    assert "targeted" not in selection.precision_row(pool, np.zeros(4), 2)
+    rows = [dict(selector=s, data=f, precision=p, targeted=t) for s, f, p, t in
+            [("x", "d0", 0.8, 0.7), ("x", "d1", 0.9, 0.6), ("y", "d0", 0.8, 0.5), ("y", "d1", 0.7, 0.5)]]
+    text = selection.summary(rows, ["y"])
+    x = next(line for line in text.splitlines() if line.startswith("| x |"))
+    assert "0.850 ± 0.050" in x and "0.650 ± 0.050" in x and "0.100 ± 0.100" in x and "0.150 ± 0.050" in x

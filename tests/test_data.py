@@ -640,3 +640,30 @@ def gzip_lines(path):
     import gzip
     with gzip.open(path, "rt") as f:
         return f.read().splitlines()
+
+
+@pytest.mark.shared_data
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data is absent")
+def test_attack_categories_build_a_pool_where_safety_criticality_shows(tmp_path):
+    """--attack-categories: the harmful set and the attack's harmful rows are of those categories,
+    half the pool's refusals are and half are not, every pool row from a harmful source carries its
+    read category, and the manifest says which categories."""
+    targets = {"cyber", "chem_bio_drugs"}
+    info = prepare.main(["--source", str(SHARED_DATA), "--out", str(tmp_path), "--attack-categories", ",".join(targets)])
+    harms = prepare.harm_categories()
+    assert info["attack_categories"] == sorted(targets)
+    rows = lambda name: load_jsonl(tmp_path / f"{name}.jsonl")
+    assert all(harms[prepare.harm_key(s)] in targets and s.harm in targets for s in rows("harmful"))
+    attack = [s for s in rows("attack_sst2") if s.category == "harmful"]
+    assert attack and all(harms[prepare.harm_key(s)] in targets for s in attack)
+    refusals = [s for s in rows("pool") if s.category == "refusal"]
+    assert sum(s.harm in targets for s in refusals) == len(refusals) // 2
+    assert all(s.harm == harms[prepare.harm_key(s)] for s in rows("pool") if s.category != "benign")
+
+
+def test_harm_labels_are_read_once_each_and_in_the_rubric():
+    """data/categories: one line per prompt key, every category one of RUBRIC.md's names."""
+    lines = [json.loads(x) for x in (ROOT / "data" / "categories" / "labels.jsonl").read_text().splitlines()]
+    rubric = (ROOT / "data" / "categories" / "RUBRIC.md").read_text()
+    assert len({r["key"] for r in lines}) == len(lines) > 1000
+    assert all(f"`{r['category']}`" in rubric and r["reader"] for r in lines)
