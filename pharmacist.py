@@ -310,10 +310,10 @@ def pharmacist_select(model, tokenizer, pool, validation, harmful, cfg: SelectCo
     examples = encode_samples(pool, tokenizer, cfg.max_len)
     batches = Batches(examples, cfg.batch_size, tokenizer.pad_id, seed=cfg.seed)
     next_outer = OuterStreams(validation, harmful, tokenizer, cfg, device)
-    weights = SampleWeights(len(pool), cfg.weighting, cfg.outer_lr, optimizer="sgd", device=device)
+    s = torch.zeros(len(pool), dtype=torch.float64, device=device)  # the selector's logits
     meter, info, n_batches = Meter(), {}, len(batches)
     with selector_lora(model, cfg) as (params, opt):
-        ck = Checkpoint(checkpoint, 1, writes=P.is_main(), params=params, opt=opt, weights=weights, meter=meter,
+        ck = Checkpoint(checkpoint, 1, writes=P.is_main(), params=params, opt=opt, logits=[s], meter=meter,
                         outer=next_outer)  # at every pass boundary
         start, values = ck.load()
         info = values.get("info", info)
@@ -323,7 +323,7 @@ def pharmacist_select(model, tokenizer, pool, validation, harmful, cfg: SelectCo
                    desc="pharmacist (bilevel)", disable=not progress)
         with ck.saved_on_interrupt():
             for p in range(start, cfg.passes):
-                w = weights.weights().detach()
+                w = len(pool) * torch.softmax(s, dim=0)
                 if p:  # θ_p: the inner training on the current weights
                     inner_pass(meter, opt, model, params, batches.epoch(p), w, bar)
                 if cfg.lookahead:
@@ -331,15 +331,14 @@ def pharmacist_select(model, tokenizer, pool, validation, harmful, cfg: SelectCo
                     bar.update(n_batches)
                 else:
                     g, info = outer_grad(meter, model, params, *next_outer(), cfg.lam, cfg.alpha)
-                z = torch.as_tensor(standardised(score_pass(meter, model, params, batches.epoch(0), g, cfg, bar)),
-                                    device=device)
-                weights.step(-(weights.weights() * z.to(weights.logits.dtype)).sum())  # s += outer_lr·∇_s Σ w_b z_b
+                z = standardised(score_pass(meter, model, params, batches.epoch(0), g, cfg, bar))
+                s += cfg.outer_lr * torch.as_tensor(z, device=device)  # w ← w·exp(outer_lr·z), renormalised
                 info = dict(info, passes=p + 1)
                 bar.set_postfix(F=f"{info['F']:.3f}", L_v=f"{info['L_v']:.3f}", L_h=f"{info['L_h']:.3f}")
                 if log:
                     log(dict(step=p + 1, **info))
                 ck.mark(p + 1, info=info)
-    scores = weights.logits.detach().double().cpu().numpy()
+    scores = s.double().cpu().numpy()
     return Selection(scores, meter.stats(**info, scores=score_stats(scores)))
 
 

@@ -14,7 +14,11 @@ The parts, in this order (a sweep stopped early has answered the first ones):
   ablations  SFT with Pharmacist at λ = 0 (no harmful term) and an oracle that keeps a random k of
              the truly clean rows (pharmacist.oracle_select: denoising alone);
   bds        Full+SFT and Pharmacist+SFT attacked with the tuning-stage defense BDS;
-  fig1       Pharmacist and Random with SFT at k in --ks (the table gives k = --keep).
+  fig1       Pharmacist and Random with SFT at k in --ks (the table gives k = --keep);
+  safety     on a pool where safety-criticality shows (data/prepare.py --attack-categories SAFETY:
+             the harmful set and the attack's harmful rows from those harm categories, half the
+             pool's refusals on them; held-out wording), SFT with Pharmacist at λ = 1 and λ = 0 and
+             Random, keeping --safety-keep rows (half the clean refusals), in <out>/s<seed>/safety.
 Every finished cell appends one line to results/paper/table.jsonl and copies its configs,
 summaries, results and generations to results/paper/runs/s<seed>/<cell>/ (and before/ for the
 evaluation before the attack); a cell already in table.jsonl is skipped, so a rerun, in the same
@@ -33,6 +37,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from reproduce import ATTACK, SMALL_RETAIN, RunFailed, Sweep, build_data, export  # noqa: E402
 
+SAFETY = ("cyber", "chem_bio_drugs", "weapons_violence")  # the safety part's attack categories
+SAFETY_FLAGS = ["--held-out-wording", "--attack-categories", ",".join(SAFETY), "--harmful-size", "32"]
+PARTS = ("table", "ablations", "bds", "fig1", "safety")
 COMPILED = ("sft",)  # the defenses whose align stage runs compiled blocks (defenses.COMPILABLE, bds aside)
 RESULTS = ROOT / "results" / "paper"
 
@@ -85,20 +92,21 @@ def row(cell: dict, run: Path, results: Path) -> dict:
 class PaperSweep(Sweep):
     """The runs of one seed: reproduce.Sweep's stages, each finished cell recorded in the table."""
 
-    def __init__(self, out: Path, data: Path, seed: int, table: Table, jobs: int):
-        super().__init__(out, data, ["--align-epochs", "2"], [], keep=160, jobs=jobs)
-        self.seed, self.table, self.before = seed, table, True
+    def __init__(self, out: Path, data: Path, seed: int, table: Table, jobs: int, keep: int = 160, pool: str = ""):
+        super().__init__(out, data, ["--align-epochs", "2"], [], keep=keep, jobs=jobs)
+        self.seed, self.table, self.before, self.pool = seed, table, True, pool  # pool: "" or "safety"
         self.attack(ATTACK["lr"], ATTACK["epochs"], ATTACK["p"])
 
     def cell(self, selector: str, defense: str, k: int, ranking: str | None = None, bds: bool = False):
         """Hands one cell to the workers unless the table holds it (its run: s<seed>/<name>)."""
-        name = cell_name(selector, defense, k, ranking, bds)
+        name = cell_name(selector, defense, k, ranking, bds, self.pool)
         key = f"s{self.seed}/{name}"
         if key in self.table.done:
             return
         selection = self.ranking(ranking or selector)
         info = dict(run=key, selector=ranking or selector, defense=defense + ("+bds" if bds else ""), k=k, seed=self.seed,
-                    lam=0.0 if ranking == "pharmacist-lam0" else 1.0 if selector == "pharmacist" else None)
+                    lam=0.0 if ranking == "pharmacist-lam0" else 1.0 if selector == "pharmacist" else None,
+                    **({"pool": self.pool} if self.pool else {}))
         align = ["--align-seed", str(self.seed), *(["--align-compile"] if defense in COMPILED else [])]
         attack = ["--finetune-seed", str(self.seed), *(["--finetune-defense", "bds"] if bds else ["--finetune-compile"])]
         self.run(name, selection, k, defense, attack=attack, align=align, info=info)
@@ -127,11 +135,11 @@ class PaperSweep(Sweep):
         return self.rankings[selector]
 
 
-def cell_name(selector: str, defense: str, k: int, ranking: str | None = None, bds: bool = False) -> str:
-    return f"{ranking or selector}_{defense}{'+bds' if bds else ''}_k{k}"
+def cell_name(selector: str, defense: str, k: int, ranking: str | None = None, bds: bool = False, pool: str = "") -> str:
+    return f"{pool + '_' if pool else ''}{ranking or selector}_{defense}{'+bds' if bds else ''}_k{k}"
 
 
-def cells(parts: list[str], defenses: list[str], keep: int, ks: list[int]) -> list[tuple]:
+def cells(parts: list[str], defenses: list[str], keep: int, ks: list[int], safety_keep: int = 80) -> list[tuple]:
     """(part, selector, defense, k, ranking, bds) in the order the sweep runs them."""
     out = [("table", s, d, 400 if s == "full" else keep, None, False)
            for d in defenses for s in ("full", "random", "loss", "pharmacist")]
@@ -139,6 +147,8 @@ def cells(parts: list[str], defenses: list[str], keep: int, ks: list[int]) -> li
             ("ablations", "oracle", "sft", keep, None, False)]
     out += [("bds", s, "sft", 400 if s == "full" else keep, None, True) for s in ("full", "pharmacist")]
     out += [("fig1", s, "sft", k, None, False) for k in ks for s in ("pharmacist", "random")]
+    out += [("safety", s, "sft", safety_keep, r, False) for s, r in (("pharmacist", None), ("pharmacist", "pharmacist-lam0"),
+                                                                     ("random", None))]
     return [c for c in out if c[0] in parts]
 
 
@@ -147,29 +157,32 @@ def main(argv=None):
     p.add_argument("--source", required=True, help="the public data folder data/prepare.py reads")
     p.add_argument("--out", default="runs/paper")
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--parts", default="table,ablations,bds,fig1")
+    p.add_argument("--parts", default="table,ablations,bds,fig1", help=f"a comma list of {', '.join(PARTS)}")
     p.add_argument("--defenses", default="sft,tvaccine,repnoise", help="the table's columns, in the order they run")
     p.add_argument("--keep", type=int, default=160)
     p.add_argument("--ks", default="80,240,400", help="the other k of fig1")
     p.add_argument("--fig1-seeds", default="0,1", help="seeds of the fig1 part")
+    p.add_argument("--safety-keep", type=int, default=80, help="rows the safety part keeps (of 160 clean refusals)")
     p.add_argument("--jobs", type=int, default=2, help="cells at a time, each with cpu_count / jobs threads")
     args = p.parse_args(argv)
     seeds, parts = [int(s) for s in args.seeds.split(",")], args.parts.split(",")
-    unknown = set(parts) - {"table", "ablations", "bds", "fig1"}
+    unknown = set(parts) - set(PARTS)
     if unknown or args.jobs < 1:
         p.error(f"--parts: unknown {', '.join(sorted(unknown))}" if unknown else "--jobs must be at least 1")
     table, out = Table(RESULTS / "table.jsonl"), Path(args.out).resolve()
-    todo = cells(parts, args.defenses.split(","), args.keep, [int(k) for k in args.ks.split(",")])
+    todo = cells(parts, args.defenses.split(","), args.keep, [int(k) for k in args.ks.split(",")], args.safety_keep)
     started, failed = time.time(), []
-    for part in ("table", "ablations", "bds", "fig1"):  # each part over every seed before the next part
+    for part in PARTS:  # each part over every seed before the next part
         for seed in seeds if part != "fig1" else [s for s in seeds if str(s) in args.fig1_seeds.split(",")]:
-            mine = [c for c in todo if c[0] == part and f"s{seed}/{cell_name(*c[1:])}" not in table.done]
+            pool = "safety" if part == "safety" else ""
+            mine = [c for c in todo if c[0] == part and f"s{seed}/{cell_name(*c[1:], pool)}" not in table.done]
             if not mine:  # every cell of this part and seed is in the table: nothing to build or rank
                 continue
-            root = out / f"s{seed}"
+            root = out / f"s{seed}" / pool if pool else out / f"s{seed}"
             data = build_data(args.source, root / "data", root / "sweep.log", "--seed", str(seed), "--p", ATTACK["p"],
-                              "--retain-answers", "self", "--retain-size", str(SMALL_RETAIN))
-            sweep = PaperSweep(root, data, seed, table, args.jobs)
+                              "--retain-answers", "self", "--retain-size", str(SMALL_RETAIN),
+                              *(SAFETY_FLAGS if pool else []))
+            sweep = PaperSweep(root, data, seed, table, args.jobs, args.safety_keep if pool else args.keep, pool)
             for _, selector, _, _, ranking, _ in mine:  # every ranking first, alone on the machine (its time counts)
                 try:
                     sweep.ranking(ranking or selector)

@@ -26,31 +26,34 @@ COLUMNS = [("harmful_after", "judged harmful after (%)"), ("harmful_after_correc
            ("align_time_s", "align (s)")]
 
 
-def cells(rows: list[dict]) -> dict:
-    """{(defense, selector, k): {seed: row}}."""
+def cells(rows: list[dict], pool: str = "") -> dict:
+    """{(defense, selector, k): {seed: row}} of the cells on one kind of pool ("": the planted pool
+    of the table; "safety": bench/paper.py's safety part)."""
     out: dict = {}
     for r in rows:
-        out.setdefault((r["defense"], r["selector"], r["k"]), {})[r["seed"]] = r
+        if r.get("pool", "") == pool:
+            out.setdefault((r["defense"], r["selector"], r["k"]), {})[r["seed"]] = r
     return out
 
 
-def table(rows: list[dict]) -> str:
+def table(rows: list[dict], pool: str = "") -> str:
     lines = ["| defense | selector | k | seeds | " + " | ".join(name for _, name in COLUMNS) + " |",
              "|" + "---|" * (4 + len(COLUMNS))]
-    for (defense, selector, k), seeds in sorted(cells(rows).items(), key=lambda c: (c[0][0], c[0][1], c[0][2])):
+    for (defense, selector, k), seeds in sorted(cells(rows, pool).items(), key=lambda c: (c[0][0], c[0][1], c[0][2])):
         vals = [mean_se([r.get(key) for r in seeds.values()], ".3f" if "loss" in key else ".1f") for key, _ in COLUMNS]
         lines.append(f"| {defense} | {selector} | {k} | {','.join(map(str, sorted(seeds)))} | " + " | ".join(vals) + " |")
     return "\n".join(lines) + "\n"
 
 
-def paired(rows: list[dict], ours: str = "pharmacist", keep: int = 160) -> str:
-    """Pharmacist − Full and Pharmacist − Random per defense, paired by seed, beside the paper."""
-    by = cells(rows)
+def paired(rows: list[dict], ours: str = "pharmacist", keep: int = 160, pool: str = "",
+           others: tuple = (("full", 400), ("random", 160), ("loss", 160))) -> str:
+    """Pharmacist − each other subset per defense, paired by seed, beside the paper."""
+    by = cells(rows, pool)
     lines = ["| defense | Pharmacist − | seeds | harmful after (points) | SST-2 after (points) | "
              "align time (%) | select + align time (%) | paper (harmful / accuracy / time) |", "|---|---|---|---|---|---|---|---|"]
     for defense in sorted({d for d, _, _ in by}):
         mine = by.get((defense, ours, keep), {})
-        for other, k in (("full", 400), ("random", keep), ("loss", keep)):
+        for other, k in others:
             theirs = by.get((defense, other, k), {})
             seeds = sorted(set(mine) & set(theirs))
             if not seeds:
@@ -81,6 +84,11 @@ def main(argv=None):
     rows = [json.loads(line) for line in args.table.read_text().splitlines() if line.strip()]
     text = (f"`python bench/paper_report.py`: {len(rows)} cells of {args.table.name}\n\n" + table(rows)
             + "\nPaired by seed (mean ± SE of the per-seed differences, each seed's sign):\n\n" + paired(rows))
+    if any(r.get("pool") == "safety" for r in rows):
+        k = min(r["k"] for r in rows if r.get("pool") == "safety")
+        text += ("\nThe safety part (a pool whose refusals half cover the attack's harm categories; k = "
+                 f"{k}):\n\n" + table(rows, "safety") + "\nPaired by seed:\n\n"
+                 + paired(rows, keep=k, pool="safety", others=(("pharmacist-lam0", k), ("random", k))))
     args.out.write_text(text)
     print(text)
 

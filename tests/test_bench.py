@@ -420,7 +420,7 @@ def test_paper_table_skips_recorded_cells(tmp_path):
     again = paper.Table(tmp_path / "table.jsonl")
     assert again.done == {"s0/full_sft_k400"}
     sweep = object.__new__(paper.PaperSweep)  # only what cell() reads: a recorded cell starts nothing
-    sweep.seed, sweep.table = 0, again
+    sweep.seed, sweep.table, sweep.pool = 0, again, ""
     sweep.ranking = sweep.run = lambda *a, **k: pytest.fail("a recorded cell was started again")
     sweep.cell("full", "sft", 400)
 
@@ -500,3 +500,16 @@ def test_selection_targeted_share_and_paired_summary():
     text = selection.summary(rows, ["y"])
     x = next(line for line in text.splitlines() if line.startswith("| x |"))
     assert "0.850 ± 0.050" in x and "0.650 ± 0.050" in x and "0.100 ± 0.100" in x and "0.150 ± 0.050" in x
+
+
+def test_paper_safety_part_names_its_cells_apart_and_the_report_keeps_its_pool_apart():
+    safety = paper.cells(["safety"], ["sft"], 160, [80], safety_keep=80)
+    assert [paper.cell_name(*c[1:], "safety") for c in safety] == [
+        "safety_pharmacist_sft_k80", "safety_pharmacist-lam0_sft_k80", "safety_random_sft_k80"]
+    rows = [dict(run=f"s{s}/x", selector=sel, defense="sft", k=k, seed=s, harmful_after=h, sst2_after=80.0,
+                 align_time_s=1.0, select_time_s=0.0, **({"pool": "safety"} if k == 80 else {}))
+            for s in (0, 1) for sel, k, h in (("pharmacist", 160, 10.0), ("random", 160, 20.0),
+                                              ("pharmacist", 80, 5.0 + s), ("pharmacist-lam0", 80, 7.0 + 2 * s))]
+    assert set(paper_report.cells(rows)) == {("sft", "pharmacist", 160), ("sft", "random", 160)}
+    text = paper_report.paired(rows, keep=80, pool="safety", others=(("pharmacist-lam0", 80),))
+    assert "| sft | pharmacist-lam0 | 0,1 | -2.5 ± 0.5 (− −)" in text
