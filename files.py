@@ -105,10 +105,23 @@ def make_readable(folder: Path) -> None:
         f.chmod(0o644)
 
 
+def restore_swapped(out: Path) -> None:
+    """A swap (atomic_dir) killed between its two renames leaves no `out` and the old folder aside as
+    .NAME.PID.old: put it back. The redo did not finish, so the folder is the earlier one, whole."""
+    if out.exists():
+        return
+    for old in out.parent.glob(f".{out.name}.*.old"):
+        pid = old.name[len(out.name) + 2:].split(".")[0]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            os.rename(old, out)
+            return
+
+
 def remove_orphans(out: Path) -> None:
     """Temporary siblings of `out` (.NAME.PID.*: new files and folders, and old folders moved aside)
     left by a process that was killed (SIGKILL, power loss): a pid no longer running means nobody
-    will finish them."""
+    will finish them. An old folder whose swap was cut short comes back first (restore_swapped)."""
+    restore_swapped(out)
     for tmp in out.parent.glob(f".{out.name}.*"):
         pid = tmp.name[len(out.name) + 2:].split(".")[0]
         if pid.isdigit() and not pid_alive(int(pid)):

@@ -13,24 +13,26 @@ public here; we implement the formulation written down in docs/DESIGN.md ("Pharm
   outer       min_s F(θ*(s)),  F(θ) = L_v(θ) − λ·L_h(θ − α·∇L_h(θ)/‖∇L_h(θ)‖)
               stay close to good refusals, and keep the harmful loss high even after a simulated
               harmful fine-tuning step (Booster's first-order simulation).
-  hypergradient (learning to reweight, Ren et al. 2018): for a step θ⁺ = θ − η·∇_θ mean_B(w_b·ℓ_b),
-              ∂F(θ⁺)/∂w_b = −(η/|B|)·∇ℓ_b(θ)ᵀ g,          g = ∇F(θ⁺)
-  every ∇ℓ_b(θ)ᵀg of a batch exact, from the inner step's own backward pass: a LoRA gradient is a
-  sum over tokens of outer products, so its dot product with g is formed per row from the
+  hypergradient (learning to reweight, Ren et al. 2018): for a step θ⁺ = θ − η·∇_θ mean_i(w_i·ℓ_i),
+              ∂F(θ⁺)/∂w_b = −(η/N)·∇ℓ_b(θ)ᵀ g,          g = ∇F(θ⁺)
+  every ∇ℓ_b(θ)ᵀg exact, from one ordinary backward pass over the row's batch: a LoRA gradient is
+  a sum over tokens of outer products, so its dot product with g is formed per row from the
   layer's input and output gradient ("ghost" dot products, model.sample_grad_dots); no
-  per-sample gradient, no finite difference, no extra pass.
+  per-sample gradient, no finite difference.
   Our choices where the paper is silent (docs/DESIGN.md):
-  - g is refreshed every `outer_every` steps on `outer_batch_size` rows, at θ (not θ⁺): the
-    dot products then come from the same backward as the inner gradient. `lookahead` computes g
-    at θ⁺ each step, as learning-to-reweight does, at two forwards and two backwards a step more.
-  - the logits move by SGD on hypergradients divided by their running RMS (RunningScale), so a
-    row's score is the sum of how much it helped each time it was seen. (Adam, as in BDS, moves
-    every logit by about its learning rate per visit whatever the gradient: with two passes the
-    ranking collapsed to the signs of two noisy dot products.)
-  - mode `first_order` (the default, measured better and cheaper: docs/RESULTS.md): no weights
-    and no inner training between scores, one pass scoring every row by cos(∇ℓ_b, g) at the
-    fresh adapter (TracIn/LESS-style); `checkpoints` > 1 adds passes after SFT on the pool. It
-    is the bilevel hypergradient with w held at 1, every row scored at the same θ.
+  - one outer step a pass: every row is scored at the same θ against the same g (score_pass),
+    so rows are compared with the whole pool, not with their batch at whatever point of the
+    inner training it came; an inner training pass on the current weights lies between two
+    steps (inner_pass); `lookahead` takes g at the exact look-ahead point θ⁺.
+  - the outer step is exponentiated-gradient (mirror descent on the weight simplex):
+    w ← w·exp(outer_lr·z), z the pass's hypergradients standardised over the pool, i.e.
+    s ← s + outer_lr·z. (The plain gradient through the softmax multiplies each row's step by its
+    weight, so the rows kept highest move most on one noisy pass.)
+  - mode `first_order` (the default): the bilevel selector's first step alone, every row scored
+    by cos(∇ℓ_b, g) at the fresh adapter with w = 1 (TracIn/LESS-style); `checkpoints` > 1 adds
+    passes after SFT on the pool. Measured (docs/RESULTS.md, "Selection"): the scores at an
+    adapter trained on the pool rank worse than at the fresh one, so later bilevel steps do not
+    refine the first.
   - the selector's adapters sit on the last `lora_layers` blocks only: the backward pass stops
     there, and the gradients of the top blocks separate clean refusals from low-quality answers
     better than those of every block.
@@ -39,7 +41,7 @@ public here; we implement the formulation written down in docs/DESIGN.md ("Pharm
 Baselines under the same interface (a function returning a `Selection`, one score per row,
 higher = keep): `full` (keep everything), `random`, `seal` (SEAL, Shen et al., ICLR 2025: the
 penalty-based bilevel selector, its memory-efficient variant) and `loss` (reducible loss,
-RHO-LOSS, Mindermann et al., ICML 2022). `SampleWeights` (defenses.py) is shared with BDS.
+RHO-LOSS, Mindermann et al., ICML 2022). SEAL's per-sample weights (`SampleWeights`, defenses.py) are BDS's.
 """
 from __future__ import annotations
 
@@ -85,7 +87,7 @@ class SelectConfig:
     alpha: float = 0.1  # Pharmacist: size α of the simulated harmful step
     outer_lr: float = 1.0  # Pharmacist bilevel: logit step a pass, in units of the pass's hypergradient spread
     selector_lr: float = 0.05  # SEAL: Adam learning rate of the per-sample logits
-    weighting: str = "softmax"  # softmax (w = N·softmax(s)) or sigmoid (w = 2·sigmoid(s))
+    weighting: str = "softmax"  # SEAL: softmax (w = N·softmax(s)) or sigmoid (w = 2·sigmoid(s))
     checkpoints: int = 1  # Pharmacist first_order: scoring passes, one SFT pass on the pool between two
     normalize: bool = True  # Pharmacist: cos(∇ℓ_b, g) in place of ∇ℓ_bᵀg (rows of any length count alike)
     gamma: float = 0.9  # SEAL: weight of the validation (safe) loss in the model's loss
@@ -293,11 +295,11 @@ def pharmacist_select(model, tokenizer, pool, validation, harmful, cfg: SelectCo
         g_p   = ∇F(θ_p) on `outer_batch_size` rows, held for the pass            (outer_grad;
               with `lookahead` at θ_p − η·∇ mean_i w_i·ℓ_i(θ_p): lookahead_grad)
         h_b   = cos(∇ℓ_b(θ_p), g_p), every row at θ_p against g_p                (score_pass)
-        s     ← s + outer_lr·∇_s Σ_b w_b(s)·z_b,  z = standardised(h)
-    ∂F/∂w_b = −(η/N)·∇ℓ_bᵀg, so the step descends F; through w = N·softmax(s) the gradient is
-    w_b·(z_b − Σ_j softmax(s)_j·z_j): each row is compared with the whole pool. At p = 0 the
-    weights are 1 and the adapter fresh: the first step ranks exactly as the first-order score.
-    score = the final logit s_b."""
+        s     ← s + outer_lr·z,  z = standardised(h)      (w = N·softmax(s) ← w·exp(outer_lr·z))
+    ∂F/∂w_b = −(η/N)·∇ℓ_bᵀg, so raising the weights of rows with large h_b descends F; the
+    exponentiated-gradient step (mirror descent on the simplex of weights) moves each row by its
+    own evidence, in units of the pass's spread. At p = 0 the weights are 1 and the adapter fresh:
+    the first step ranks exactly as the first-order score. score = the final logit s_b."""
     if cfg.mode not in MODES:
         raise ValueError(f"select mode {cfg.mode!r}: choose {' or '.join(MODES)}")
     require(pool, "pool", "pharmacist")

@@ -42,7 +42,7 @@ from data.batches import Batches, Stream, collate, encode_samples
 from data.samples import Sample, load_jsonl, save_jsonl
 from data.prepare import round_half_up
 import files
-from files import Checkpoint, content_hash, finite, read_json, remove, write_json, write_text_atomic
+from files import Checkpoint, content_hash, finite, read_json, remove, restore_swapped, write_json, write_text_atomic
 from flags import Parser, add_flags
 
 ROOT = Path(__file__).resolve().parent
@@ -237,6 +237,8 @@ def keep_problem(cfg: Config) -> str | None:
 def data_problem(cfg: Config) -> str | None:
     """--data: a folder whose files are those its manifest lists (a build stopped midway or mixed
     with another has files that are not)."""
+    if cfg.data:
+        restore_swapped(Path(cfg.data))  # a rebuild killed mid-swap: the earlier build comes back
     if cfg.data and not Path(cfg.data).is_dir():
         return (f"--data {cfg.data}: no such folder (build it with data/prepare.py, or leave --data out "
                 "for the embedded default set)")

@@ -11,6 +11,7 @@ the first folder, so "selection + alignment on the subset" can be set against "a
 whole pool". Writes results/select.{md,json} (or --out).
 """
 import argparse
+import contextlib
 import dataclasses
 import json
 import sys
@@ -53,6 +54,9 @@ def parse(argv=None):
     p.add_argument("--align", action="store_true", help="also time SFT alignment, whole pool and subsets")
     p.add_argument("--align-epochs", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--per-pass", action="store_true",
+                   help="also the precision@k of each scoring pass alone and of the mean of their standardised "
+                        "scores (a bilevel run's passes, or first-order checkpoints)")
     p.add_argument("--versus", default="", help="comma list of --runs entries: with several --data folders, "
                                                 "every run's paired difference from each (by folder)")
     p.add_argument("--out", default="results/select")
@@ -87,6 +91,21 @@ def precision_row(pool, scores, k: int, targets: frozenset = frozenset()) -> dic
         hit = np.array([s.harm in targets for s in pool])
         row["targeted"] = float(hit[clean].mean()) if clean.any() else float("nan")
     return row
+
+
+@contextlib.contextmanager
+def recorded_passes(on: bool):
+    """With `on`, the scores of every pharmacist.score_pass call, in order (the caller's list)."""
+    passes, real = [], P.score_pass
+    if on:
+        def recording(*a, **kw):
+            passes.append(real(*a, **kw).copy())
+            return passes[-1]
+        P.score_pass = recording
+    try:
+        yield passes
+    finally:
+        P.score_pass = real
 
 
 def mean_se(values) -> tuple[float, float]:
@@ -145,12 +164,16 @@ def main(argv=None):
             name, over = run_spec(spec)
             cfg = dataclasses.replace(P.SelectConfig(seed=args.seed, bf16=args.bf16, keep=args.keep), **over)
             t0 = time.perf_counter()
-            sel = P.select(model, tok, pool, validation, harmful, cfg)
+            with recorded_passes(args.per_pass) as passes:
+                sel = P.select(model, tok, pool, validation, harmful, cfg)
             seconds = time.perf_counter() - t0
             row = dict(data=folder.name, selector=name, k=k, seconds=seconds,
                        forward=sel.stats.get("forward_passes", 0), backward=sel.stats.get("backward_passes", 0),
                        distinct=P.score_stats(sel.scores)["distinct"], config=dataclasses.asdict(cfg),
                        **precision_row(pool, sel.scores, k, targets))
+            if passes:
+                row["per_pass"] = [precision_row(pool, h, k)["precision"] for h in passes]
+                row["mean_of_passes"] = precision_row(pool, sum(P.standardised(h) for h in passes), k)["precision"]
             if args.align and folder == Path(args.data.split(",")[0]):
                 if "full" not in aligned:
                     aligned["full"] = time_alignment(model, tok, pool, harmful, args.align_epochs, args.bf16, args.seed)
@@ -175,6 +198,7 @@ def table(rows) -> str:
     head = "| data | selector | precision@k | " + ("targeted share | " if targeted else "")
     head += "kept by kind | distinct scores | fwd / bwd passes | select (s) |"
     head += " align subset (s) | select + align subset vs align full (s) |" if timed else ""
+    head += " precision@k of each scoring pass |" if any("per_pass" in r for r in rows) else ""
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         kept = ", ".join(f"{c} {n}" for c, n in r["kept"].items())
@@ -184,6 +208,8 @@ def table(rows) -> str:
         if timed:
             line += (f" {r['align_subset_s']:.0f} | {r['seconds'] + r['align_subset_s']:.0f} vs "
                      f"{r['align_full_s']:.0f} |" if "align_subset_s" in r else " | |")
+        if "per_pass" in r:
+            line += f" {' → '.join(f'{x:.3f}' for x in r['per_pass'])}; their mean {r['mean_of_passes']:.3f} |"
         lines.append(line)
     return "\n".join(lines) + "\n"
 

@@ -115,28 +115,29 @@ def test_a_checkpoint_names_its_start(tmp_path):
 
 def test_a_data_build_killed_at_any_rename_leaves_one_build(tmp_path, monkeypatch):
     """Issue 34, D: prepare.py --seed 1 over a seed-0 folder, killed after each rename: the folder
-    is the seed-0 build or the seed-1 build, whole (train.py's check passes), or gone."""
+    is the seed-0 build or the seed-1 build, whole (train.py's check passes); killed between the
+    swap's two renames, train.py puts the seed-0 build back."""
     old = tmp_path / "old"
     prepare.main(["--source", "embedded", "--out", str(old)])
     monkeypatch.setattr(files, "renames", 0)
     prepare.main(["--source", "embedded", "--out", str(tmp_path / "new"), "--seed", "1"])
-    total = files.renames
+    total, swapped = files.renames, False
     for n in range(1, total + 1):
         data = shutil.copytree(old, tmp_path / f"d{n}")
         fault_after(monkeypatch, n)
         with pytest.raises(Killed):
             prepare.main(["--source", "embedded", "--out", str(data), "--seed", "1"])
         monkeypatch.delenv("PHARMACIST_FAULT_AFTER")
-        if data.exists():
-            seed = json.loads((data / "manifest.json").read_text())["seed"]
-            want = old if seed == 0 else tmp_path / "new"
-            assert files.content_hash(data) == files.content_hash(want), n
-            assert train.data_problem(train.Config(data=str(data))) is None
-        else:  # killed between the two renames of the swap: a one-line error, and a rebuild works
-            assert "no such folder" in train.data_problem(train.Config(data=str(data)))
+        gone = not data.exists()  # killed between the two renames of the swap
+        assert train.data_problem(train.Config(data=str(data))) is None
+        seed = json.loads((data / "manifest.json").read_text())["seed"]
+        assert files.content_hash(data) == files.content_hash(old if seed == 0 else tmp_path / "new"), n
+        assert not gone or seed == 0
+        swapped = swapped or gone
         prepare.main(["--source", "embedded", "--out", str(data), "--seed", "1"])
         assert files.content_hash(data) == files.content_hash(tmp_path / "new")
         assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no leftovers
+    assert swapped  # the kill between the swap's renames was among them
 
 
 def test_a_mixed_data_folder_is_refused(tmp_path):
