@@ -57,8 +57,8 @@ def parse(argv=None):
     p.add_argument("--per-pass", action="store_true",
                    help="also the precision@k of each scoring pass alone and of the mean of their standardised "
                         "scores (a bilevel run's passes, or first-order checkpoints)")
-    p.add_argument("--versus", default="", help="comma list of --runs entries: with several --data folders, "
-                                                "every run's paired difference from each (by folder)")
+    p.add_argument("--versus", default="", help="comma list of --runs entries: a summary over the --data folders "
+                                                "(each its own pool draw) with every run's paired difference from each")
     p.add_argument("--out", default="results/select")
     return p.parse_args(argv)
 
@@ -185,7 +185,7 @@ def main(argv=None):
             rows.append(row)
             print(json.dumps({k_: v for k_, v in row.items() if k_ != "config"}), flush=True)
             write(rows, Path(args.out), args)
-    print(table(rows) + ("\n" + summary(rows, versus_runs(args)) if len(args.data.split(",")) > 1 else ""))
+    print(table(rows) + ("\n" + summary(rows, versus_runs(args)) if args.versus else ""))
 
 
 def versus_runs(args) -> list[str]:
@@ -218,8 +218,7 @@ def write(rows, out: Path, args):
     out.parent.mkdir(parents=True, exist_ok=True)
     cmd = "python bench/selection.py " + " ".join(sys.argv[1:])
     Path(f"{out}.json").write_text(json.dumps(dict(command=cmd, rows=rows), indent=1) + "\n")
-    several = len({r["data"] for r in rows}) > 1
-    Path(f"{out}.md").write_text(f"`{cmd}`\n\n" + table(rows) + ("\n" + summary(rows, versus_runs(args)) if several else ""))
+    Path(f"{out}.md").write_text(f"`{cmd}`\n\n" + table(rows) + ("\n" + summary(rows, versus_runs(args)) if args.versus else ""))
 
 
 if __name__ == "__main__":
