@@ -233,11 +233,9 @@ def score_pass(meter: Meter, model, params, batches, g, cfg: SelectConfig, bar=N
     """cos(∇ℓ_b(θ), g) of every pool row (∇ℓ_bᵀg without cfg.normalize), every row at the same θ
     against the same g: one forward and one backward a batch, the dots formed in the backward by
     model.sample_grad_dots, nothing trained. Under torchrun each process scores its own batches."""
-    device, scores = next(model.parameters()).device, None
-    g_norm = float(global_norm(g))
+    device, g_norm = next(model.parameters()).device, float(global_norm(g))
+    scores = np.zeros(sum(len(b["index"]) for b in batches))
     for i, b in enumerate(batches):
-        if scores is None:
-            scores = np.zeros(int(sum(len(x["index"]) for x in batches)))
         if i % P.world() == P.rank():
             with M.sample_grad_dots(model, params, g, norms=cfg.normalize) as probe:
                 losses = meter.losses(model, {k: v.to(device) for k, v in b.items()})
@@ -251,24 +249,25 @@ def score_pass(meter: Meter, model, params, batches, g, cfg: SelectConfig, bar=N
     return P.summed(scores, device)  # each row was scored on one rank
 
 
+def weighted_losses(meter: Meter, model, batch, w: torch.Tensor) -> torch.Tensor:
+    """w_b·ℓ_b(θ) of every row of a (CPU) batch, with a graph; w holds the whole pool's weights."""
+    losses = meter.losses(model, {k: v.to(next(model.parameters()).device) for k, v in batch.items()})
+    return w[batch["index"].to(w.device)].to(losses.dtype) * losses
+
+
 def inner_pass(meter: Meter, opt, model, params, batches, w: torch.Tensor, bar=None):
     """One pass of the inner training: AdamW on mean_B(w_b·ℓ_b(θ)) batch by batch (w fixed)."""
-    device = next(model.parameters()).device
     for b in batches:
-        losses = meter.losses(model, {k: v.to(device) for k, v in b.items()})
-        loss = (w[b["index"].to(w.device)].to(losses.dtype) * losses).mean()
-        model_step(meter, opt, params, meter.grad(loss, params))
+        model_step(meter, opt, params, meter.grad(weighted_losses(meter, model, b, w).mean(), params))
         if bar is not None:
             bar.update()
 
 
 def pool_grad(meter: Meter, model, params, batches, w: torch.Tensor) -> list[torch.Tensor]:
     """∇_θ mean_i w_i·ℓ_i(θ) over the whole pool (the look-ahead's inner step direction)."""
-    device, n = next(model.parameters()).device, len(w)
     total = [torch.zeros_like(p) for p in params]
     for b in batches:
-        losses = meter.losses(model, {k: v.to(device) for k, v in b.items()})
-        grads = meter.grad((w[b["index"].to(w.device)].to(losses.dtype) * losses).sum() / n, params)
+        grads = meter.grad(weighted_losses(meter, model, b, w).sum() / len(w), params)
         total = [t + x for t, x in zip(total, grads)]
     return total
 
@@ -313,7 +312,7 @@ def pharmacist_select(model, tokenizer, pool, validation, harmful, cfg: SelectCo
     batches = Batches(examples, cfg.batch_size, tokenizer.pad_id, seed=cfg.seed)
     next_outer = OuterStreams(validation, harmful, tokenizer, cfg, device)
     s = torch.zeros(len(pool), dtype=torch.float64, device=device)  # the selector's logits
-    meter, info, n_batches = Meter(), {}, len(batches)
+    meter, info, n_batches, scoring = Meter(), {}, len(batches), batches.epoch(0)  # every pass scores in one order
     with selector_lora(model, cfg) as (params, opt):
         ck = Checkpoint(checkpoint, 1, writes=P.is_main(), params=params, opt=opt, logits=[s], meter=meter,
                         outer=next_outer)  # at every pass boundary
@@ -329,11 +328,11 @@ def pharmacist_select(model, tokenizer, pool, validation, harmful, cfg: SelectCo
                 if p:  # θ_p: the inner training on the current weights
                     inner_pass(meter, opt, model, params, batches.epoch(p), w, bar)
                 if cfg.lookahead:
-                    g, info = lookahead_grad(meter, model, params, batches.epoch(0), w, *next_outer(), cfg)
+                    g, info = lookahead_grad(meter, model, params, scoring, w, *next_outer(), cfg)
                     bar.update(n_batches)
                 else:
                     g, info = outer_grad(meter, model, params, *next_outer(), cfg.lam, cfg.alpha)
-                z = standardised(score_pass(meter, model, params, batches.epoch(0), g, cfg, bar))
+                z = standardised(score_pass(meter, model, params, scoring, g, cfg, bar))
                 s += cfg.outer_lr * torch.as_tensor(z, device=device)  # w ← w·exp(outer_lr·z), renormalised
                 info = dict(info, passes=p + 1)
                 bar.set_postfix(F=f"{info['F']:.3f}", L_v=f"{info['L_v']:.3f}", L_h=f"{info['L_h']:.3f}")
@@ -355,7 +354,7 @@ def first_order_select(model, tokenizer, pool, validation, harmful, cfg: SelectC
     device = next(model.parameters()).device
     batches = Batches(encode_samples(pool, tokenizer, cfg.max_len), cfg.batch_size, tokenizer.pad_id, seed=cfg.seed)
     next_outer = OuterStreams(validation, harmful, tokenizer, cfg, device)
-    meter, scores, info, n_batches = Meter(), np.zeros(len(pool)), {}, len(batches)
+    meter, scores, info, n_batches, scoring = Meter(), np.zeros(len(pool)), {}, len(batches), batches.epoch(0)
     ones = torch.ones(len(pool), device=device)
     with selector_lora(model, cfg) as (params, opt):
         bar = tqdm(total=cfg.checkpoints * (n_batches + 1) + (cfg.checkpoints - 1) * n_batches,
@@ -365,7 +364,7 @@ def first_order_select(model, tokenizer, pool, validation, harmful, cfg: SelectC
                 inner_pass(meter, opt, model, params, batches.epoch(c), ones, bar)
             g, info = outer_grad(meter, model, params, *next_outer(), cfg.lam, cfg.alpha)
             bar.update()
-            scores += score_pass(meter, model, params, batches.epoch(0), g, cfg, bar) / cfg.checkpoints
+            scores += score_pass(meter, model, params, scoring, g, cfg, bar) / cfg.checkpoints
             if log:
                 log(dict(checkpoint=c, **info))
     return Selection(scores, meter.stats(**info, scores=score_stats(scores)))

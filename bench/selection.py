@@ -24,12 +24,14 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 import default_weights  # noqa: E402
 import flags  # noqa: E402
 import model as M  # noqa: E402
 import pharmacist as P  # noqa: E402
 import train  # noqa: E402
 from data.samples import load_jsonl  # noqa: E402
+from read_rates import mean_se  # noqa: E402
 
 # name -> SelectConfig overrides; the defaults are pharmacist.SelectConfig's
 RUNS = {
@@ -108,11 +110,6 @@ def recorded_passes(on: bool):
         P.score_pass = real
 
 
-def mean_se(values) -> tuple[float, float]:
-    v = np.asarray(values, dtype=np.float64)
-    return float(v.mean()), float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else float("nan")
-
-
 def summary(rows, versus: list[str]) -> str:
     """Over the --data folders (each its own pool draw): every run's precision@k and targeted share
     as mean ± SE, and its paired difference (by folder) from each --versus run."""
@@ -123,13 +120,12 @@ def summary(rows, versus: list[str]) -> str:
     head = "| selector | folders | " + " | ".join(f"{k} (mean ± SE)" for k in keys)
     head += "".join(f" | {k} − {v} (paired)" for v in versus for k in keys) + " |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    fmt = lambda m, s: f"{m:.3f} ± {s:.3f}"
     for run in runs:
         have = [f for f in folders if (run, f) in by]
-        cells = [fmt(*mean_se([by[run, f][k] for f in have])) for k in keys]
+        cells = [mean_se([by[run, f][k] for f in have], ".3f") for k in keys]
         for v in versus:
             both = [f for f in have if (v, f) in by]
-            cells += [fmt(*mean_se([by[run, f][k] - by[v, f][k] for f in both])) if both and run != v else ""
+            cells += [mean_se([by[run, f][k] - by[v, f][k] for f in both], ".3f") if both and run != v else ""
                       for k in keys]
         lines.append(f"| {run} | {len(have)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
