@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import shutil
+import subprocess
 import sys
 import threading
 import time
@@ -60,6 +61,14 @@ class Table:
             self.done.add(row["run"])
 
 
+def commit() -> str:
+    """The code a cell ran: HEAD of this checkout, "+dirty" when a tracked file differs from it."""
+    git = ["git", "-C", str(ROOT)]
+    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout
+    return (head or "unknown") + ("+dirty" if dirty.strip() else "")
+
+
 def read(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
@@ -71,7 +80,7 @@ def row(cell: dict, run: Path, results: Path) -> dict:
     manifest = read(Path(align.get("data", "")) / "manifest.json")
     corrected = after.get("harmful_corrected") or {}
     return dict(
-        cell, pool_seed=manifest.get("seed"), eval_seed=manifest.get("eval_seed"),
+        cell, commit=commit(), pool_seed=manifest.get("seed"), eval_seed=manifest.get("eval_seed"),
         harmful_after=after.get("harmful_score"), harmful_after_corrected=corrected.get("rate"),
         harmful_after_low=corrected.get("low"), harmful_after_high=corrected.get("high"),
         harmful_before=before.get("harmful_score"), judge=after.get("judge"),

@@ -1,5 +1,6 @@
 """bench/: the report over made-up run folders, reproduce.py's calibration rule on made-up rows."""
 import json
+import subprocess
 import os
 import statistics
 import sys
@@ -441,6 +442,14 @@ def test_paper_row_reads_before_and_after(tmp_path, monkeypatch):
     assert (r["pool_seed"], r["harmful_after"], r["harmful_before"], r["harmful_after_low"]) == (2, 40.0, 3.0, 20.0)
     assert (r["over_refusal_before"], r["broken_benign_before"], r["sst2_after"], r["align_time_s"]) == (9.0, 4.0, 90.0, 9.0)
     assert r["generations"] == "results/s2/ph_sft_k160/generations.jsonl"
+    assert r["commit"] == "unknown"  # tmp_path is no git checkout
+
+
+def test_paper_rows_name_the_commit_they_ran():
+    head = subprocess.run(["git", "-C", str(paper.ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    if head.returncode:
+        pytest.skip("not a git checkout")
+    assert paper.commit().split("+")[0] == head.stdout.strip()
 
 
 # ----------------------------------------------------------------------------- bench/read_rates.py
