@@ -103,19 +103,19 @@ class PaperSweep(Sweep):
 
     def __init__(self, out: Path, data: Path, seed: int, table: Table, jobs: int, keep: int = 160, pool: str = ""):
         super().__init__(out, data, ["--align-epochs", "2"], [], keep=keep, jobs=jobs)
-        self.seed, self.table, self.before, self.pool = seed, table, True, pool  # pool: "" or "safety"
+        self.seed, self.table, self.before, self.pool_kind = seed, table, True, pool  # "" or "safety"
         self.attack(ATTACK["lr"], ATTACK["epochs"], ATTACK["p"])
 
     def cell(self, selector: str, defense: str, k: int, ranking: str | None = None, bds: bool = False):
         """Hands one cell to the workers unless the table holds it (its run: s<seed>/<name>)."""
-        name = cell_name(selector, defense, k, ranking, bds, self.pool)
+        name = cell_name(selector, defense, k, ranking, bds, self.pool_kind)
         key = f"s{self.seed}/{name}"
         if key in self.table.done:
             return
         selection = self.ranking(ranking or selector)
         info = dict(run=key, selector=ranking or selector, defense=defense + ("+bds" if bds else ""), k=k, seed=self.seed,
                     lam=0.0 if ranking == "pharmacist-lam0" else 1.0 if selector == "pharmacist" else None,
-                    **({"pool": self.pool} if self.pool else {}))
+                    **({"pool": self.pool_kind} if self.pool_kind else {}))
         align = ["--align-seed", str(self.seed), *(["--align-compile"] if defense in COMPILED else [])]
         attack = ["--finetune-seed", str(self.seed), *(["--finetune-defense", "bds"] if bds else ["--finetune-compile"])]
         self.run(name, selection, k, defense, attack=attack, align=align, info=info)

@@ -421,9 +421,22 @@ def test_paper_table_skips_recorded_cells(tmp_path):
     again = paper.Table(tmp_path / "table.jsonl")
     assert again.done == {"s0/full_sft_k400"}
     sweep = object.__new__(paper.PaperSweep)  # only what cell() reads: a recorded cell starts nothing
-    sweep.seed, sweep.table, sweep.pool = 0, again, ""
+    sweep.seed, sweep.table, sweep.pool_kind = 0, again, ""
     sweep.ranking = sweep.run = lambda *a, **k: pytest.fail("a recorded cell was started again")
     sweep.cell("full", "sft", 400)
+
+
+def test_paper_cells_go_to_the_workers(tmp_path, monkeypatch):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "manifest.json").write_text(json.dumps(dict(counts={"pool.jsonl": 400})))
+    sweep = paper.PaperSweep(tmp_path, tmp_path / "data", 1, paper.Table(tmp_path / "table.jsonl"), jobs=2,
+                             keep=80, pool="safety")
+    sweep.rankings["random"] = tmp_path / "select_random"
+    ran = []
+    monkeypatch.setattr(sweep, "config", lambda name, *a, info=None, **k: ran.append((name, info["run"], info["pool"])))
+    sweep.cell("random", "sft", 80)
+    sweep.wait()
+    assert ran == [("safety_random_sft_k80", "s1/safety_random_sft_k80", "safety")]
 
 
 def test_paper_row_reads_before_and_after(tmp_path, monkeypatch):
