@@ -48,6 +48,7 @@ class DefenseConfig:
     # script/alignment/Repnoise.sh: alpha 0.1, beta 0.001)
     repnoise_alpha: float = 0.1
     repnoise_beta: float = 0.001  # RepNoise beta: weight of the MMD to Gaussian noise (all of them: 0.001)
+    repnoise_lens_layers: int = 0  # RepNoise: layers whose logit lens it ascends (0: every layer, the reference)
     booster_lam: float = 5.0  # Booster lambda: weight of the harmful-loss-reduction penalty
     booster_alpha: float = 0.1  # Booster alpha: size of the simulated harmful step
     bds_lr: float = 5e-3  # BDS: Adam learning rate of the per-sample logits (or of the scorer)
@@ -299,6 +300,14 @@ def mmd(x: torch.Tensor, y: torch.Tensor, kernels: int = 5, mul: float = 2.0) ->
         return (k[:m, :m] + k[m:, m:] - k[:m, m:] - k[m:, :m]).mean()
 
 
+def lens_layers(n_layers: int, count: int) -> list[int]:
+    """The layers whose logit lens RepNoise ascends: every one (count 0, as the reference), or
+    `count` of them spread evenly over the depth, the last (the model's own output) always among them."""
+    if count <= 0 or count >= n_layers:
+        return list(range(n_layers))
+    return [round((i + 1) * n_layers / count) - 1 for i in range(count)]
+
+
 def repnoise_step(ctx: Context, batch):
     """RepNoise (Rosati et al. 2024), following representation_noising/loss.py `rep_noise_loss`:
 
@@ -311,7 +320,9 @@ def repnoise_step(ctx: Context, batch):
     we use the response tokens). L_lens: the harmful loss through the logit lens (final norm + LM
     head) of every layer's output, averaged; the last layer's lens is the model's own output.
     The reference also counts the embedding output and the final logits once more (a mean over
-    L + 2 terms divided by L + 1); we average the L layers."""
+    L + 2 terms divided by L + 1); we average the L layers, or with `repnoise_lens_layers` the
+    `lens_layers` only: each lens is a (tokens x vocab) head product forward and again in backward,
+    most of a step's cost on a small model with a large vocabulary (docs/DESIGN.md)."""
     model, cfg = ctx.model, ctx.cfg
     harmful = ctx.next_harmful()
     labels, n = harmful["labels"], len(model.layers)
@@ -321,7 +332,8 @@ def repnoise_step(ctx: Context, batch):
         model.hidden(harmful["input_ids"])
     lens = lambda h: token_mean(sample_losses(h, labels, model.head), labels)  # the head at the answer positions only
     # each lens's (N, vocab) logits are recomputed in backward instead of kept: memory of one
-    harmful_loss = torch.stack([checkpoint(lens, layer_out[i], use_reentrant=False) for i in range(n)]).mean()
+    harmful_loss = torch.stack([checkpoint(lens, layer_out[i], use_reentrant=False)
+                                for i in lens_layers(n, cfg.repnoise_lens_layers)]).mean()
     answer = (labels != IGNORE)[..., None].float()
     noise_mmd = torch.stack([mmd((mlp_out[i].float() * answer).flatten(1),
                                  (torch.randn_like(mlp_out[i], dtype=torch.float32) * answer).flatten(1))

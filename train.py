@@ -157,6 +157,7 @@ def config_problem(cfg: Config) -> str | None:
     checks = [data_problem(cfg), run_problem(cfg), one_of("--stage", cfg.stage, STAGES + ("all",)),
               one_of("--align-defense", cfg.align.defense, align_defenses),
               one_of("--finetune-defense", cfg.finetune.defense, ("sft", "bds")),
+              one_of("--defense-bds-weighting", cfg.defense.bds_weighting, ("softmax", "sigmoid")),
               one_of("--select-selector", cfg.select.selector, pharmacist.SELECTORS),
               one_of("--select-mode", cfg.select.mode, pharmacist.MODES),
               one_of("--attack-task", cfg.attack.task, tuple(evaluate.TASKS)),
@@ -206,6 +207,15 @@ def config_problem(cfg: Config) -> str | None:
         if t.retain and not (data_dir(cfg) / t.retain).is_file() and cfg.stage in ("all", section):
             checks.append(f"{flag}retain {t.retain}: no such file in {data_dir(cfg)} (rebuild the data with "
                           f"data/prepare.py, or {flag}retain '' to train without it)")
+    for f in dataclasses.fields(cfg.defense):  # every defense weight, size and rate: finite and >= 0
+        value = getattr(cfg.defense, f.name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not 0 <= value < math.inf:
+            checks.append(f"--defense-{f.name.replace('_', '-')} {value}: must be a finite number >= 0")
+    for name in ("tvaccine_layers", "tvaccine_every", "tvaccine_probe_every", "bds_scorer_width"):
+        if getattr(cfg.defense, name) < 1:
+            checks.append(f"--defense-{name.replace('_', '-')} {getattr(cfg.defense, name)}: must be at least 1")
+    if cfg.defense.bds_lr <= 0:
+        checks.append(f"--defense-bds-lr {cfg.defense.bds_lr}: must be a finite number > 0")
     if cfg.attack.p != -1 and not 0 <= cfg.attack.p <= 1:
         checks.append(f"--attack-p {cfg.attack.p}: a share in [0, 1] (or -1 for the attack file's own)")
     elif cfg.attack.p != -1 and cfg.stage in ("all", "finetune") and (data_dir(cfg) / f"attack_{cfg.attack.task}.jsonl").is_file():

@@ -1,7 +1,7 @@
 """The paper's table on SmolLM2-135M: alignment subsets x alignment-stage defenses, seeds on their
 own pool draws, as a sweep that survives sessions.
 
-    python bench/paper.py --source ../shared/data --out runs/paper [--parts table,ablations,bds,fig1]
+    python bench/paper.py --source ../shared/data --out runs/paper [--parts table,lens,ablations,bds,fig1]
 
 Each seed s builds its own data folder (`data/prepare.py --seed s`: its own pool, planted rows,
 training files and retain rows; the evaluation prompts are the same for every seed and none is
@@ -10,7 +10,10 @@ select (cut to k) -> align (the defense, align seed s) -> eval before the attack
 calibrated attack, fine-tune seed s) -> eval, in <out>/s<seed>/<cell>.
 
 The parts, in this order (a sweep stopped early has answered the first ones):
-  table      selectors full, random, loss, pharmacist x defenses sft, tvaccine, repnoise;
+  table      selectors full, random, loss, pharmacist x defenses sft, tvaccine, repnoise (its logit
+             lens on REPNOISE_LENS layers spread over the depth: defenses.lens_layers);
+  lens       Pharmacist with RepNoise whose lens reads every layer, as the reference (repnoise-lens-all),
+             beside the table's cell: what the cheaper lens changes after the attack;
   ablations  SFT with Pharmacist at λ = 0 (no harmful term) and an oracle that keeps a random k of
              the truly clean rows (pharmacist.oracle_select: denoising alone);
   bds        Full+SFT and Pharmacist+SFT attacked with the tuning-stage defense BDS;
@@ -40,8 +43,12 @@ from reproduce import ATTACK, SMALL_RETAIN, RunFailed, Sweep, build_data, export
 
 SAFETY = ("cyber", "chem_bio_drugs", "weapons_violence")  # the safety part's attack categories
 SAFETY_FLAGS = ["--held-out-wording", "--attack-categories", ",".join(SAFETY), "--harmful-size", "32"]
-PARTS = ("table", "ablations", "bds", "fig1", "safety")
+PARTS = ("table", "lens", "ablations", "bds", "fig1", "safety")
 COMPILED = ("sft",)  # the defenses whose align stage runs compiled blocks (defenses.COMPILABLE, bds aside)
+REPNOISE_LENS = 6  # the RepNoise column reads 6 of the 30 layers' logit lens (bench/lens.py, docs/DESIGN.md)
+VARIANTS = {  # a column's name -> (train.py's --align-defense, its defense flags)
+    "repnoise": ("repnoise", ["--defense-repnoise-lens-layers", str(REPNOISE_LENS)]),
+    "repnoise-lens-all": ("repnoise", ["--defense-repnoise-lens-layers", "0"])}  # the lens part: every layer
 RESULTS = ROOT / "results" / "paper"
 
 
@@ -116,9 +123,10 @@ class PaperSweep(Sweep):
         info = dict(run=key, selector=ranking or selector, defense=defense + ("+bds" if bds else ""), k=k, seed=self.seed,
                     lam=0.0 if ranking == "pharmacist-lam0" else 1.0 if selector == "pharmacist" else None,
                     **({"pool": self.pool_kind} if self.pool_kind else {}))
-        align = ["--align-seed", str(self.seed), *(["--align-compile"] if defense in COMPILED else [])]
+        base, flags = VARIANTS.get(defense, (defense, []))
+        align = ["--align-seed", str(self.seed), *(["--align-compile"] if defense in COMPILED else []), *flags]
         attack = ["--finetune-seed", str(self.seed), *(["--finetune-defense", "bds"] if bds else ["--finetune-compile"])]
-        self.run(name, selection, k, defense, attack=attack, align=align, info=info)
+        self.run(name, selection, k, base, attack=attack, align=align, info=info)
 
     def config(self, name: str, selection: Path, k: int, defense: str, info: dict | None = None, **kwargs) -> Path:
         t0 = time.time()
@@ -152,6 +160,7 @@ def cells(parts: list[str], defenses: list[str], keep: int, ks: list[int], safet
     """(part, selector, defense, k, ranking, bds) in the order the sweep runs them."""
     out = [("table", s, d, 400 if s == "full" else keep, None, False)
            for d in defenses for s in ("full", "random", "loss", "pharmacist")]
+    out += [("lens", "pharmacist", "repnoise-lens-all", keep, None, False)]
     out += [("ablations", "pharmacist", "sft", keep, "pharmacist-lam0", False),
             ("ablations", "oracle", "sft", keep, None, False)]
     out += [("bds", s, "sft", 400 if s == "full" else keep, None, True) for s in ("full", "pharmacist")]
@@ -166,11 +175,12 @@ def main(argv=None):
     p.add_argument("--source", required=True, help="the public data folder data/prepare.py reads")
     p.add_argument("--out", default="runs/paper")
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--parts", default="table,ablations,bds,fig1", help=f"a comma list of {', '.join(PARTS)}")
+    p.add_argument("--parts", default="table,lens,ablations,bds,fig1", help=f"a comma list of {', '.join(PARTS)}")
     p.add_argument("--defenses", default="sft,tvaccine,repnoise", help="the table's columns, in the order they run")
     p.add_argument("--keep", type=int, default=160)
     p.add_argument("--ks", default="80,240,400", help="the other k of fig1")
     p.add_argument("--fig1-seeds", default="0,1", help="seeds of the fig1 part")
+    p.add_argument("--lens-seeds", default="0", help="seeds of the lens part")
     p.add_argument("--safety-keep", type=int, default=80, help="rows the safety part keeps (of 160 clean refusals)")
     p.add_argument("--jobs", type=int, default=2, help="cells at a time, each with cpu_count / jobs threads")
     args = p.parse_args(argv)
@@ -182,7 +192,8 @@ def main(argv=None):
     todo = cells(parts, args.defenses.split(","), args.keep, [int(k) for k in args.ks.split(",")], args.safety_keep)
     started, failed = time.time(), []
     for part in PARTS:  # each part over every seed before the next part
-        for seed in seeds if part != "fig1" else [s for s in seeds if str(s) in args.fig1_seeds.split(",")]:
+        only = {"fig1": args.fig1_seeds, "lens": args.lens_seeds}.get(part)
+        for seed in seeds if only is None else [s for s in seeds if str(s) in only.split(",")]:
             pool = "safety" if part == "safety" else ""
             mine = [c for c in todo if c[0] == part and f"s{seed}/{cell_name(*c[1:], pool)}" not in table.done]
             if not mine:  # every cell of this part and seed is in the table: nothing to build or rank

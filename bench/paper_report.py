@@ -4,7 +4,9 @@
 
 Each cell: the mean over its seeds ± the standard error over seeds (one seed: its value). The
 comparisons are paired by seed (the same pool draw, evaluation prompts and attack): the mean of
-the per-seed differences ± their standard error, and each seed's sign. The paper's abstract gives
+the per-seed differences ± their standard error, and each seed's sign. Alignment cost is compared
+as tokens trained on (`align_tokens`: the same work measure whatever else the machine ran) and as
+wall time (cells run two at a time share the cores, so their times are noisier). The paper's abstract gives
 Pharmacist's gains over the full set for RepNoise and T-Vaccine: defense (harmful score) 2.60 and
 3.30 points lower, fine-tune accuracy 3.50 and 1.10 points higher, alignment time 56.83 % and
 57.63 % lower.
@@ -50,7 +52,8 @@ def paired(rows: list[dict], ours: str = "pharmacist", keep: int = 160, pool: st
     """Pharmacist − each other subset per defense, paired by seed, beside the paper."""
     by = cells(rows, pool)
     lines = ["| defense | Pharmacist − | seeds | harmful after (points) | SST-2 after (points) | "
-             "align time (%) | select + align time (%) | paper (harmful / accuracy / time) |", "|---|---|---|---|---|---|---|---|"]
+             "align tokens (%) | align time (%) | select + align time (%) | paper (harmful / accuracy / time) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for defense in sorted({d for d, _, _ in by}):
         mine = by.get((defense, ours, keep), {})
         for other, k in others:
@@ -60,6 +63,8 @@ def paired(rows: list[dict], ours: str = "pharmacist", keep: int = 160, pool: st
                 continue
 
             def diff(key, relative=False, plus=()):
+                if any(r[s].get(key) is None for r in (mine, theirs) for s in seeds):
+                    return "–"  # a row made before the table recorded it
                 d = []
                 for s in seeds:
                     a = mine[s].get(key, 0) + sum(mine[s].get(p) or 0 for p in plus)
@@ -69,7 +74,7 @@ def paired(rows: list[dict], ours: str = "pharmacist", keep: int = 160, pool: st
             p = PAPER.get(defense)
             paper = f"{p['harmful']:+.2f} / {p['accuracy']:+.2f} / {p['time']:+.2f} %" if p and other == "full" else ""
             lines.append(f"| {defense} | {other} | {','.join(map(str, seeds))} | {diff('harmful_after')} | "
-                         f"{diff('sst2_after')} | {diff('align_time_s', True)} | "
+                         f"{diff('sst2_after')} | {diff('align_tokens', True)} | {diff('align_time_s', True)} | "
                          f"{diff('align_time_s', True, ('select_time_s',))} | {paper} |")
     return "\n".join(lines) + "\n"
 

@@ -439,6 +439,21 @@ def test_paper_cells_go_to_the_workers(tmp_path, monkeypatch):
     assert ran == [("safety_random_sft_k80", "s1/safety_random_sft_k80", "safety")]
 
 
+def test_paper_repnoise_columns_name_their_lens(tmp_path, monkeypatch):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "manifest.json").write_text(json.dumps(dict(counts={"pool.jsonl": 400})))
+    sweep = paper.PaperSweep(tmp_path, tmp_path / "data", 0, paper.Table(tmp_path / "table.jsonl"), jobs=1)
+    sweep.rankings["pharmacist"] = tmp_path / "select_pharmacist"
+    ran = []
+    monkeypatch.setattr(sweep, "config", lambda name, sel, k, defense, align=(), info=None, **kw:
+                        ran.append((name, defense, align[align.index("--defense-repnoise-lens-layers") + 1], info["defense"])))
+    for column in ("repnoise", "repnoise-lens-all"):
+        sweep.cell("pharmacist", column, 160)
+    assert ran == [("pharmacist_repnoise_k160", "repnoise", str(paper.REPNOISE_LENS), "repnoise"),
+                   ("pharmacist_repnoise-lens-all_k160", "repnoise", "0", "repnoise-lens-all")]
+    assert [c[2] for c in paper.cells(["lens"], ["sft"], 160, [80])] == ["repnoise-lens-all"]
+
+
 def test_paper_row_reads_before_and_after(tmp_path, monkeypatch):
     monkeypatch.setattr(paper, "ROOT", tmp_path)
     (tmp_path / "data").mkdir()
@@ -493,13 +508,14 @@ import paper_report  # noqa: E402
 
 def test_paper_report_pairs_by_seed(tmp_path):
     rows = [dict(defense="sft", selector=s, k=400 if s == "full" else 160, seed=seed, harmful_after=h, sst2_after=90.0,
-                 align_time_s=t, select_time_s=5.0)
-            for s, seed, h, t in (("full", 0, 40.0, 100.0), ("full", 1, 50.0, 100.0), ("pharmacist", 0, 35.0, 40.0),
-                                  ("pharmacist", 1, 47.0, 40.0), ("pharmacist", 2, 10.0, 40.0))]  # seed 2: no pair
+                 align_time_s=t, select_time_s=5.0, align_tokens=n)
+            for s, seed, h, t, n in (("full", 0, 40.0, 100.0, 1000), ("full", 1, 50.0, 100.0, 2000),
+                                     ("pharmacist", 0, 35.0, 40.0, 500), ("pharmacist", 1, 47.0, 40.0, 500),
+                                     ("pharmacist", 2, 10.0, 40.0, 500))]  # seed 2: no pair
     (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     text = paper_report.main(["--table", str(tmp_path / "t.jsonl"), "--out", str(tmp_path / "t.md")]) or (tmp_path / "t.md").read_text()
     line = next(x for x in text.splitlines() if x.startswith("| sft | full | 0,1 |"))
-    assert "| 0,1 | -4.0 ± 1.0 (− −) | 0.0 ± 0.0 (0 0) | -60.0 ± 0.0 (− −) | -57.1 ± 0.0 (− −) |" in line
+    assert "| 0,1 | -4.0 ± 1.0 (− −) | 0.0 ± 0.0 (0 0) | -62.5 ± 12.5 (− −) | -60.0 ± 0.0 (− −) | -57.1 ± 0.0 (− −) |" in line
     assert "| sft | pharmacist | 160 | 0,1,2 | 30.7 ± 10.9 |" in text
 
 

@@ -160,9 +160,16 @@ def test_mmd_is_near_zero_for_gaussians_and_grows_with_a_shift():
     assert values == sorted(values) and values[-1] > 20 * max(values[0], 1e-3)
 
 
-def test_repnoise_loss_decomposes_as_stated():
+def test_lens_layers_spread_over_the_depth_and_end_at_the_last():
+    assert D.lens_layers(30, 0) == list(range(30)) == D.lens_layers(30, 30) == D.lens_layers(30, 99)
+    assert D.lens_layers(30, 6) == [4, 9, 14, 19, 24, 29]
+    assert D.lens_layers(30, 1) == [29] and D.lens_layers(4, 2) == [1, 3]
+
+
+@pytest.mark.parametrize("lens_layers", [0, 1])
+def test_repnoise_loss_decomposes_as_stated(lens_layers):
     model = lora_model()
-    ctx = context(model, repnoise_alpha=0.1, repnoise_beta=0.001)
+    ctx = context(model, repnoise_alpha=0.1, repnoise_beta=0.001, repnoise_lens_layers=lens_layers)
     torch.manual_seed(1)
     g, stats = D.repnoise_step(ctx, ALIGN)
     # the terms, computed here independently
@@ -175,7 +182,7 @@ def test_repnoise_loss_decomposes_as_stated():
         h.remove()
     labels = HARMFUL["labels"][:, 1:].reshape(-1)
     lens = torch.stack([F.cross_entropy(model.head(h)[:, :-1].reshape(-1, model.config.vocab_size), labels,
-                                        ignore_index=-100) for h in outs]).mean()
+                                        ignore_index=-100) for h in outs[-1 if lens_layers == 1 else 0:]]).mean()
     answer = (HARMFUL["labels"] != -100)[..., None].float()
     torch.manual_seed(1)
     noise = [torch.randn(m.shape) for m in mlps]

@@ -174,7 +174,10 @@ def test_every_config_field_has_a_flag():
                                   ["--select-lora-layers", "-2"], ["--select-steps", "-1"], ["--select-inner-lr", "-1"],
                                   ["--align-lora-targets", "foo_proj"], ["--align-lora-targets", ""],
                                   ["--align-max-len", "1"], ["--attack-p", "0.9", "--stage", "all"],
-                                  ["--eval-moderation-model", "/nonexistent"]])
+                                  ["--eval-moderation-model", "/nonexistent"],
+                                  ["--defense-rho", "-1"], ["--defense-repnoise-lens-layers", "-1"],
+                                  ["--defense-tvaccine-layers", "0"], ["--defense-bds-lr", "0"],
+                                  ["--defense-repnoise-alpha", "nan"], ["--defense-bds-weighting", "tanh"]])
 def test_bad_flags_are_errors(argv, capsys):
     with pytest.raises(SystemExit):
         train.parse_args(argv)
