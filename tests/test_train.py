@@ -62,7 +62,9 @@ def tiny_run(tmp_path, name, cfg, monkeypatch=None, stop_at=None, resume=False, 
     harmful = Stream(ex, 4, tok.pad_id, seed=1)
     ctx = defenses.Context(model=model, params=[p for p in model.parameters() if p.requires_grad],
                            next_harmful=harmful, next_align=harmful, n_samples=len(ex),
-                           cfg=defenses.DefenseConfig(tvaccine_layers=1))  # T-Vaccine: 1 of 2 blocks, the other None
+                           # T-Vaccine: 1 of 2 blocks (the other None), drawn again at steps 6 and 9, after
+                           # the checkpoint of step 4: the resumed draws need the RNG restored
+                           cfg=defenses.DefenseConfig(tvaccine_layers=1, tvaccine_every=3))
     if stop_at is not None:
         real = defenses.STEPS[cfg.defense]
 
@@ -398,6 +400,41 @@ def test_a_defense_setting_changed_on_a_finished_stage_is_an_error(tmp_path):
         train.main(["--stage", "align", *FAST, "--out", str(tmp_path), "--defense-rho", "3"])
 
 
+def test_a_defense_setting_changed_on_a_finished_finetune_is_an_error(tmp_path):
+    base = ["--stage", "finetune", *FAST, "--finetune-defense", "bds", "--out", str(tmp_path)]
+    train.main(["--stage", "align", *FAST, "--out", str(tmp_path)])
+    train.main(base)
+    with pytest.raises(ValueError, match=r"finetune was made with other settings \(defense.bds_lr"):
+        train.main([*base, "--defense-bds-lr", "0.05"])
+
+
+def test_a_defense_setting_changed_under_stage_all_is_an_error_too(tmp_path, capsys):
+    """--stage all redoes a stage whose inputs changed, never one whose own flags did."""
+    base = ["--stage", "all", *FAST, "--out", str(tmp_path)]
+    train.main(base)
+    before = (tmp_path / "align" / "summary.json").read_text()
+    capsys.readouterr()
+    with pytest.raises(ValueError, match=r"align was made with other settings \(defense.repnoise_alpha"):
+        train.main([*base, "--defense-repnoise-alpha", "0.5"])
+    assert "[select] already done" in capsys.readouterr().out
+    assert (tmp_path / "align" / "summary.json").read_text() == before
+
+
+def test_a_finetune_made_over_another_aligned_model_is_not_done(tmp_path):
+    """align/ replaced by a finished align of the same selection with another lr (copied from a
+    run that shares select/): the finetune made over the old model is not reused."""
+    import shutil
+    run, other = tmp_path / "run", tmp_path / "other"
+    for stage in ("select", "align", "finetune"):
+        train.main(["--stage", stage, *FAST, "--out", str(run)])
+    shutil.copytree(run / "select", other / "select")
+    train.main(["--stage", "align", *FAST, "--out", str(other), "--align-lr", "0.002"])
+    shutil.rmtree(run / "align")
+    shutil.copytree(other / "align", run / "align")
+    with pytest.raises(ValueError, match=r"finetune was made from other inputs \(inputs.align/model"):
+        train.main(["--stage", "finetune", *FAST, "--out", str(run)])
+
+
 def hand_built(tmp_path):
     """A copy of the default data folder without file hashes in its manifest (a folder built or
     edited by hand: train.py checks what each stage read instead)."""
@@ -424,6 +461,20 @@ def test_a_stage_refuses_an_earlier_stage_whose_data_changed(tmp_path, capsys):
         train.main(["--stage", "align", *base])
     train.main(["--stage", "all", *base])
     assert any(s.response.endswith("(edited)") for s in load_jsonl(tmp_path / "run" / "select" / "subset.jsonl"))
+
+
+def test_a_changed_task_row_under_attack_p_is_another_finetune_input(tmp_path):
+    """--attack-p takes its task rows from finetune_{task}.jsonl: an edit there is a change of
+    the finetune's data (a folder without manifest hashes: the stage's record catches it)."""
+    data = hand_built(tmp_path)
+    base = [*FAST, "--data", str(data), "--out", str(tmp_path / "run"), "--attack-p", "0.05"]
+    for stage in ("align", "finetune"):
+        train.main(["--stage", stage, *base])
+    rows = [json.loads(x) for x in (data / "finetune_sst2.jsonl").read_text().splitlines()]
+    rows[0]["input"] = "an edited " + rows[0]["input"]
+    (data / "finetune_sst2.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=r"finetune was made from other inputs \(data.finetune_sst2.jsonl"):
+        train.main(["--stage", "finetune", *base])
 
 
 def test_a_stage_refuses_a_changed_model_or_a_missing_earlier_output(tmp_path, tiny_dir):
