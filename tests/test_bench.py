@@ -184,6 +184,19 @@ def test_report_averages_every_column_over_seeds(tmp_path):
     assert cells[15] == pm([50.0, 60.0, 70.0])
 
 
+def test_seeds_average_each_measure_over_the_seeds_that_have_it():
+    """An older seed without a measure: the mean and its SE over the seeds that have it; a measure
+    of one seed alone is its value, without an SE; seed 10 is a seed; a flag stays a flag."""
+    rows = [dict(run="ph", judge="refusal", harmful_score=30.0, harmful_loss=1.0, refusal_loss=2.0, bf16=False),
+            dict(run="ph_s1", judge="refusal", harmful_score=33.0, harmful_loss=2.0, bf16=False),
+            dict(run="ph_s10", judge="refusal", harmful_score=39.0, bf16=False)]
+    [m] = report.merge_seeds(rows)
+    assert (m["run"], m["seeds"], m["per_seed"]) == ("ph", 3, [30.0, 33.0, 39.0]) and m["harmful_score"] == 34.0
+    assert m["harmful_loss"] == 1.5 and m["se"]["harmful_loss"] == pytest.approx(statistics.stdev([1.0, 2.0]) / 2 ** 0.5)
+    assert m["refusal_loss"] == 2.0 and m["se"]["refusal_loss"] is None and report.pm(m, "refusal_loss", ".3f") == "2.000"
+    assert m["bf16"] is False
+
+
 def test_report_keeps_runs_of_two_judges_apart(tmp_path):
     a, b = fake_run(tmp_path, "x", "random", 24, 30.0, 50.0), fake_run(tmp_path, "x_s1", "random", 24, 40.0, 50.0)
     for run, judge in ((a, "trained"), (b, "refusal")):
