@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import interrupt_at
 
 import files
 import train
@@ -119,9 +120,9 @@ def test_a_data_build_killed_at_any_rename_leaves_one_build(tmp_path, monkeypatc
     swap's two renames, train.py puts the seed-0 build back."""
     old = tmp_path / "old"
     prepare.main(["--source", "embedded", "--out", str(old)])
-    monkeypatch.setattr(files, "renames", 0)
-    prepare.main(["--source", "embedded", "--out", str(tmp_path / "new"), "--seed", "1"])
-    total, swapped = files.renames, False
+    monkeypatch.setattr(files, "renames", 0)  # over a copy of the seed-0 build: the swap's renames counted
+    prepare.main(["--source", "embedded", "--out", str(shutil.copytree(old, tmp_path / "new")), "--seed", "1"])
+    total, swapped, aside = files.renames, False, False
     for n in range(1, total + 1):
         data = shutil.copytree(old, tmp_path / f"d{n}")
         fault_after(monkeypatch, n)
@@ -129,6 +130,7 @@ def test_a_data_build_killed_at_any_rename_leaves_one_build(tmp_path, monkeypatc
             prepare.main(["--source", "embedded", "--out", str(data), "--seed", "1"])
         monkeypatch.delenv("PHARMACIST_FAULT_AFTER")
         gone = not data.exists()  # killed between the two renames of the swap
+        aside = aside or data.exists() and any(tmp_path.glob(f".{data.name}.*.old"))  # killed after both
         assert train.data_problem(train.Config(data=str(data))) is None
         seed = json.loads((data / "manifest.json").read_text())["seed"]
         assert files.content_hash(data) == files.content_hash(old if seed == 0 else tmp_path / "new"), n
@@ -137,7 +139,74 @@ def test_a_data_build_killed_at_any_rename_leaves_one_build(tmp_path, monkeypatc
         prepare.main(["--source", "embedded", "--out", str(data), "--seed", "1"])
         assert files.content_hash(data) == files.content_hash(tmp_path / "new")
         assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no leftovers
-    assert swapped  # the kill between the swap's renames was among them
+    assert swapped and aside  # the kills between the swap's renames and right after them were among them
+
+
+def dead_pid() -> int:
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
+def test_a_write_that_fails_leaves_the_old_file_or_folder_and_nothing_beside_it(tmp_path):
+    (tmp_path / "f.json").write_text("old")
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "w").write_text("old")
+    for write, path in ((files.atomic_file, tmp_path / "f.json"), (files.atomic_dir, tmp_path / "d")):
+        with pytest.raises(RuntimeError):
+            with write(path) as tmp:
+                (tmp / "w" if tmp.is_dir() else tmp).write_text("half")
+                raise RuntimeError
+    assert (tmp_path / "f.json").read_text() == "old" and (tmp_path / "d" / "w").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "f.json"]
+
+
+def test_a_swap_cut_short_is_put_back_before_the_next_write(tmp_path):
+    """Killed between atomic_dir's two renames: the old folder lies aside as .NAME.PID.old. The
+    next write of NAME puts it back first, so a write that then fails leaves the old folder."""
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "w").write_text("old")
+    out.rename(tmp_path / f".model.{dead_pid()}.old")
+    with pytest.raises(RuntimeError):
+        with files.atomic_dir(out):
+            raise RuntimeError
+    assert (out / "w").read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+def test_a_data_build_never_replaces_a_folder_that_is_not_one(tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    with pytest.raises(ValueError, match="not a data folder"):
+        prepare.main(["--source", "embedded", "--out", str(mine)])
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"] and [p.name for p in tmp_path.iterdir()] == ["mine"]
+
+
+def test_an_edited_output_of_a_finished_stage_is_redone(finished, tmp_path, capsys):
+    """The summary lists each output with its hash: select/subset.jsonl edited by hand after select
+    finished is not "already done"; the stage is redone and its output is the run's own again."""
+    run = shutil.copytree(finished / "base", tmp_path / "run")
+    subset = run / "select" / "subset.jsonl"
+    subset.write_text("".join(subset.read_text().splitlines(keepends=True)[1:]))
+    capsys.readouterr()
+    train.main(["--stage", "select", *BASE, "--out", str(run)])
+    assert "subset.jsonl is missing or changed since select finished: redoing select" in capsys.readouterr().out
+    assert files.content_hash(subset) == files.content_hash(finished / "base" / "select" / "subset.jsonl")
+
+
+def test_resume_refuses_a_checkpoint_of_another_start(tmp_path, monkeypatch):
+    """A stage's checkpoint names its start (the stage's fingerprint): one copied in from a start
+    with another --align-lr is refused, not resumed with the wrong weights."""
+    a, b = (["--stage", "align", *BASE, "--out", str(tmp_path / run)] for run in "ab")
+    interrupt_at(monkeypatch, "sft", 1)
+    for argv in ([*a, "--align-lr", "0.002"], b):
+        with pytest.raises(KeyboardInterrupt):
+            train.main(argv)
+    monkeypatch.undo()
+    shutil.copy(tmp_path / "a" / "align" / "checkpoint.pt", tmp_path / "b" / "align" / "checkpoint.pt")
+    with pytest.raises(ValueError, match="checkpoint.pt: a checkpoint of another start"):
+        train.main([*b, "--resume"])
 
 
 def test_a_mixed_data_folder_is_refused(tmp_path):
