@@ -564,3 +564,25 @@ def test_paper_safety_part_names_its_cells_apart_and_the_report_keeps_its_pool_a
     assert set(paper_report.cells(rows)) == {("sft", "pharmacist", 160), ("sft", "random", 160)}
     text = paper_report.paired(rows, keep=80, pool="safety", others=(("pharmacist-lam0", 80),))
     assert "| sft | pharmacist-lam0 | 0,1 | -2.5 ± 0.5 (− −)" in text
+
+
+# ----------------------------------------------------------------------------- bench/lens.py
+
+import lens  # noqa: E402
+import torch  # noqa: E402
+import defenses as D  # noqa: E402
+from test_defenses import ALIGN, HARMFUL, lora_model, context  # noqa: E402
+
+
+def test_lens_measures_repnoise_terms_with_every_lens():
+    model = lora_model(layers=4)
+    torch.manual_seed(0)
+    _, stats = D.repnoise_step(context(model), ALIGN)  # lens 0: every layer, as own_losses reads them
+    got = lens.own_losses(model, ALIGN, HARMFUL)
+    assert got["refusal_loss"] == pytest.approx(stats["loss"], rel=1e-5)
+    assert got["lens_loss_mean"] == pytest.approx(stats["harmful_loss"], rel=1e-5)
+    assert got["mmd"] == pytest.approx(stats["mmd"], rel=1e-4)
+    _, last = D.repnoise_step(context(model, repnoise_lens_layers=1), ALIGN)
+    assert got["lens_loss_last"] == pytest.approx(last["harmful_loss"], rel=1e-5)
+    times = lens.step_times(model, ALIGN, HARMFUL, [0, 1], repeats=1)
+    assert set(times) == {"sft", "repnoise, lens every", "repnoise, lens 1"} and min(times.values()) > 0
