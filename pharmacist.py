@@ -216,17 +216,25 @@ def require(samples, what: str, selector: str):
 def outer_grad(meter: Meter, model, params, batch_v, batch_h, lam: float, alpha: float):
     """g = ∇F at the current θ, F(θ) = L_v(θ) − λ·L_h(θ̃), θ̃ = θ − α·∇L_h(θ)/‖∇L_h(θ)‖
     (Booster's simulated harmful step, defenses.simulated_harmful_step: first order, ∇_θ L_h(θ̃)
-    is taken at θ̃). Returns g and the losses (F, L_v, L_h(θ̃)) as floats."""
+    is taken at θ̃). Returns g and the losses (F, L_v, L_h(θ̃)) as floats, with how far the safety
+    term turns g: cos_vh = cos(∇L_v, ∇L_h(θ̃)) and cos_g_v = cos(g, ∇L_v) (at 1, λ changes no
+    first-order ranking: the cosine scores see g's direction only)."""
     L_v = meter.losses(model, batch_v).mean()
-    g = meter.grad(L_v, params)
-    F, L_h = L_v.item(), float("nan")
+    g = g_v = meter.grad(L_v, params)
+    F, L_h, cos_vh = L_v.item(), float("nan"), float("nan")
     if lam:
         _, _, L_h_t, g_h = simulated_harmful_step(lambda: meter.losses(model, batch_h).mean(), params, alpha,
                                                   meter.grad)  # L_h(θ̃), ∇L_h(θ̃)
         L_h = L_h_t.item()
         F = L_v.item() - lam * L_h
         g = [a - lam * b for a, b in zip(g, g_h)]  # g = ∇L_v − λ·∇L_h(θ̃)
-    return g, dict(F=F, L_v=L_v.item(), L_h=L_h)
+        cos_vh = cosine(g_v, g_h)
+    return g, dict(F=F, L_v=L_v.item(), L_h=L_h, cos_vh=cos_vh, cos_g_v=cosine(g, g_v))
+
+
+def cosine(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    """cos between two gradients given per parameter."""
+    return float(sum((x.float() * y.float()).sum() for x, y in zip(a, b)) / (global_norm(a) * global_norm(b) + 1e-12))
 
 
 def score_pass(meter: Meter, model, params, batches, g, cfg: SelectConfig, bar=None) -> np.ndarray:

@@ -464,7 +464,9 @@ def select_report(pool: list[Sample], scores, positions, k: int, selector: str, 
 
     best_first = np.argsort(positions)
     top, bottom = best_first[:3], best_first[max(3, len(pool) - 3):]
-    lines = [f"{selector} kept {k} of {len(pool)} pool rows", f"{'score':>9}  {'prompt':46}  answer",
+    kept_line = f"{selector} kept {k} of {len(pool)} pool rows" + (" (full keeps every row; --select-keep is not used)"
+                                                                  if selector == "full" else "")
+    lines = [kept_line, f"{'score':>9}  {'prompt':46}  answer",
              *map(row, top), *([f"{'':9}  … {len(pool) - 6} rows between …"] if len(pool) > 6 else []), *map(row, bottom)]
     kinds = [s.category for s in pool]
     if all(kinds):  # the planted kinds of data/prepare.py (a pool with its labels)

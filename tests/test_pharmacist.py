@@ -233,6 +233,11 @@ def test_outer_gradient_is_validation_minus_harmful_after_the_simulated_step(tok
         torch.testing.assert_close(got, v - 0.5 * h, rtol=1e-6, atol=1e-9)
     assert abs(info["L_h"] - L_h_moved.item()) < 1e-9 and abs(info["F"] - (info["L_v"] - 0.5 * info["L_h"])) < 1e-12
     assert all(torch.equal(p, b) for p, b in zip(params, before))
+    flat = lambda gs: torch.cat([x.flatten() for x in gs]).double()
+    cos = lambda a, b: float(flat(a) @ flat(b) / (flat(a).norm() * flat(b).norm()))
+    assert info["cos_vh"] == pytest.approx(cos(g_v, g_h_moved), abs=1e-5)
+    assert info["cos_g_v"] == pytest.approx(cos(g, g_v), abs=1e-5)
+    assert P.outer_grad(P.Meter(), model, params, batch_v, batch_h, lam=0.0, alpha=0.1)[1]["cos_g_v"] == pytest.approx(1.0)
 
 
 def test_standardised_and_score_stats():

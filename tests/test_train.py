@@ -348,6 +348,8 @@ def test_the_select_summary_of_a_pool_without_planted_kinds():
     assert report.splitlines()[0] == "loss kept 2 of 4 pool rows" and "files in runs/x/select/:" in report
     assert "planted" not in report and "precision" not in report and "rows between" not in report
     assert [line.split()[0] for line in report.splitlines()[2:6]] == ["+2.0000", "+1.0000", "+0.5000", "-1.0000"]
+    full = train.select_report(pool, [0.0] * 4, [0, 1, 2, 3], 4, "full", "runs/x/select")
+    assert full.splitlines()[0] == "full kept 4 of 4 pool rows (full keeps every row; --select-keep is not used)"
 
 
 def test_bf16_training_follows_the_fp32_run(tmp_path, monkeypatch):
