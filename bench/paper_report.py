@@ -3,6 +3,8 @@
     python bench/paper_report.py [--table results/paper/table.jsonl] [--out results/paper/table.md]
 
 Each cell: the mean over its seeds ± the standard error over seeds (one seed: its value). The
+"read" columns count the after-attack answers the labels of data/judge/ read as harmful, for cells
+whose every answer is labelled (the judge over-counts: docs/RESULTS.md, "Judge"). The
 comparisons are paired by seed (the same pool draw, evaluation prompts and attack): the mean of
 the per-seed differences ± their standard error, and each seed's sign. Alignment cost is compared
 as tokens trained on (`align_tokens`: the same work measure whatever else the machine ran) and as
@@ -18,14 +20,26 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from read_rates import mean_se  # noqa: E402
+from read_rates import labelled, mean_se, run_rates  # noqa: E402
 PAPER = {"repnoise": dict(harmful=-2.60, accuracy=3.50, time=-56.83),
          "tvaccine": dict(harmful=-3.30, accuracy=1.10, time=-57.63)}  # Pharmacist − full, the abstract
-COLUMNS = [("harmful_after", "judged harmful after (%)"), ("harmful_after_corrected", "corrected (%)"),
+COLUMNS = [("harmful_after_read", "read harmful after (%)"), ("harmful_after", "judged harmful after (%)"), ("harmful_after_corrected", "corrected (%)"),
            ("refusal_after", "refusal after (%)"), ("over_refusal_before", "over-refusal before (%)"),
            ("broken_benign_before", "broken benign before (%)"), ("sst2_after", "SST-2 after (%)"),
            ("harmful_loss_after", "harmful loss after"), ("select_time_s", "select (s)"),
            ("align_time_s", "align (s)")]
+
+
+def with_read_rates(rows: list[dict], labels: dict) -> list[dict]:
+    """Each row with `harmful_after_read`: the share of its after-attack answers to harmful prompts
+    that the labels (data/judge/) read as harmful, where every one of them is labelled (else None)."""
+    out = []
+    for r in rows:
+        path = ROOT / r.get("generations", "")
+        rates = run_rates(path, labels) if path.is_file() else {}
+        full = rates.get("labelled") and rates["labelled"] == rates["n"]
+        out.append(dict(r, harmful_after_read=rates["read"] if full else None))
+    return out
 
 
 def cells(rows: list[dict], pool: str = "") -> dict:
@@ -51,9 +65,9 @@ def paired(rows: list[dict], ours: str = "pharmacist", keep: int = 160, pool: st
            others: tuple = (("full", 400), ("random", 160), ("loss", 160))) -> str:
     """Pharmacist − each other subset per defense, paired by seed, beside the paper."""
     by = cells(rows, pool)
-    lines = ["| defense | Pharmacist − | seeds | harmful after (points) | SST-2 after (points) | "
+    lines = ["| defense | Pharmacist − | seeds | read harmful after (points) | judged harmful after (points) | SST-2 after (points) | "
              "align tokens (%) | align time (%) | select + align time (%) | paper (harmful / accuracy / time) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for defense in sorted({d for d, _, _ in by}):
         mine = by.get((defense, ours, keep), {})
         for other, k in others:
@@ -73,7 +87,7 @@ def paired(rows: list[dict], ours: str = "pharmacist", keep: int = 160, pool: st
                 return f"{mean_se(d)} ({' '.join('+' if x > 0 else '−' if x < 0 else '0' for x in d)})"
             p = PAPER.get(defense)
             paper = f"{p['harmful']:+.2f} / {p['accuracy']:+.2f} / {p['time']:+.2f} %" if p and other == "full" else ""
-            lines.append(f"| {defense} | {other} | {','.join(map(str, seeds))} | {diff('harmful_after')} | "
+            lines.append(f"| {defense} | {other} | {','.join(map(str, seeds))} | {diff('harmful_after_read')} | {diff('harmful_after')} | "
                          f"{diff('sst2_after')} | {diff('align_tokens', True)} | {diff('align_time_s', True)} | "
                          f"{diff('align_time_s', True, ('select_time_s',))} | {paper} |")
     return "\n".join(lines) + "\n"
@@ -87,6 +101,7 @@ def main(argv=None):
     if not args.table.is_file():
         p.error(f"{args.table}: no such file (bench/paper.py writes it)")
     rows = [json.loads(line) for line in args.table.read_text().splitlines() if line.strip()]
+    rows = with_read_rates(rows, labelled())
     text = (f"`python bench/paper_report.py`: {len(rows)} cells of {args.table.name}\n\n" + table(rows)
             + "\nPaired by seed (mean ± SE of the per-seed differences, each seed's sign):\n\n" + paired(rows))
     if any(r.get("pool") == "safety" for r in rows):

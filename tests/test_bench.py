@@ -528,8 +528,21 @@ def test_paper_report_pairs_by_seed(tmp_path):
     (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     text = paper_report.main(["--table", str(tmp_path / "t.jsonl"), "--out", str(tmp_path / "t.md")]) or (tmp_path / "t.md").read_text()
     line = next(x for x in text.splitlines() if x.startswith("| sft | full | 0,1 |"))
-    assert "| 0,1 | -4.0 ± 1.0 (− −) | 0.0 ± 0.0 (0 0) | -62.5 ± 12.5 (− −) | -60.0 ± 0.0 (− −) | -57.1 ± 0.0 (− −) |" in line
-    assert "| sft | pharmacist | 160 | 0,1,2 | 30.7 ± 10.9 |" in text
+    assert "| 0,1 | – | -4.0 ± 1.0 (− −) | 0.0 ± 0.0 (0 0) | -62.5 ± 12.5 (− −) | -60.0 ± 0.0 (− −) | -57.1 ± 0.0 (− −) |" in line
+    assert "| sft | pharmacist | 160 | 0,1,2 | – | 30.7 ± 10.9 |" in text
+
+
+def test_paper_report_reads_a_cell_only_where_every_answer_is_labelled(tmp_path, monkeypatch):
+    monkeypatch.setattr(paper_report, "ROOT", tmp_path)
+    labels = {("p1", "a1"): dict(harmful=1), ("p2", "a2"): dict(harmful=0)}
+    for name, answers in (("all", ["a1", "a2"]), ("part", ["a1", "zz"])):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "generations.jsonl").write_text("".join(
+            json.dumps(dict(set="harmful", prompt=f"p{i + 1}", answer=a, verdict="harmful")) + "\n"
+            for i, a in enumerate(answers)))
+    rows = paper_report.with_read_rates([dict(generations="all/generations.jsonl"),
+                                         dict(generations="part/generations.jsonl"), dict()], labels)
+    assert [r["harmful_after_read"] for r in rows] == [50.0, None, None]
 
 
 import numpy as np  # noqa: E402
@@ -563,7 +576,7 @@ def test_paper_safety_part_names_its_cells_apart_and_the_report_keeps_its_pool_a
                                               ("pharmacist", 80, 5.0 + s), ("pharmacist-lam0", 80, 7.0 + 2 * s))]
     assert set(paper_report.cells(rows)) == {("sft", "pharmacist", 160), ("sft", "random", 160)}
     text = paper_report.paired(rows, keep=80, pool="safety", others=(("pharmacist-lam0", 80),))
-    assert "| sft | pharmacist-lam0 | 0,1 | -2.5 ± 0.5 (− −)" in text
+    assert "| sft | pharmacist-lam0 | 0,1 | – | -2.5 ± 0.5 (− −)" in text
 
 
 # ----------------------------------------------------------------------------- bench/lens.py
