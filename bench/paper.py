@@ -25,7 +25,9 @@ The parts, in this order (a sweep stopped early has answered the first ones):
 Every finished cell appends one line to results/paper/table.jsonl and copies its configs,
 summaries, results and generations to results/paper/runs/s<seed>/<cell>/ (and before/ for the
 evaluation before the attack); a cell already in table.jsonl is skipped, so a rerun, in the same
-session or a later one, does only what is missing. `bench/paper_report.py` makes the tables.
+session or a later one, does only what is missing, and an align or attack stage stopped midway
+continues from its last checkpoint (`train.py --resume`; its time is the sum of its sittings).
+`bench/paper_report.py` makes the tables.
 """
 import argparse
 import json
@@ -111,6 +113,7 @@ class PaperSweep(Sweep):
     def __init__(self, out: Path, data: Path, seed: int, table: Table, jobs: int, keep: int = 160, pool: str = ""):
         super().__init__(out, data, ["--align-epochs", "2"], [], keep=keep, jobs=jobs)
         self.seed, self.table, self.before, self.pool_kind = seed, table, True, pool  # "" or "safety"
+        self.resume = True  # a stage the last sitting stopped continues from its checkpoint (its time: the sum)
         self.attack(ATTACK["lr"], ATTACK["epochs"], ATTACK["p"])
 
     def cell(self, selector: str, defense: str, k: int, ranking: str | None = None, bds: bool = False):

@@ -95,6 +95,7 @@ class Sweep:
         self.rankings: dict[str, Path] = {}
         self.failed: list[str] = []
         self.before = False  # also evaluate each run's aligned model before the attack (before_<name>)
+        self.resume = False  # training stages continue from their checkpoint (a sweep stopped mid-stage)
 
     def k_of(self, selector: str) -> int:
         return self.n_pool if selector == "full" else self.keep
@@ -146,7 +147,8 @@ class Sweep:
         """One stage of a run; `alone`: in the sweep's own thread, with every thread of the machine
         and into sweep.log (a worker's stage: cpu_count / jobs threads, into logs/<run>.log)."""
         log = self.log if self.jobs == 1 or alone else self.out / "logs" / f"{run.name}.log"
-        sh([PY, "train.py", "--stage", stage, "--out", str(run), "--data", str(self.data), *flags], log,
+        resume = ["--resume"] if self.resume and stage in ("align", "finetune") else []
+        sh([PY, "train.py", "--stage", stage, "--out", str(run), "--data", str(self.data), *flags, *resume], log,
            None if alone else self.env)
 
     def select(self, selector: str, keep: float, seed: int = 0) -> Path:

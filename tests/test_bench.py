@@ -452,6 +452,17 @@ def test_paper_cells_go_to_the_workers(tmp_path, monkeypatch):
     assert ran == [("safety_random_sft_k80", "s1/safety_random_sft_k80", "safety")]
 
 
+def test_paper_training_stages_resume_where_a_sitting_stopped(tmp_path, monkeypatch):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "manifest.json").write_text(json.dumps(dict(counts={"pool.jsonl": 400})))
+    sweep = paper.PaperSweep(tmp_path, tmp_path / "data", 0, paper.Table(tmp_path / "table.jsonl"), jobs=1)
+    calls = []
+    monkeypatch.setattr(reproduce, "sh", lambda args, log, env=None: calls.append(args))
+    for stage in ("select", "align", "finetune", "eval"):
+        sweep.train(tmp_path / "run", stage)
+    assert ["--resume" in args for args in calls] == [False, True, True, False]
+
+
 def test_paper_repnoise_columns_name_their_lens(tmp_path, monkeypatch):
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "manifest.json").write_text(json.dumps(dict(counts={"pool.jsonl": 400})))
