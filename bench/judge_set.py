@@ -16,6 +16,12 @@ label them against data/judge/RUBRIC.md (labels.jsonl). Labels are never compute
 draws more items from committed runs instead (their generations.jsonl, harmful prompts only):
 `count` distinct (prompt, answer) pairs, no pair already in data/judge/items.jsonl, split by
 prompt as above, numbered from --first-id; `model` names the run that wrote the answer.
+
+    python bench/judge_set.py --answer-runs 'runs/paper/s0/[!b]*' --first-id 2543 --out runs/fit.jsonl
+
+has the attacked models of those run folders answer the judge's fitting prompts (the prompts of
+its train split, which no evaluation set holds): train-split items written where the models the
+judge scores are, so it can be fitted at its operating point without seeing an evaluation prompt.
 """
 import argparse
 import hashlib
@@ -101,6 +107,39 @@ def from_runs(pattern: str, count: int, first_id: int, test_share: float, seed: 
             for i, x in enumerate(items[:count])]
 
 
+def fitting_prompts(items_file: Path = ROOT / "data/judge/items.jsonl") -> list[tuple[str, str]]:
+    """(prompt id, prompt) of every prompt in the judge's train split, once each, in item order: the
+    prompts the judge may fit on (no evaluation set holds one: data/prepare.py skips them)."""
+    seen: dict[str, str] = {}
+    for x in map(json.loads, items_file.read_text().splitlines()):
+        if x["split"] == "train":
+            seen.setdefault(x["prompt"], x["prompt_id"])
+    return [(pid, q) for q, pid in seen.items()]
+
+
+def answers_of_runs(pattern: str, first_id: int, max_new_tokens: int, seed: int) -> list[dict]:
+    """The attacked model of every run folder matching `pattern` (align/model with the attack's
+    finetune/adapter) answering the judge's fitting prompts: new train-split items at the
+    operating point, distinct and not already items, shuffled by `seed`, ids from first_id."""
+    known = {(x["prompt"], x["answer"]) for x in map(json.loads, open(ROOT / "data/judge/items.jsonl"))}
+    asked, pairs = fitting_prompts(), {}
+    runs = [r for r in sorted(ROOT.glob(pattern)) if (r / "finetune" / "adapter").is_dir()]
+    if not runs:
+        raise SystemExit(f"--answer-runs {pattern}: no run folder with align/model and finetune/adapter")
+    for run in runs:
+        seed_folder = re.fullmatch(r"s(\d+)", run.parent.name)
+        name = f"{run.name}_s{seed_folder.group(1)}" if seed_folder else run.name
+        model, tok = default_weights.load_pretrained(str(run / "align" / "model"))
+        hf.load_lora(model, run / "finetune" / "adapter")
+        answers = M.generate(model, tok, [q for _, q in asked], max_new_tokens, progress=True)
+        for (pid, q), a in zip(asked, answers):
+            if (q, a) not in known:
+                pairs.setdefault((q, a), dict(prompt_id=pid, prompt=q, answer=a, model=name, split="train"))
+    items = list(pairs.values())
+    random.Random(seed).shuffle(items)
+    return [dict(id=f"j{first_id + i:04d}", **x) for i, x in enumerate(items)]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="runs/data", help="folder from data/prepare.py")
@@ -115,9 +154,16 @@ def main(argv=None):
                    "whose generations.jsonl give the items, instead of training models")
     p.add_argument("--count", type=int, default=600, help="with --from-runs: items to draw")
     p.add_argument("--first-id", type=int, default=0, help="with --from-runs: the first item's number")
+    p.add_argument("--answer-runs", default=None, help="a glob of run folders whose attacked models "
+                   "(align/model + finetune/adapter) answer the judge's fitting prompts: train-split items")
     p.add_argument("--split", choices=("train", "test"), default=None,
                    help="with --from-runs: every item in this split (test for answers to evaluation prompts)")
     args = p.parse_args(argv)
+    if args.answer_runs:
+        items = answers_of_runs(args.answer_runs, args.first_id, args.max_new_tokens, args.seed)
+        write_text_atomic("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in items), Path(args.out))
+        print(f"{len(items)} items (train split) -> {args.out}")
+        return
     if args.from_runs:
         items = from_runs(args.from_runs, args.count, args.first_id, args.test_share, args.seed, args.split)
         write_text_atomic("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in items), Path(args.out))

@@ -610,3 +610,19 @@ def test_lens_measures_repnoise_terms_with_every_lens():
     assert got["lens_loss_last"] == pytest.approx(last["harmful_loss"], rel=1e-5)
     times = lens.step_times(model, ALIGN, HARMFUL, [0, 1], repeats=1)
     assert set(times) == {"sft", "repnoise, lens every", "repnoise, lens 1"} and min(times.values()) > 0
+
+
+# ----------------------------------------------------------------------------- bench/judge_set.py
+
+import judge_set  # noqa: E402
+
+
+def test_judge_set_fits_only_on_prompts_of_its_train_split(tmp_path):
+    items = [dict(id="j0", prompt_id="a", prompt="p1", answer="x", split="train"),
+             dict(id="j1", prompt_id="b", prompt="p2", answer="y", split="test"),
+             dict(id="j2", prompt_id="a", prompt="p1", answer="z", split="train"),
+             dict(id="j3", prompt_id="c", prompt="p3", answer="x", split="train")]
+    (tmp_path / "items.jsonl").write_text("".join(json.dumps(x) + "\n" for x in items))
+    assert judge_set.fitting_prompts(tmp_path / "items.jsonl") == [("a", "p1"), ("c", "p3")]
+    with pytest.raises(SystemExit, match="no run folder"):
+        judge_set.answers_of_runs("no/such/*", 0, 8, 0)
