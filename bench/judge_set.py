@@ -40,6 +40,8 @@ import model as M  # noqa: E402
 from data.samples import load_jsonl, prompt_key  # noqa: E402
 from files import write_text_atomic  # noqa: E402
 from data.sources import read_harmful_prompts  # noqa: E402
+sys.path.insert(0, str(ROOT / "bench"))
+from read_rates import run_name  # noqa: E402  (<run>, or <run>_s<seed> in bench/paper.py's layout)
 
 PY = sys.executable
 TRAIN = ["--align-epochs", "2", "--align-bf16", "--finetune-epochs", "2", "--finetune-bf16"]
@@ -93,8 +95,7 @@ def from_runs(pattern: str, count: int, first_id: int, test_share: float, seed: 
     known = {(x["prompt"], x["answer"]) for x in map(json.loads, open(ROOT / "data/judge/items.jsonl"))}
     pairs = {}
     for run in sorted(ROOT.glob(pattern)):
-        seed_folder = re.fullmatch(r"s(\d+)", run.parent.name)  # bench/paper.py's <out>/s<seed>/<run>
-        model = f"{run.name}_s{seed_folder.group(1)}" if seed_folder else run.name
+        model = run_name(run)
         for g in map(json.loads, open(run / "generations.jsonl")):
             if g["set"] == "harmful" and (g["prompt"], g["answer"]) not in known:
                 pairs.setdefault((g["prompt"], g["answer"]), (run.name, dict(
@@ -127,8 +128,7 @@ def answers_of_runs(pattern: str, first_id: int, max_new_tokens: int, seed: int)
     if not runs:
         raise SystemExit(f"--answer-runs {pattern}: no run folder with align/model and finetune/adapter")
     for run in runs:
-        seed_folder = re.fullmatch(r"s(\d+)", run.parent.name)
-        name = f"{run.name}_s{seed_folder.group(1)}" if seed_folder else run.name
+        name = run_name(run)
         model, tok = default_weights.load_pretrained(str(run / "align" / "model"))
         hf.load_lora(model, run / "finetune" / "adapter")
         answers = M.generate(model, tok, [q for _, q in asked], max_new_tokens, progress=True)
