@@ -653,7 +653,8 @@ def stage_files(cfg: Config, stage: str) -> list[str]:
 
 
 # fields added after runs were made: at their default, those runs stay done
-LATER_FIELDS = {("eval", "compile"): False, ("align", "compile"): False, ("finetune", "compile"): False}
+LATER_FIELDS = {("eval", "compile"): False, ("align", "compile"): False, ("finetune", "compile"): False,
+                ("defense", "repnoise_lens_layers"): 0}
 
 
 def input_path(cfg: Config, name: str, model: str) -> Path:

@@ -390,6 +390,11 @@ def test_a_later_field_at_its_default_leaves_the_settings_as_they_were():
         off = train.stage_settings(train.parse_args(["--preset", "tiny"]), stage)
         on = train.stage_settings(train.parse_args(["--preset", "tiny", f"--{stage}-compile"]), stage)
         assert "compile" not in off[stage] and train.changed(off, on) == [f"{stage}.compile None -> True"]
+    for stage in ("align", "finetune"):  # --defense-repnoise-lens-layers came after T-Vaccine runs had started
+        off = train.stage_settings(train.parse_args(["--preset", "tiny"]), stage)
+        on = train.stage_settings(train.parse_args(["--preset", "tiny", "--defense-repnoise-lens-layers", "6"]), stage)
+        assert "repnoise_lens_layers" not in off["defense"]
+        assert train.changed(off, on) == ["defense.repnoise_lens_layers None -> 6"]
 
 
 FAST = ["--preset", "tiny", "--select-steps", "2", "--align-max-steps", "2", "--finetune-max-steps", "2",
