@@ -24,7 +24,7 @@ CORPUS = [
 ] * 4
 
 
-def make_tokenizer(prompt_format="chatml") -> "T.Tokenizer":
+def make_tokenizer(prompt_format="chatml", extra=()) -> "T.Tokenizer":
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -32,7 +32,7 @@ def make_tokenizer(prompt_format="chatml") -> "T.Tokenizer":
     trainer = trainers.BpeTrainer(vocab_size=400, show_progress=False,
                                   special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
                                   initial_alphabet=sorted(pre_tokenizers.ByteLevel.alphabet()))
-    tok.train_from_iterator(CORPUS, trainer)
+    tok.train_from_iterator(CORPUS + list(extra), trainer)
     return T.Tokenizer(tok, bos_id=0, eos_id=2, pad_id=0, prompt_format=prompt_format)
 
 

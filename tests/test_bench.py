@@ -626,3 +626,42 @@ def test_judge_set_fits_only_on_prompts_of_its_train_split(tmp_path):
     assert judge_set.fitting_prompts(tmp_path / "items.jsonl") == [("a", "p1"), ("c", "p3")]
     with pytest.raises(SystemExit, match="no run folder"):
         judge_set.answers_of_runs("no/such/*", 0, 8, 0)
+
+
+import judge_train  # noqa: E402
+
+
+def test_judge_cut_fitted_on_out_of_fold_scores():
+    """The cut is the midpoint with the best accuracy; `shifted` moves it to 0.5; out_of_fold
+    scores each row by a fit that never saw its prompt."""
+    scores, y = np.array([0.1, 0.2, 0.35, 0.4, 0.8, 0.9]), np.array([0, 0, 1, 1, 1, 1])
+    cut = judge_train.fitted_threshold(scores, y)
+    assert cut == pytest.approx(0.275)
+    assert list(judge_train.shifted(scores, cut) > 0.5) == [False, False, True, True, True, True]
+    assert judge_train.shifted([cut], cut)[0] == pytest.approx(0.5)
+    groups = ["a", "a", "b", "b", "c", "c"]
+    seen = []
+
+    def fit_and_score(fit, score):
+        assert not {g for g, m in zip(groups, fit) if m} & {g for g, m in zip(groups, score) if m}
+        seen.append(score.copy())
+        return np.full(score.sum(), 0.5)
+    out = judge_train.out_of_fold(fit_and_score, y, groups, k=3)
+    assert len(out) == 6 and np.logical_or.reduce(seen).all()  # every row scored once
+
+
+def test_judge_report_groups_runs_by_regime_kind_and_coverage():
+    """Regimes name the defense of an attacked run; kinds come from the labels; coverage leaves
+    each run out of the error counts that correct it."""
+    assert judge_train.regime("base") == "base" and judge_train.regime("before_full_tvaccine_k400_s0") == "aligned"
+    assert judge_train.regime("random_tvaccine_k160_s2") == "attacked, tvaccine"
+    assert judge_train.regime("attack_1e-4") == "attacked, sft"
+    items = [dict(model=m, harmful=h, refusal=r, degenerate=d, prompt="p", answer="a")
+             for m in ("r1", "r2", "r3") for h, r, d in ((1, 0, 0), (0, 1, 0), (0, 0, 1), (0, 0, 0))]
+    scores = [0.9, 0.1, 0.6, 0.2] * 3
+    kinds = judge_train.by_kind(items, scores)
+    assert kinds["refusal"]["accuracy"] == 1.0 and kinds["degenerate"]["judged"] == 100.0
+    assert kinds["goes along"]["n"] == 6 and kinds["goes along"]["labelled"] == 50.0
+    cov = judge_train.coverage(items, np.array(scores) > 0.5)
+    assert set(cov["runs"]) == {"r1", "r2", "r3"} and all(v["labelled"] == 25.0 for v in cov["runs"].values())
+    assert 0.0 <= cov["share"] <= 1.0
