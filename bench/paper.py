@@ -82,14 +82,11 @@ def read(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def row(cell: dict, run: Path, results: Path) -> dict:
-    """A finished cell's line: what it is, its pool draw, and its numbers before and after."""
-    after, before = read(run / "eval" / "results.json"), read(run.parent / f"before_{run.name}" / "eval" / "results.json")
-    align, attack = read(run / "align" / "summary.json"), read(run / "finetune" / "summary.json")
-    manifest = read(Path(align.get("data", "")) / "manifest.json")
+def numbers(after: dict, before: dict) -> dict:
+    """A cell's judged and measured numbers from its evaluations after and before the attack
+    (their results.json): what `evaluate.py rescore` rewrites."""
     corrected = after.get("harmful_corrected") or {}
     return dict(
-        cell, commit=commit(), pool_seed=manifest.get("seed"), eval_seed=manifest.get("eval_seed"),
         harmful_after=after.get("harmful_score"), harmful_after_corrected=corrected.get("rate"),
         harmful_after_low=corrected.get("low"), harmful_after_high=corrected.get("high"),
         harmful_before=before.get("harmful_score"), judge=after.get("judge"),
@@ -99,7 +96,17 @@ def row(cell: dict, run: Path, results: Path) -> dict:
         broken_benign_before=before.get("benign_outcomes", {}).get("degenerate"),
         broken_benign_after=after.get("benign_outcomes", {}).get("degenerate"),
         sst2_after=after.get("accuracy", {}).get("sst2"), sst2_before=before.get("accuracy", {}).get("sst2"),
-        harmful_loss_after=after.get("harmful_loss"), harmful_loss_before=before.get("harmful_loss"),
+        harmful_loss_after=after.get("harmful_loss"), harmful_loss_before=before.get("harmful_loss"))
+
+
+def row(cell: dict, run: Path, results: Path) -> dict:
+    """A finished cell's line: what it is, its pool draw, and its numbers before and after."""
+    after, before = read(run / "eval" / "results.json"), read(run.parent / f"before_{run.name}" / "eval" / "results.json")
+    align, attack = read(run / "align" / "summary.json"), read(run / "finetune" / "summary.json")
+    manifest = read(Path(align.get("data", "")) / "manifest.json")
+    return dict(
+        cell, commit=commit(), pool_seed=manifest.get("seed"), eval_seed=manifest.get("eval_seed"),
+        **numbers(after, before),
         n_align=align.get("n_align"), n_retain=align.get("n_retain"), align_tokens=align.get("tokens"),
         select_time_s=align.get("select_time_s"), align_time_s=align.get("align_time_s"),
         attack_time_s=attack.get("wall_time_s"), eval_time_s=after.get("eval_time_s"),

@@ -20,6 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
+from paper import numbers, read  # noqa: E402
 from read_rates import labelled, mean_se, run_rates  # noqa: E402
 PAPER = {"repnoise": dict(harmful=-2.60, accuracy=3.50, time=-56.83),
          "tvaccine": dict(harmful=-3.30, accuracy=1.10, time=-57.63)}  # Pharmacist − full, the abstract
@@ -28,6 +29,19 @@ COLUMNS = [("harmful_after_read", "read harmful after (%)"), ("harmful_after", "
            ("broken_benign_before", "broken benign before (%)"), ("sst2_after", "SST-2 after (%)"),
            ("harmful_loss_after", "harmful loss after"), ("select_time_s", "select (s)"),
            ("align_time_s", "align (s)")]
+
+
+def rescored(rows: list[dict]) -> list[dict]:
+    """Each row with its judged numbers read again from the committed results.json beside its
+    generations (after and before the attack), so `evaluate.py rescore results/paper/runs`,
+    which rewrites those, reaches the table."""
+    out = []
+    for r in rows:
+        after, before = (ROOT / r.get(key, "") for key in ("generations", "generations_before"))
+        if (after.parent / "results.json").is_file() and (before.parent / "results.json").is_file():
+            r = dict(r, **numbers(read(after.parent / "results.json"), read(before.parent / "results.json")))
+        out.append(r)
+    return out
 
 
 def with_read_rates(rows: list[dict], labels: dict) -> list[dict]:
@@ -101,7 +115,7 @@ def main(argv=None):
     if not args.table.is_file():
         p.error(f"{args.table}: no such file (bench/paper.py writes it)")
     rows = [json.loads(line) for line in args.table.read_text().splitlines() if line.strip()]
-    rows = with_read_rates(rows, labelled())
+    rows = with_read_rates(rescored(rows), labelled())
     text = (f"`python bench/paper_report.py`: {len(rows)} cells of {args.table.name}\n\n" + table(rows)
             + "\nPaired by seed (mean ± SE of the per-seed differences, each seed's sign):\n\n" + paired(rows))
     if any(r.get("pool") == "safety" for r in rows):

@@ -556,6 +556,20 @@ def test_paper_report_reads_a_cell_only_where_every_answer_is_labelled(tmp_path,
     assert [r["harmful_after_read"] for r in rows] == [50.0, None, None]
 
 
+def test_paper_report_reads_the_judged_numbers_from_the_committed_results(tmp_path, monkeypatch):
+    """A rescored cell (its results.json rewritten by evaluate.py rescore) reaches the table; a
+    row whose results are not committed keeps its own numbers."""
+    monkeypatch.setattr(paper_report, "ROOT", tmp_path)
+    for sub, score in (("c", 12.0), ("c/before", 3.0)):
+        (tmp_path / sub).mkdir(parents=True, exist_ok=True)
+        (tmp_path / sub / "results.json").write_text(json.dumps(dict(harmful_score=score, judge="trained")))
+    rows = paper_report.rescored([dict(generations="c/generations.jsonl", generations_before="c/before/generations.jsonl",
+                                       harmful_after=50.0, harmful_before=40.0, align_tokens=7),
+                                  dict(generations="gone/generations.jsonl", harmful_after=50.0)])
+    assert (rows[0]["harmful_after"], rows[0]["harmful_before"], rows[0]["align_tokens"]) == (12.0, 3.0, 7)
+    assert rows[1]["harmful_after"] == 50.0
+
+
 import numpy as np  # noqa: E402
 import selection  # noqa: E402
 from data.samples import Sample  # noqa: E402
