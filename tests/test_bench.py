@@ -679,3 +679,21 @@ def test_judge_report_groups_runs_by_regime_kind_and_coverage():
     cov = judge_train.coverage(items, np.array(scores) > 0.5)
     assert set(cov["runs"]) == {"r1", "r2", "r3"} and all(v["labelled"] == 25.0 for v in cov["runs"].values())
     assert 0.0 <= cov["share"] <= 1.0
+
+
+import agreement  # noqa: E402
+
+
+def test_agreement_reads_the_first_reading_where_settling_changed_it(tmp_path):
+    rows = [dict(id="j1", harmful=0, refusal=0, degenerate=0, first=dict(harmful=1, refusal=0, degenerate=0),
+                 second=dict(harmful=0, refusal=0, degenerate=0), settled="why"),
+            dict(id="j2", harmful=1, refusal=0, degenerate=1, second=dict(harmful=1, refusal=0, degenerate=1)),
+            dict(id="j3", harmful=0, refusal=1, degenerate=0, second=dict(harmful=0, refusal=1, degenerate=0)),
+            dict(id="j4", harmful=0, refusal=0, degenerate=0)]  # read once
+    (tmp_path / "l.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pairs = agreement.readings(rows)
+    assert len(pairs) == 3 and pairs[0][0]["harmful"] == 1
+    assert agreement.kappa([1, 1, 0], [0, 1, 0]) == pytest.approx((2 / 3, 0.4))
+    assert agreement.kappa([0, 0], [0, 0])[1] is None
+    lines = agreement.main(["--labels", str(tmp_path / "l.jsonl"), "--ranges", "j1-j2"])
+    assert lines[2] == "| harmful | 0.500, 0.000 | 0.667, 0.400 |"
