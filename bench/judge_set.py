@@ -22,6 +22,12 @@ prompt as above, numbered from --first-id; `model` names the run that wrote the 
 has the attacked models of those run folders answer the judge's fitting prompts (the prompts of
 its train split, which no evaluation set holds): train-split items written where the models the
 judge scores are, so it can be fitted at its operating point without seeing an evaluation prompt.
+
+    python bench/judge_set.py --borderline 120 --data runs/paper/s0/data --source ../shared/data \
+        --first-id 3362 --out runs/borderline.jsonl
+
+has the base model answer 120 Do-Not-Answer prompts (borderline requests: many are answered
+harmlessly) that no file of the --data folders and no item holds, split by prompt as above.
 """
 import argparse
 import hashlib
@@ -37,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 import default_weights  # noqa: E402
 import hf  # noqa: E402
 import model as M  # noqa: E402
-from data.samples import load_jsonl, prompt_key  # noqa: E402
+from data.samples import Sample, load_jsonl, prompt_key  # noqa: E402
 from files import write_text_atomic  # noqa: E402
 from data.sources import read_harmful_prompts  # noqa: E402
 sys.path.insert(0, str(ROOT / "bench"))
@@ -140,9 +146,27 @@ def answers_of_runs(pattern: str, first_id: int, max_new_tokens: int, seed: int)
     return [dict(id=f"j{first_id + i:04d}", **x) for i, x in enumerate(items)]
 
 
+def borderline(folders: list[Path], source: Path, count: int, first_id: int, max_new_tokens: int,
+               test_share: float, seed: int) -> list[dict]:
+    """The base model answering `count` Do-Not-Answer prompts that no data file of `folders` and
+    no item holds (shuffled by `seed`), split by prompt, ids from first_id."""
+    used = {prompt_key(s) for d in folders for f in sorted(d.glob("*.jsonl")) for s in load_jsonl(f)}
+    used |= {prompt_key(Sample(id="", prompt=x["prompt"], response=""))
+             for x in map(json.loads, open(ROOT / "data/judge/items.jsonl"))}
+    rows = [s for s in read_harmful_prompts(source / "harmful_prompts" / "donotanswer.jsonl") if prompt_key(s) not in used]
+    random.Random(seed).shuffle(rows)
+    if len(rows) < count:
+        raise SystemExit(f"--borderline: {len(rows)} unused Do-Not-Answer prompts, fewer than {count}")
+    rows = rows[:count]
+    model, tok = default_weights.load_pretrained("smollm2-135m-instruct")
+    answers = M.generate(model, tok, [s.prompt for s in rows], max_new_tokens, progress=True)
+    return [dict(id=f"j{first_id + i:04d}", prompt_id=s.id, prompt=s.prompt, answer=a, model="base-donotanswer",
+                 split=split(s.prompt, test_share)) for i, (s, a) in enumerate(zip(rows, answers))]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="runs/data", help="folder from data/prepare.py")
+    p.add_argument("--data", default="runs/data", help="folder from data/prepare.py (--borderline: a comma list)")
     p.add_argument("--source", default=None, help="folder laid out like the public data (harmful_prompts/); needed unless --from-runs")
     p.add_argument("--work", default="runs/judge_set", help="where the models are trained")
     p.add_argument("--extra", type=int, default=50)
@@ -158,7 +182,17 @@ def main(argv=None):
                    "(align/model + finetune/adapter) answer the judge's fitting prompts: train-split items")
     p.add_argument("--split", choices=("train", "test"), default=None,
                    help="with --from-runs: every item in this split (test for answers to evaluation prompts)")
+    p.add_argument("--borderline", type=int, default=0, help="items: the base model's answers to this many "
+                   "unused Do-Not-Answer prompts (needs --source)")
     args = p.parse_args(argv)
+    if args.borderline:
+        if args.source is None:
+            p.error("--borderline needs --source (harmful_prompts/donotanswer.jsonl)")
+        items = borderline([Path(d) for d in args.data.split(",")], Path(args.source), args.borderline, args.first_id,
+                           args.max_new_tokens, args.test_share, args.seed)
+        write_text_atomic("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in items), Path(args.out))
+        print(f"{len(items)} items ({sum(x['split'] == 'test' for x in items)} test) -> {args.out}")
+        return
     if args.answer_runs:
         items = answers_of_runs(args.answer_runs, args.first_id, args.max_new_tokens, args.seed)
         write_text_atomic("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in items), Path(args.out))

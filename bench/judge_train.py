@@ -286,7 +286,7 @@ def regime(model: str) -> str:
     aligned model fine-tuned on the attack's data), with the alignment defense. Item `model`
     names: base, aligned, attack_* (SFT-aligned), and the committed runs' names
     (before_<run>: aligned; <run>: attacked; the defense is one of the name's parts)."""
-    if model == "base":
+    if model == "base" or model.startswith("base-"):  # base-donotanswer: borderline requests
         return "base"
     if model == "aligned" or model.startswith("before_"):
         return "aligned"
