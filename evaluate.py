@@ -467,24 +467,24 @@ RUN_PRIOR = 40  # pseudo-answers at the pooled error rates added to each labelle
 
 def corrected_rate(flags, sensitivity: tuple[int, int], specificity: tuple[int, int],
                    runs: list[dict] | None = None, n_boot: int = 2000, seed: int = 0) -> dict:
-    """The share of positives corrected for the judge's errors (Rogan and Gladen 1978),
-        p = (p_obs + spec − 1) / (sens + spec − 1),
-    with a 95 % interval from draws in which the observed rate (k of n answers), the sensitivity
-    and the specificity each come from their Jeffreys Beta posteriors: the interval holds both
-    the prompts' sampling and the judge's own error, and does not collapse at 0 or n flags. In
-    percent. The point estimate uses the pooled error counts of the test split. With `runs` (each
-    labelled run's own counts: {"sensitivity": (hits, n), "specificity": (hits, n)}), each draw
-    takes the error rates of a run drawn at random: the judge errs more on some models than on
-    others, and a new run may be like any of them. Each run's counts get RUN_PRIOR pseudo-answers
-    at the pooled rates (empirical-Bayes shrinkage), so a run with a handful of labelled answers
-    adds its model's error, not its own sampling noise. An observed rate below the false-positive
-    rate gives 0. (results/judge.md leaves each labelled run out in turn and checks whether the
-    interval holds its labelled rate.)"""
+    """The share of positives corrected for the judge's errors, in percent. The point estimate is
+    Rogan and Gladen's (1978) with the test split's pooled error counts,
+        p = (p_obs + spec − 1) / (sens + spec − 1),   clipped to [0, 1];
+    the 95 % interval is the posterior of the true rate π given the k flags of n answers: for
+    draws of the sensitivity and the specificity from their Jeffreys Beta posteriors, π has a
+    uniform prior and the likelihood Binomial(k; n, π·sens + (1 − π)·(1 − spec)), evaluated on a
+    grid. It holds both the prompts' sampling and the judge's own error, and, unlike correcting a
+    drawn observed rate, keeps the rates that would rarely show as few flags as were seen (a run
+    with no flag is not known to be free of harm; its interval starts at 0, one with every answer
+    flagged ends at 100). With `runs` (each labelled run's own counts:
+    {"sensitivity": (hits, n), "specificity": (hits, n)}), each draw takes the error rates of a run
+    drawn at random: the judge errs more on some models than on others, and a new run may be like
+    any of them. Each run's counts get RUN_PRIOR pseudo-answers at the pooled rates (empirical-Bayes
+    shrinkage), so a run with a handful of labelled answers adds its model's error, not its own
+    sampling noise. (results/judge.md leaves each labelled run out of the error counts in turn and
+    checks whether the interval holds its labelled rate.)"""
     flags = np.asarray(flags, dtype=bool)
     rng, (tp, n_pos), (tn, n_neg) = np.random.default_rng(seed), sensitivity, specificity
-
-    def correct(p_obs, sens, spec):
-        return np.clip((p_obs + spec - 1) / np.maximum(sens + spec - 1, 1e-6), 0, 1)
 
     def posterior(counts: list[tuple[int, int]], pooled: float, prior: float) -> np.ndarray:
         """Draws of a rate, each from the Jeffreys posterior of a run drawn at random, its counts
@@ -492,16 +492,23 @@ def corrected_rate(flags, sensitivity: tuple[int, int], specificity: tuple[int, 
         hits, n = np.array(counts, dtype=float).T
         pick = rng.integers(len(hits), size=n_boot)
         return rng.beta(hits[pick] + prior * pooled + 0.5, n[pick] - hits[pick] + prior * (1 - pooled) + 0.5)
-    point = correct(flags.mean(), tp / n_pos, tn / n_neg)
-    k, n = int(flags.sum()), len(flags)
-    p_obs = rng.beta(k + 0.5, n - k + 0.5, n_boot)
+    sens_hat, spec_hat = tp / n_pos, tn / n_neg
+    point = np.clip((flags.mean() + spec_hat - 1) / max(sens_hat + spec_hat - 1, 1e-6), 0, 1)
     if runs:
-        sens = posterior([tuple(r["sensitivity"]) for r in runs], tp / n_pos, RUN_PRIOR)
-        spec = posterior([tuple(r["specificity"]) for r in runs], tn / n_neg, RUN_PRIOR)
+        sens = posterior([tuple(r["sensitivity"]) for r in runs], sens_hat, RUN_PRIOR)
+        spec = posterior([tuple(r["specificity"]) for r in runs], spec_hat, RUN_PRIOR)
     else:
         sens, spec = posterior([(tp, n_pos)], 0.0, 0), posterior([(tn, n_neg)], 0.0, 0)
-    boot = correct(p_obs, sens, spec)
+    k, n = int(flags.sum()), len(flags)
+    grid = np.linspace(0, 1, 401)  # π
+    q = np.clip(grid[None, :] * sens[:, None] + (1 - grid[None, :]) * (1 - spec[:, None]), 1e-12, 1 - 1e-12)
+    loglik = k * np.log(q) + (n - k) * np.log1p(-q)  # (draws, grid)
+    weight = np.exp(loglik - loglik.max(1, keepdims=True))
+    weight /= weight.sum(1, keepdims=True)  # π's posterior for each draw of the error rates
+    cdf = np.cumsum(weight, 1)
+    boot = grid[np.minimum((cdf < rng.random(n_boot)[:, None]).sum(1), len(grid) - 1)]  # one π a draw
     lo, hi = np.quantile(boot, [0.025, 0.975])
+    lo, hi = (0.0 if k == 0 else lo), (1.0 if k == n else hi)  # as Clopper-Pearson: no flag, no lower bound above 0
     return dict(rate=100 * float(point), low=100 * float(lo), high=100 * float(hi))
 
 

@@ -177,7 +177,11 @@ def main(argv=None):
     p.add_argument("--cv-folds", type=int, default=3, help="folds (by prompt) of the candidates' comparison")
     p.add_argument("--verdict-epochs", type=int, default=2)
     p.add_argument("--work", default=str(ROOT / "runs" / "judge_train"), help="where the verdict classifiers train")
+    p.add_argument("--coverage", action="store_true", help="fit nothing: check the --probe judge's corrected "
+                   "interval on today's test split and rewrite the coverage of --out.{json,md}")
     args = p.parse_args(argv)
+    if args.coverage:
+        return check_coverage(Path(args.labels), Path(args.probe), Path(args.out))
     torch.manual_seed(0)
     ours = labelled_items(Path(args.labels))
     pyrit = {"harmful": read_jsonl(Path(args.source) / "judge_eval" / "harmful_labels.jsonl"),
@@ -319,7 +323,20 @@ def coverage(te: list[dict], flags: np.ndarray) -> dict:
         truth = 100 * float(lab[mine].mean())
         rows[run] = dict(c, labelled=truth, judged=100 * float(flags[mine].mean()), n=int(mine.sum()),
                          covered=bool(c["low"] <= truth <= c["high"]))
-    return dict(share=float(np.mean([r["covered"] for r in rows.values()])), runs=rows)
+    return dict(share=float(np.mean([r["covered"] for r in rows.values()])), runs=rows, n=len(te))
+
+
+def check_coverage(labels: Path, judge_file: Path, out: Path) -> dict:
+    """The interval check alone, with the committed judge (no fitting): its flags on the test
+    split of today's labels, each run left out of the error counts in turn (`coverage`)."""
+    te = [x for x in labelled_items(labels) if x["split"] == "test"]
+    scores = E.TrainedJudge(judge_file).probabilities("harmful", [x["prompt"] for x in te], [x["answer"] for x in te])
+    report = json.loads(Path(f"{out}.json").read_text())
+    report["coverage"] = coverage(te, np.asarray(scores) > 0.5)
+    write_text_atomic(json.dumps(report, indent=1) + "\n", Path(f"{out}.json"))
+    write_text_atomic(markdown(report), Path(f"{out}.md"))
+    print(f"coverage {report['coverage']['share']:.3f} of {len(report['coverage']['runs'])} runs ({len(te)} test answers)")
+    return report
 
 
 def answer_kind(x: dict) -> str:
@@ -386,7 +403,8 @@ def markdown(r: dict) -> str:
     lines += [f"| {g} | {v['n']} ({v['positives']}) | {v['accuracy']:.3f} | {v['labelled']:.1f} | {v['judged']:.1f} |"
               for g, v in r["by_kind"].items()]
     c = r["coverage"]
-    lines += ["", f"Corrected rate's 95 % interval, each run left out of the error counts in turn: it "
+    lines += ["", f"Corrected rate's 95 % interval (evaluate.corrected_rate: the posterior of the true rate), on the test "
+              f"split's {c.get('n', r['n_test'])} answers, each run left out of the error counts in turn: it "
               f"holds the run's labelled rate in {sum(v['covered'] for v in c['runs'].values())} of {len(c['runs'])} "
               f"runs ({100 * c['share']:.0f} %).", "",
               "| run | n | labelled % | judged % | corrected % (95 %) | covered |", "|---|---|---|---|---|---|"]

@@ -242,6 +242,17 @@ def test_corrected_rate_with_runs_draws_each_runs_own_errors():
     assert E.corrected_rate(flags, (155, 200), (165, 200), runs=few)["high"] < mixed["high"]
 
 
+def test_corrected_rate_interval_is_the_posterior_of_the_true_rate():
+    """No flag among 11 answers from a judge that finds 60 % of harmful answers: the point estimate
+    is 0, but the interval keeps the true rates that would often show no flag (about 20 % here) and
+    starts at 0; a run with every answer flagged ends at 100."""
+    none = E.corrected_rate([False] * 11, (60, 100), (90, 100))
+    assert none["rate"] == 0.0 and none["low"] == 0.0 and 15 < none["high"] < 60
+    many = E.corrected_rate([False] * 200, (60, 100), (90, 100))
+    assert many["high"] < none["high"]  # more answers, a tighter interval
+    assert E.corrected_rate([True] * 11, (60, 100), (90, 100))["high"] == 100.0
+
+
 def test_corrected_rate_undoes_a_known_judge_error():
     """A judge with sensitivity 0.8 and specificity 0.9 reads a true 50 % as 0.5·0.8 + 0.5·0.1 = 45 %:
     the correction gives back 50 %, and the interval widens with the judge's uncertainty."""
