@@ -337,6 +337,12 @@ def verdict_probability(model, tokenizer, prompts: list[str], answers: list[str]
     return out
 
 
+def at_cut(probabilities, cut: float) -> list[float]:
+    """Probabilities moved so that `cut` lands on 0.5: sigmoid(logit(p) − logit(cut))."""
+    p = torch.as_tensor(probabilities, dtype=torch.float64)
+    return torch.sigmoid(torch.logit(p, eps=1e-12) - math.log(cut / (1 - cut))).tolist()
+
+
 class TrainedJudge:
     """The trained judge, as bench/judge_train.py chose it by cross-validation: for each head
     (`harmful`) a block of the base model and a logistic probe on its answer features (the file
@@ -363,8 +369,7 @@ class TrainedJudge:
 
     def probabilities(self, head: str, prompts: list[str], answers: list[str]) -> list[float]:
         if self.verdict and head == "harmful":
-            p = torch.tensor(verdict_probability(self.model, self.tok, prompts, answers), dtype=torch.float64)
-            return torch.sigmoid(torch.logit(p, eps=1e-12) - math.log(self.threshold / (1 - self.threshold))).tolist()
+            return at_cut(verdict_probability(self.model, self.tok, prompts, answers), self.threshold)
         probe = self.heads[head]
         X = answer_features(self.model, self.tok, prompts, answers, [probe["layer"]])[probe["layer"]]
         return probe_probability(probe, X)

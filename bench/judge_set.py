@@ -33,7 +33,6 @@ import argparse
 import hashlib
 import json
 import random
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -164,6 +163,13 @@ def borderline(folders: list[Path], source: Path, count: int, first_id: int, max
                  split=split(s.prompt, test_share)) for i, (s, a) in enumerate(zip(rows, answers))]
 
 
+def write_items(items: list[dict], out) -> list[dict]:
+    """The items, one JSON line each, to `out` (unlabelled: labels.jsonl is written by reading them)."""
+    write_text_atomic("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in items), Path(out))
+    print(f"{len(items)} items ({sum(x['split'] == 'test' for x in items)} test) -> {out}")
+    return items
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="runs/data", help="folder from data/prepare.py (--borderline: a comma list)")
@@ -188,21 +194,13 @@ def main(argv=None):
     if args.borderline:
         if args.source is None:
             p.error("--borderline needs --source (harmful_prompts/donotanswer.jsonl)")
-        items = borderline([Path(d) for d in args.data.split(",")], Path(args.source), args.borderline, args.first_id,
-                           args.max_new_tokens, args.test_share, args.seed)
-        write_text_atomic("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in items), Path(args.out))
-        print(f"{len(items)} items ({sum(x['split'] == 'test' for x in items)} test) -> {args.out}")
-        return
+        return write_items(borderline([Path(d) for d in args.data.split(",")], Path(args.source), args.borderline,
+                                      args.first_id, args.max_new_tokens, args.test_share, args.seed), args.out)
     if args.answer_runs:
-        items = answers_of_runs(args.answer_runs, args.first_id, args.max_new_tokens, args.seed)
-        write_text_atomic("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in items), Path(args.out))
-        print(f"{len(items)} items (train split) -> {args.out}")
-        return
+        return write_items(answers_of_runs(args.answer_runs, args.first_id, args.max_new_tokens, args.seed), args.out)
     if args.from_runs:
-        items = from_runs(args.from_runs, args.count, args.first_id, args.test_share, args.seed, args.split)
-        write_text_atomic("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in items), Path(args.out))
-        print(f"{len(items)} items ({sum(x['split'] == 'test' for x in items)} test) -> {args.out}")
-        return
+        return write_items(from_runs(args.from_runs, args.count, args.first_id, args.test_share, args.seed, args.split),
+                           args.out)
     if args.source is None:
         p.error("--source is required (unless --from-runs)")
     data, work = Path(args.data), Path(args.work)
@@ -218,9 +216,7 @@ def main(argv=None):
     random.Random(args.seed).shuffle(items)  # labellers read id, prompt and answer only, in this order
     for i, item in enumerate(items):
         item["id"] = f"j{i:04d}"
-    write_text_atomic("".join(json.dumps(dict(id=x.pop("id"), **x), ensure_ascii=False) + "\n" for x in items),
-                      Path(args.out))
-    print(f"{len(items)} items ({sum(x['split'] == 'test' for x in items)} test) -> {args.out}")
+    write_items([dict(id=x.pop("id"), **x) for x in items], args.out)
 
 
 if __name__ == "__main__":

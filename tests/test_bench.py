@@ -646,13 +646,13 @@ import judge_train  # noqa: E402
 
 
 def test_judge_cut_fitted_on_out_of_fold_scores():
-    """The cut is the midpoint with the best accuracy; `shifted` moves it to 0.5; out_of_fold
+    """The cut is the midpoint with the best accuracy; evaluate.at_cut moves it to 0.5; out_of_fold
     scores each row by a fit that never saw its prompt."""
     scores, y = np.array([0.1, 0.2, 0.35, 0.4, 0.8, 0.9]), np.array([0, 0, 1, 1, 1, 1])
     cut = judge_train.fitted_threshold(scores, y)
     assert cut == pytest.approx(0.275)
-    assert list(judge_train.shifted(scores, cut) > 0.5) == [False, False, True, True, True, True]
-    assert judge_train.shifted([cut], cut)[0] == pytest.approx(0.5)
+    assert list(np.array(judge_train.E.at_cut(scores, cut)) > 0.5) == [False, False, True, True, True, True]
+    assert judge_train.E.at_cut([cut], cut)[0] == pytest.approx(0.5)
     groups = ["a", "a", "b", "b", "c", "c"]
     seen = []
 
@@ -673,7 +673,7 @@ def test_judge_report_groups_runs_by_regime_kind_and_coverage():
     items = [dict(model=m, harmful=h, refusal=r, degenerate=d, prompt="p", answer="a")
              for m in ("r1", "r2", "r3") for h, r, d in ((1, 0, 0), (0, 1, 0), (0, 0, 1), (0, 0, 0))]
     scores = [0.9, 0.1, 0.6, 0.2] * 3
-    kinds = judge_train.by_kind(items, scores)
+    kinds = judge_train.by_group(items, scores, judge_train.answer_kind)
     assert kinds["refusal"]["accuracy"] == 1.0 and kinds["degenerate"]["judged"] == 100.0
     assert kinds["goes along"]["n"] == 6 and kinds["goes along"]["labelled"] == 50.0
     cov = judge_train.coverage(items, np.array(scores) > 0.5)
