@@ -18,6 +18,12 @@ The parts, in this order (a sweep stopped early has answered the first ones):
              the truly clean rows (pharmacist.oracle_select: denoising alone);
   bds        Full+SFT and Pharmacist+SFT attacked with the tuning-stage defense BDS;
   fig1       Pharmacist and Random with SFT at k in --ks (the table gives k = --keep);
+  strength   Random's subset with every alignment defense (sft, vaccine, repnoise, booster, tvaccine) attacked
+             at a weaker and a stronger learning rate than the calibrated attack (STRENGTHS), and vaccine and
+             booster at the calibrated one (the other defenses have it in the table); a cell at another
+             strength starts from the aligned model of its calibrated cell where that is on disk. The
+             judge's labels at every defense and strength (data/judge/README.md), and how each defense
+             holds as the attack grows;
   safety     on a pool where safety-criticality shows (data/prepare.py --attack-categories SAFETY:
              the harmful set and the attack's harmful rows from those harm categories, half the
              pool's refusals on them; held-out wording), SFT with Pharmacist at λ = 1 and λ = 0 and
@@ -38,6 +44,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -45,7 +52,9 @@ from reproduce import ATTACK, SMALL_RETAIN, RunFailed, Sweep, build_data, export
 
 SAFETY = ("cyber", "chem_bio_drugs", "weapons_violence")  # the safety part's attack categories
 SAFETY_FLAGS = ["--held-out-wording", "--attack-categories", ",".join(SAFETY), "--harmful-size", "32"]
-PARTS = ("table", "lens", "ablations", "bds", "fig1", "safety")
+PARTS = ("table", "lens", "ablations", "bds", "fig1", "strength", "safety")
+STRENGTHS = ("5e-5", "8e-4")  # the strength part's attack learning rates: a quarter and 4x the calibrated ATTACK["lr"]
+STRENGTH_DEFENSES = ("repnoise", "tvaccine", "sft", "vaccine", "booster")  # in the order they run
 COMPILED = ("sft",)  # the defenses whose align stage runs compiled blocks (defenses.COMPILABLE, bds aside)
 REPNOISE_LENS = 6  # the RepNoise column reads 6 of the 30 layers' logit lens (bench/lens.py, docs/DESIGN.md)
 VARIANTS = {  # a column's name -> (train.py's --align-defense, its defense flags)
@@ -123,20 +132,25 @@ class PaperSweep(Sweep):
         self.resume = True  # a stage the last sitting stopped continues from its checkpoint (its time: the sum)
         self.attack(ATTACK["lr"], ATTACK["epochs"], ATTACK["p"])
 
-    def cell(self, selector: str, defense: str, k: int, ranking: str | None = None, bds: bool = False):
-        """Hands one cell to the workers unless the table holds it (its run: s<seed>/<name>)."""
-        name = cell_name(selector, defense, k, ranking, bds, self.pool_kind)
+    def cell(self, c: "Cell"):
+        """Hands one cell to the workers unless the table holds it (its run: s<seed>/<name>). A cell
+        attacked at another learning rate (c.lr) starts from its calibrated cell's aligned model
+        where that run folder holds one (the same subset, defense and seed: the same model)."""
+        name = c.name(self.pool_kind)
         key = f"s{self.seed}/{name}"
         if key in self.table.done:
             return
-        selection = self.ranking(ranking or selector)
-        info = dict(run=key, selector=ranking or selector, defense=defense + ("+bds" if bds else ""), k=k, seed=self.seed,
-                    lam=0.0 if ranking == "pharmacist-lam0" else 1.0 if selector == "pharmacist" else None,
-                    **({"pool": self.pool_kind} if self.pool_kind else {}))
-        base, flags = VARIANTS.get(defense, (defense, []))
-        align = ["--align-seed", str(self.seed), *(["--align-compile"] if defense in COMPILED else []), *flags]
-        attack = ["--finetune-seed", str(self.seed), *(["--finetune-defense", "bds"] if bds else ["--finetune-compile"])]
-        self.run(name, selection, k, base, attack=attack, align=align, info=info)
+        selection = self.ranking(c.ranking or c.selector)
+        info = dict(run=key, part=c.part, selector=c.ranking or c.selector, defense=c.defense + ("+bds" if c.bds else ""),
+                    k=c.k, seed=self.seed, lam=0.0 if c.ranking == "pharmacist-lam0" else 1.0 if c.selector == "pharmacist" else None,
+                    attack_lr=c.lr or ATTACK["lr"], **({"pool": self.pool_kind} if self.pool_kind else {}))
+        base, flags = VARIANTS.get(c.defense, (c.defense, []))
+        align = ["--align-seed", str(self.seed), *(["--align-compile"] if c.defense in COMPILED else []), *flags]
+        attack = ["--finetune-seed", str(self.seed), *(["--finetune-defense", "bds"] if c.bds else ["--finetune-compile"]),
+                  *(["--finetune-lr", c.lr] if c.lr else [])]  # after the sweep's own --finetune-lr: this one counts
+        calibrated = self.out / c._replace(lr="").name(self.pool_kind)
+        align_from = calibrated if c.lr and (calibrated / "align" / "model").is_dir() else None
+        self.run(name, selection, c.k, base, attack=attack, align=align, info=info, align_from=align_from)
 
     def config(self, name: str, selection: Path, k: int, defense: str, info: dict | None = None, **kwargs) -> Path:
         t0 = time.time()
@@ -162,22 +176,38 @@ class PaperSweep(Sweep):
         return self.rankings[selector]
 
 
-def cell_name(selector: str, defense: str, k: int, ranking: str | None = None, bds: bool = False, pool: str = "") -> str:
-    return f"{pool + '_' if pool else ''}{ranking or selector}_{defense}{'+bds' if bds else ''}_k{k}"
+class Cell(NamedTuple):
+    """One cell of the sweep: which part it belongs to, the subset (a selector's ranking cut to k),
+    the alignment defense, BDS at the attack or not, and the attack's learning rate ("": ATTACK's)."""
+    part: str
+    selector: str
+    defense: str
+    k: int
+    ranking: str | None = None  # a ranking other than the selector's own (pharmacist-lam0)
+    bds: bool = False
+    lr: str = ""
+
+    def name(self, pool: str = "") -> str:
+        return cell_name(self.selector, self.defense, self.k, self.ranking, self.bds, pool, self.lr)
 
 
-def cells(parts: list[str], defenses: list[str], keep: int, ks: list[int], safety_keep: int = 80) -> list[tuple]:
-    """(part, selector, defense, k, ranking, bds) in the order the sweep runs them."""
-    out = [("table", s, d, 400 if s == "full" else keep, None, False)
-           for d in defenses for s in ("full", "random", "loss", "pharmacist")]
-    out += [("lens", "pharmacist", "repnoise-lens-all", keep, None, False)]
-    out += [("ablations", "pharmacist", "sft", keep, "pharmacist-lam0", False),
-            ("ablations", "oracle", "sft", keep, None, False)]
-    out += [("bds", s, "sft", 400 if s == "full" else keep, None, True) for s in ("full", "pharmacist")]
-    out += [("fig1", s, "sft", k, None, False) for k in ks for s in ("pharmacist", "random")]
-    out += [("safety", s, "sft", safety_keep, r, False) for s, r in (("pharmacist", None), ("pharmacist", "pharmacist-lam0"),
-                                                                     ("random", None))]
-    return [c for c in out if c[0] in parts]
+def cell_name(selector: str, defense: str, k: int, ranking: str | None = None, bds: bool = False, pool: str = "",
+              lr: str = "") -> str:
+    return f"{pool + '_' if pool else ''}{ranking or selector}_{defense}{'+bds' if bds else ''}_k{k}{'_lr' + lr if lr else ''}"
+
+
+def cells(parts: list[str], defenses: list[str], keep: int, ks: list[int], safety_keep: int = 80) -> list[Cell]:
+    """Every cell of the parts, in the order the sweep runs them."""
+    out = [Cell("table", s, d, 400 if s == "full" else keep) for d in defenses for s in ("full", "random", "loss", "pharmacist")]
+    out += [Cell("lens", "pharmacist", "repnoise-lens-all", keep)]
+    out += [Cell("ablations", "pharmacist", "sft", keep, "pharmacist-lam0"), Cell("ablations", "oracle", "sft", keep)]
+    out += [Cell("bds", s, "sft", 400 if s == "full" else keep, bds=True) for s in ("full", "pharmacist")]
+    out += [Cell("fig1", s, "sft", k) for k in ks for s in ("pharmacist", "random")]
+    out += [Cell("strength", "random", d, keep, lr=lr) for d in STRENGTH_DEFENSES
+            for lr in (("",) if d in ("vaccine", "booster") else ()) + STRENGTHS]
+    out += [Cell("safety", s, "sft", safety_keep, r) for s, r in (("pharmacist", None), ("pharmacist", "pharmacist-lam0"),
+                                                                  ("random", None))]
+    return [c for c in out if c.part in parts]
 
 
 def main(argv=None):
@@ -191,6 +221,7 @@ def main(argv=None):
     p.add_argument("--ks", default="80,240,400", help="the other k of fig1")
     p.add_argument("--fig1-seeds", default="0,1", help="seeds of the fig1 part")
     p.add_argument("--lens-seeds", default="0", help="seeds of the lens part")
+    p.add_argument("--strength-seeds", default="0", help="seeds of the strength part")
     p.add_argument("--safety-keep", type=int, default=80, help="rows the safety part keeps (of 160 clean refusals)")
     p.add_argument("--jobs", type=int, default=2, help="cells at a time, each with cpu_count / jobs threads")
     args = p.parse_args(argv)
@@ -202,10 +233,10 @@ def main(argv=None):
     todo = cells(parts, args.defenses.split(","), args.keep, [int(k) for k in args.ks.split(",")], args.safety_keep)
     started, failed = time.time(), []
     for part in PARTS:  # each part over every seed before the next part
-        only = {"fig1": args.fig1_seeds, "lens": args.lens_seeds}.get(part)
+        only = {"fig1": args.fig1_seeds, "lens": args.lens_seeds, "strength": args.strength_seeds}.get(part)
         for seed in seeds if only is None else [s for s in seeds if str(s) in only.split(",")]:
             pool = "safety" if part == "safety" else ""
-            mine = [c for c in todo if c[0] == part and f"s{seed}/{cell_name(*c[1:], pool)}" not in table.done]
+            mine = [c for c in todo if c.part == part and f"s{seed}/{c.name(pool)}" not in table.done]
             if not mine:  # every cell of this part and seed is in the table: nothing to build or rank
                 continue
             root = out / f"s{seed}" / pool if pool else out / f"s{seed}"
@@ -213,17 +244,19 @@ def main(argv=None):
                               "--retain-answers", "self", "--retain-size", str(SMALL_RETAIN),
                               *(SAFETY_FLAGS if pool else []))
             sweep = PaperSweep(root, data, seed, table, args.jobs, args.safety_keep if pool else args.keep, pool)
-            for _, selector, _, _, ranking, _ in mine:  # every ranking first, alone on the machine (its time counts)
+            for c in mine:  # every ranking first, alone on the machine (its time counts)
                 try:
-                    sweep.ranking(ranking or selector)
+                    sweep.ranking(c.ranking or c.selector)
                 except RunFailed as e:
                     print(e, flush=True)
-            for _, selector, defense, k, ranking, bds in mine:
+            for c in mine:
+                if c.lr and c._replace(lr="") in mine:  # its calibrated cell is running: its aligned model first
+                    sweep.wait()
                 try:
-                    sweep.cell(selector, defense, k, ranking, bds)
+                    sweep.cell(c)
                 except RunFailed as e:  # a ranking failed: its cells are skipped, the sweep goes on
                     print(e, flush=True)
-                    failed.append(f"s{seed}/{ranking or selector}")
+                    failed.append(f"s{seed}/{c.ranking or c.selector}")
             sweep.wait()
             failed += [f"s{seed}/{name}" for name in sweep.failed]
     print(f"{len(table.done)} cells in {table.path}; this call {time.time() - started:.0f} s")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from paper import numbers, read  # noqa: E402
+from paper import ATTACK, numbers, read  # noqa: E402
 from read_rates import labelled, mean_se, run_rates  # noqa: E402
 PAPER = {"repnoise": dict(harmful=-2.60, accuracy=3.50, time=-56.83),
          "tvaccine": dict(harmful=-3.30, accuracy=1.10, time=-57.63)}  # Pharmacist − full, the abstract
@@ -58,11 +58,23 @@ def with_read_rates(rows: list[dict], labels: dict) -> list[dict]:
 
 def cells(rows: list[dict], pool: str = "") -> dict:
     """{(defense, selector, k): {seed: row}} of the cells on one kind of pool ("": the planted pool
-    of the table; "safety": bench/paper.py's safety part)."""
+    of the table; "safety": bench/paper.py's safety part), the strength part's cells left out."""
     out: dict = {}
     for r in rows:
-        if r.get("pool", "") == pool:
+        if r.get("pool", "") == pool and r.get("part") != "strength":
             out.setdefault((r["defense"], r["selector"], r["k"]), {})[r["seed"]] = r
+    return out
+
+
+def strength_cells(rows: list[dict]) -> dict:
+    """{(defense, attack lr): {seed: row}}: the strength part's cells and the table's cells of the
+    same subsets (selector, k, seed) at the calibrated attack."""
+    mine = [r for r in rows if r.get("part") == "strength"]
+    subsets = {(r["selector"], r["k"], r["seed"]) for r in mine}
+    out: dict = {}
+    for r in rows:
+        if r in mine or (r.get("part", "table") == "table" and (r["selector"], r["k"], r["seed"]) in subsets):
+            out.setdefault((r["defense"], r.get("attack_lr", ATTACK["lr"])), {})[r["seed"]] = r
     return out
 
 
@@ -70,9 +82,21 @@ def table(rows: list[dict], pool: str = "") -> str:
     lines = ["| defense | selector | k | seeds | " + " | ".join(name for _, name in COLUMNS) + " |",
              "|" + "---|" * (4 + len(COLUMNS))]
     for (defense, selector, k), seeds in sorted(cells(rows, pool).items(), key=lambda c: (c[0][0], c[0][1], c[0][2])):
-        vals = [mean_se([r.get(key) for r in seeds.values()], ".3f" if "loss" in key else ".1f") for key, _ in COLUMNS]
-        lines.append(f"| {defense} | {selector} | {k} | {','.join(map(str, sorted(seeds)))} | " + " | ".join(vals) + " |")
+        lines.append(f"| {defense} | {selector} | {k} | {','.join(map(str, sorted(seeds)))} | " + values(seeds) + " |")
     return "\n".join(lines) + "\n"
+
+
+def strength_table(rows: list[dict]) -> str:
+    lines = ["| defense | attack lr | seeds | " + " | ".join(name for _, name in COLUMNS) + " |",
+             "|" + "---|" * (3 + len(COLUMNS))]
+    for (defense, lr), seeds in sorted(strength_cells(rows).items(), key=lambda c: (c[0][0], float(c[0][1]))):
+        lines.append(f"| {defense} | {lr} | {','.join(map(str, sorted(seeds)))} | " + values(seeds) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def values(seeds: dict) -> str:
+    """A cell's COLUMNS over its seeds: mean ± SE (one seed: its value)."""
+    return " | ".join(mean_se([r.get(key) for r in seeds.values()], ".3f" if "loss" in key else ".1f") for key, _ in COLUMNS)
 
 
 def paired(rows: list[dict], ours: str = "pharmacist", keep: int = 160, pool: str = "",
@@ -123,6 +147,9 @@ def main(argv=None):
         text += ("\nThe safety part (a pool whose refusals half cover the attack's harm categories; k = "
                  f"{k}):\n\n" + table(rows, "safety") + "\nPaired by seed:\n\n"
                  + paired(rows, keep=k, pool="safety", others=(("pharmacist-lam0", k), ("random", k))))
+    if any(r.get("part") == "strength" for r in rows):
+        text += ("\nThe strength part (Random's subset attacked at a weaker and a stronger learning rate than the "
+                 f"calibrated {ATTACK['lr']}):\n\n" + strength_table(rows))
     args.out.write_text(text)
     print(text)
 

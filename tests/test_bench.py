@@ -420,12 +420,12 @@ import paper  # noqa: E402
 
 def test_paper_cells_run_the_table_first_then_ablations_bds_and_fig1():
     cells = paper.cells(["table", "ablations", "bds", "fig1"], ["sft", "tvaccine"], 160, [80])
-    assert [c[0] for c in cells] == ["table"] * 8 + ["ablations"] * 2 + ["bds"] * 2 + ["fig1"] * 2
-    assert cells[:4] == [("table", s, "sft", 400 if s == "full" else 160, None, False)
+    assert [c.part for c in cells] == ["table"] * 8 + ["ablations"] * 2 + ["bds"] * 2 + ["fig1"] * 2
+    assert cells[:4] == [("table", s, "sft", 400 if s == "full" else 160, None, False, "")
                          for s in ("full", "random", "loss", "pharmacist")]
-    assert ("ablations", "pharmacist", "sft", 160, "pharmacist-lam0", False) in cells
-    assert paper.cells(["bds"], ["sft"], 160, [80]) == [("bds", "full", "sft", 400, None, True),
-                                                        ("bds", "pharmacist", "sft", 160, None, True)]
+    assert ("ablations", "pharmacist", "sft", 160, "pharmacist-lam0", False, "") in cells
+    assert paper.cells(["bds"], ["sft"], 160, [80]) == [("bds", "full", "sft", 400, None, True, ""),
+                                                        ("bds", "pharmacist", "sft", 160, None, True, "")]
 
 
 def test_paper_table_skips_recorded_cells(tmp_path):
@@ -436,7 +436,7 @@ def test_paper_table_skips_recorded_cells(tmp_path):
     sweep = object.__new__(paper.PaperSweep)  # only what cell() reads: a recorded cell starts nothing
     sweep.seed, sweep.table, sweep.pool_kind = 0, again, ""
     sweep.ranking = sweep.run = lambda *a, **k: pytest.fail("a recorded cell was started again")
-    sweep.cell("full", "sft", 400)
+    sweep.cell(paper.Cell("table", "full", "sft", 400))
 
 
 def test_paper_cells_go_to_the_workers(tmp_path, monkeypatch):
@@ -447,7 +447,7 @@ def test_paper_cells_go_to_the_workers(tmp_path, monkeypatch):
     sweep.rankings["random"] = tmp_path / "select_random"
     ran = []
     monkeypatch.setattr(sweep, "config", lambda name, *a, info=None, **k: ran.append((name, info["run"], info["pool"])))
-    sweep.cell("random", "sft", 80)
+    sweep.cell(paper.Cell("safety", "random", "sft", 80))
     sweep.wait()
     assert ran == [("safety_random_sft_k80", "s1/safety_random_sft_k80", "safety")]
 
@@ -472,10 +472,10 @@ def test_paper_repnoise_columns_name_their_lens(tmp_path, monkeypatch):
     monkeypatch.setattr(sweep, "config", lambda name, sel, k, defense, align=(), info=None, **kw:
                         ran.append((name, defense, align[align.index("--defense-repnoise-lens-layers") + 1], info["defense"])))
     for column in ("repnoise", "repnoise-lens-all"):
-        sweep.cell("pharmacist", column, 160)
+        sweep.cell(paper.Cell("table", "pharmacist", column, 160))
     assert ran == [("pharmacist_repnoise_k160", "repnoise", str(paper.REPNOISE_LENS), "repnoise"),
                    ("pharmacist_repnoise-lens-all_k160", "repnoise", "0", "repnoise-lens-all")]
-    assert [c[2] for c in paper.cells(["lens"], ["sft"], 160, [80])] == ["repnoise-lens-all"]
+    assert [c.defense for c in paper.cells(["lens"], ["sft"], 160, [80])] == ["repnoise-lens-all"]
 
 
 def test_paper_row_reads_before_and_after(tmp_path, monkeypatch):
@@ -593,7 +593,7 @@ def test_selection_targeted_share_and_paired_summary():
 
 def test_paper_safety_part_names_its_cells_apart_and_the_report_keeps_its_pool_apart():
     safety = paper.cells(["safety"], ["sft"], 160, [80], safety_keep=80)
-    assert [paper.cell_name(*c[1:], "safety") for c in safety] == [
+    assert [c.name("safety") for c in safety] == [
         "safety_pharmacist_sft_k80", "safety_pharmacist-lam0_sft_k80", "safety_random_sft_k80"]
     rows = [dict(run=f"s{s}/x", selector=sel, defense="sft", k=k, seed=s, harmful_after=h, sst2_after=80.0,
                  align_time_s=1.0, select_time_s=0.0, **({"pool": "safety"} if k == 80 else {}))
@@ -602,6 +602,37 @@ def test_paper_safety_part_names_its_cells_apart_and_the_report_keeps_its_pool_a
     assert set(paper_report.cells(rows)) == {("sft", "pharmacist", 160), ("sft", "random", 160)}
     text = paper_report.paired(rows, keep=80, pool="safety", others=(("pharmacist-lam0", 80),))
     assert "| sft | pharmacist-lam0 | 0,1 | – | -2.5 ± 0.5 (− −)" in text
+
+
+def test_paper_strength_part_attacks_from_the_calibrated_cells_model_and_reports_apart(tmp_path, monkeypatch):
+    strength = paper.cells(["strength"], ["sft"], 160, [80])
+    assert [c.name() for c in strength[:2]] == ["random_repnoise_k160_lr5e-5", "random_repnoise_k160_lr8e-4"]
+    assert {c.defense for c in strength if not c.lr} == {"vaccine", "booster"}  # the others: the table's cells
+    assert {(c.defense, c.lr) for c in strength} >= {(d, lr) for d in paper.STRENGTH_DEFENSES for lr in paper.STRENGTHS}
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "manifest.json").write_text(json.dumps(dict(counts={"pool.jsonl": 400})))
+    sweep = paper.PaperSweep(tmp_path, tmp_path / "data", 0, paper.Table(tmp_path / "table.jsonl"), jobs=1)
+    sweep.rankings["random"] = tmp_path / "select_random"
+    (tmp_path / "random_tvaccine_k160" / "align" / "model").mkdir(parents=True)  # tvaccine's calibrated cell is on disk
+    ran = {}
+    monkeypatch.setattr(sweep, "config", lambda name, sel, k, defense, attack=(), info=None, align_from=None, **kw:
+                        ran.update({name: (attack[attack.index("--finetune-lr") + 1] if "--finetune-lr" in attack else "",
+                                                align_from, info["attack_lr"])}))
+    for c in (paper.Cell("strength", "random", "tvaccine", 160, lr="8e-4"), paper.Cell("strength", "random", "sft", 160, lr="5e-5"),
+              paper.Cell("strength", "random", "vaccine", 160)):
+        sweep.cell(c)
+    assert ran["random_tvaccine_k160_lr8e-4"] == ("8e-4", tmp_path / "random_tvaccine_k160", "8e-4")
+    assert ran["random_sft_k160_lr5e-5"] == ("5e-5", None, "5e-5")  # no aligned model on disk: it aligns its own
+    assert ran["random_vaccine_k160"] == ("", None, paper.ATTACK["lr"])  # the sweep's own attack
+    rows = [dict(run=f"s0/{n}", part=part, selector="random", defense=d, k=160, seed=0, harmful_after=h, **extra)
+            for n, part, d, h, extra in (("random_sft_k160", "table", "sft", 30.0, {}),  # a table row (before `part`)
+                                         ("random_sft_k160_lr8e-4", "strength", "sft", 50.0, dict(attack_lr="8e-4")),
+                                         ("random_sft_k160_lr5e-5", "strength", "sft", 10.0, dict(attack_lr="5e-5")))]
+    rows[0].pop("part")
+    assert set(paper_report.cells(rows)) == {("sft", "random", 160)}  # the strength cells stay out of the table
+    text = paper_report.strength_table(rows)
+    assert [line.split(" | ")[1] for line in text.splitlines()[2:]] == ["5e-5", paper.ATTACK["lr"], "8e-4"]
+    assert "| sft | 8e-4 | 0 | – | 50.0 |" in text
 
 
 # ----------------------------------------------------------------------------- bench/lens.py
