@@ -87,16 +87,19 @@ def table(rows: list[dict], pool: str = "") -> str:
 
 
 def strength_table(rows: list[dict]) -> str:
-    lines = ["| defense | attack lr | seeds | " + " | ".join(name for _, name in COLUMNS) + " |",
-             "|" + "---|" * (3 + len(COLUMNS))]
+    """The strength part's table: the COLUMNS but the times (a cell at another strength reuses its
+    calibrated cell's selection and alignment)."""
+    columns = [c for c in COLUMNS if not c[0].endswith("_time_s")]
+    lines = ["| defense | attack lr | seeds | " + " | ".join(name for _, name in columns) + " |",
+             "|" + "---|" * (3 + len(columns))]
     for (defense, lr), seeds in sorted(strength_cells(rows).items(), key=lambda c: (c[0][0], float(c[0][1]))):
-        lines.append(f"| {defense} | {lr} | {','.join(map(str, sorted(seeds)))} | " + values(seeds) + " |")
+        lines.append(f"| {defense} | {lr} | {','.join(map(str, sorted(seeds)))} | " + values(seeds, columns) + " |")
     return "\n".join(lines) + "\n"
 
 
-def values(seeds: dict) -> str:
-    """A cell's COLUMNS over its seeds: mean ± SE (one seed: its value)."""
-    return " | ".join(mean_se([r.get(key) for r in seeds.values()], ".3f" if "loss" in key else ".1f") for key, _ in COLUMNS)
+def values(seeds: dict, columns=COLUMNS) -> str:
+    """A cell's columns over its seeds: mean ± SE (one seed: its value)."""
+    return " | ".join(mean_se([r.get(key) for r in seeds.values()], ".3f" if "loss" in key else ".1f") for key, _ in columns)
 
 
 def paired(rows: list[dict], ours: str = "pharmacist", keep: int = 160, pool: str = "",
