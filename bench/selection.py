@@ -95,6 +95,13 @@ def precision_row(pool, scores, k: int, targets: frozenset = frozenset()) -> dic
     return row
 
 
+def kind_means(pool, scores) -> dict:
+    """The mean standardised score of each planted kind of row: which kinds a scoring pass lifts
+    above the pool's mean (> 0) and which it pushes below."""
+    kind, z = np.array([s.category for s in pool]), P.standardised(np.asarray(scores, dtype=np.float64))
+    return {c: round(float(z[kind == c].mean()), 2) for c in sorted(set(kind))}
+
+
 @contextlib.contextmanager
 def recorded_passes(on: bool):
     """With `on`, the scores of every pharmacist.score_pass call, in order (the caller's list)."""
@@ -169,6 +176,7 @@ def main(argv=None):
                        **precision_row(pool, sel.scores, k, targets))
             if passes:
                 row["per_pass"] = [precision_row(pool, h, k)["precision"] for h in passes]
+                row["per_pass_kinds"] = [kind_means(pool, h) for h in passes]
                 row["mean_of_passes"] = precision_row(pool, sum(P.standardised(h) for h in passes), k)["precision"]
             if args.align and folder == Path(args.data.split(",")[0]):
                 if "full" not in aligned:
@@ -207,6 +215,14 @@ def table(rows) -> str:
         if "per_pass" in r:
             line += f" {' → '.join(f'{x:.3f}' for x in r['per_pass'])}; their mean {r['mean_of_passes']:.3f} |"
         lines.append(line)
+    kinds = [r for r in rows if "per_pass_kinds" in r]
+    if kinds:
+        names = sorted({c for r in kinds for means in r["per_pass_kinds"] for c in means})
+        lines += ["", "Mean standardised score of each kind of row, pass by pass (> 0: the pass ranks the kind above the pool's mean):", "",
+                  "| data | selector | pass | " + " | ".join(names) + " |", "|" + "---|" * (3 + len(names))]
+        for r in kinds:
+            for i, means in enumerate(r["per_pass_kinds"]):
+                lines.append(f"| {r['data']} | {r['selector']} | {i + 1} | " + " | ".join(f"{means.get(c, 0):+.2f}" for c in names) + " |")
     return "\n".join(lines) + "\n"
 
 

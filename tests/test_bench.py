@@ -591,6 +591,16 @@ def test_selection_targeted_share_and_paired_summary():
     assert "0.850 ± 0.050" in x and "0.650 ± 0.050" in x and "0.100 ± 0.100" in x and "0.150 ± 0.050" in x
 
 
+def test_selection_per_pass_kinds():
+    """Each kind's mean standardised score, and the table's section that shows it pass by pass."""
+    pool = [Sample(i, "p", "r", category=c) for i, c in enumerate(["refusal", "refusal", "benign", "benign"])]
+    assert selection.kind_means(pool, [3.0, 1.0, 0.0, 0.0]) == {"benign": -0.82, "refusal": 0.82}
+    row = dict(data="d", selector="x", precision=1.0, kept={"refusal": 2}, distinct=4, forward=1, backward=1, seconds=1.0,
+               per_pass=[1.0, 0.5], mean_of_passes=1.0, per_pass_kinds=[{"benign": -0.8, "refusal": 0.8}, {"benign": 0.1, "refusal": -0.1}])
+    text = selection.table([row])
+    assert "| d | x | 2 | +0.10 | -0.10 |" in text and "1.000 → 0.500" in text
+
+
 def test_paper_safety_part_names_its_cells_apart_and_the_report_keeps_its_pool_apart():
     safety = paper.cells(["safety"], ["sft"], 160, [80], safety_keep=80)
     assert [c.name("safety") for c in safety] == [
