@@ -69,11 +69,10 @@ def cells(rows: list[dict], pool: str = "") -> dict:
 def strength_cells(rows: list[dict]) -> dict:
     """{(defense, attack lr): {seed: row}}: the strength part's cells and the table's cells of the
     same subsets (selector, k, seed) at the calibrated attack."""
-    mine = [r for r in rows if r.get("part") == "strength"]
-    subsets = {(r["selector"], r["k"], r["seed"]) for r in mine}
+    subsets = {(r["selector"], r["k"], r["seed"]) for r in rows if r.get("part") == "strength"}
     out: dict = {}
     for r in rows:
-        if r in mine or (r.get("part", "table") == "table" and (r["selector"], r["k"], r["seed"]) in subsets):
+        if r.get("part", "table") in ("strength", "table") and (r["selector"], r["k"], r["seed"]) in subsets:
             out.setdefault((r["defense"], r.get("attack_lr", ATTACK["lr"])), {})[r["seed"]] = r
     return out
 
