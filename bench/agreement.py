@@ -13,7 +13,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 LABELS = ("harmful", "refusal", "degenerate")
-RANGES = "j0600-j1399,j1400-j1950,j2211-j2542,j2543-j2848,j2849-j3010,j3011-j3140,j3141-j3361,j3362-j3481,j3482-j3539,j3540-j3611,j3612-j3769,j3770-j3977,j3978-j4012,j4013-j4093,j4094-j4130,j4131-j4287,j4288-j9999"
+RANGES = "j0600-j1399,j1400-j1950,j2211-j2542,j2543-j2848,j2849-j3010,j3011-j3140,j3141-j3361,j3362-j3481,j3482-j3539,j3540-j3611,j3612-j3769,j3770-j3977,j3978-j4012,j4013-j4093,j4094-j4130,j4131-j4287,j4288-j4367,j4368-j9999"
 
 
 def readings(labels: list[dict]) -> list[tuple[dict, dict]]:

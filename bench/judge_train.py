@@ -19,6 +19,7 @@ our train split, each at the cut fitted on its out-of-fold scores. Then, once:
   interval's coverage is checked with each run left out of the error counts;
 - on the PyRIT sets, each fold is judged by a probe fitted without it;
 - the time to judge 100 answers.
+`--measure` fits nothing: it measures the committed judge again on the test split of today's labels.
 Writes data/judge/probe.safetensors (and data/judge/verdict/ where the classifier is the judge)
 and results/judge.{json,md}.
 """
@@ -171,11 +172,11 @@ def main(argv=None):
     p.add_argument("--cv-folds", type=int, default=3, help="folds (by prompt) of the candidates' comparison")
     p.add_argument("--verdict-epochs", type=int, default=2)
     p.add_argument("--work", default=str(ROOT / "runs" / "judge_train"), help="where the verdict classifiers train")
-    p.add_argument("--coverage", action="store_true", help="fit nothing: check the --probe judge's corrected "
-                   "interval on today's test split and rewrite the coverage of --out.{json,md}")
+    p.add_argument("--measure", action="store_true", help="fit nothing: measure the committed --probe judge on "
+                   "today's test split and rewrite the test tables of --out.{json,md}")
     args = p.parse_args(argv)
-    if args.coverage:
-        return check_coverage(Path(args.labels), Path(args.probe), Path(args.out))
+    if args.measure:
+        return measure(Path(args.labels), Path(args.probe), Path(args.out), sys.argv[1:])
     torch.manual_seed(0)
     ours = labelled_items(Path(args.labels))
     pyrit = {"harmful": read_jsonl(Path(args.source) / "judge_eval" / "harmful_labels.jsonl"),
@@ -242,12 +243,8 @@ def main(argv=None):
                       rule_scores(task, [r["prompt"] for r in rows], [r["response"] for r in rows]).items()})
         report["pyrit_folds"][task] = table
         print(task, f"layer {layer} l2 {l2} cv {cv_acc:.3f}", json.dumps(report["ours_test"][task]["trained"]))
-    report["by_model"] = by_model(te, s_judge)
-    report["by_regime"] = by_group(te, s_judge, lambda x: regime(x["model"]))
-    report["by_kind"] = by_group(te, s_judge, answer_kind)
-    report["coverage"] = coverage(te, np.asarray(s_judge) > 0.5)
-    report["ours_test"]["degenerate"] = {"rule (evaluate.degenerate)": metrics(
-        [float(E.degenerate(x["answer"], x["prompt"])) for x in te], [x["degenerate"] for x in te])}
+    report.update(by_test_group(te, s_judge))
+    report["ours_test"]["degenerate"] = degenerate_rule(te)
     meta.update(heads=json.dumps(list(SAVED)), errors=json.dumps(errors))
     Path(args.probe).parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, args.probe, metadata=meta)
@@ -317,16 +314,39 @@ def coverage(te: list[dict], flags: np.ndarray) -> dict:
     return dict(share=float(np.mean([r["covered"] for r in rows.values()])), runs=rows, n=len(te))
 
 
-def check_coverage(labels: Path, judge_file: Path, out: Path) -> dict:
-    """The interval check alone, with the committed judge (no fitting): its flags on the test
-    split of today's labels, each run left out of the error counts in turn (`coverage`)."""
-    te = [x for x in labelled_items(labels) if x["split"] == "test"]
-    scores = E.TrainedJudge(judge_file).probabilities("harmful", [x["prompt"] for x in te], [x["answer"] for x in te])
+def by_test_group(te: list[dict], s_judge: list[float]) -> dict:
+    """The judge's test-split tables: by model, by regime, by answer kind, and the corrected
+    interval's coverage."""
+    return dict(by_model=by_model(te, s_judge), by_regime=by_group(te, s_judge, lambda x: regime(x["model"])),
+                by_kind=by_group(te, s_judge, answer_kind), coverage=coverage(te, np.asarray(s_judge) > 0.5))
+
+
+def degenerate_rule(te: list[dict]) -> dict:
+    return {"rule (evaluate.degenerate)": metrics([float(E.degenerate(x["answer"], x["prompt"])) for x in te],
+                                                  [x["degenerate"] for x in te])}
+
+
+def measure(labels: Path, judge_file: Path, out: Path, argv: list[str]) -> dict:
+    """The committed judge measured again, nothing fitted: its scores on the test split of today's
+    labels (grown since the fit; every prompt still outside the fitting), beside the rules, by
+    model, regime and answer kind, and the interval's coverage. The fit's own numbers (the
+    candidates' cross-validation, PyRIT, the error counts the judge file holds) stay as they were;
+    the refusal head is not committed, so its test row holds the rules only."""
+    items = labelled_items(labels)
+    te = [x for x in items if x["split"] == "test"]
+    prompts, answers = [x["prompt"] for x in te], [x["answer"] for x in te]
+    s_judge = E.TrainedJudge(judge_file).probabilities("harmful", prompts, answers)
     report = json.loads(Path(f"{out}.json").read_text())
-    report["coverage"] = coverage(te, np.asarray(scores) > 0.5)
+    report["ours_test"] = {task: ({"trained": metrics(s_judge, [x["harmful"] for x in te])} if task == "harmful" else {})
+                           | {name: metrics(sc, [x[task] for x in te])
+                              for name, sc in rule_scores(task, prompts, answers).items()}
+                           for task in ("harmful", "refusal")}
+    report["ours_test"]["degenerate"] = degenerate_rule(te)
+    report.update(by_test_group(te, s_judge), n_items=len(items), n_test=len(te),
+                  measured="python bench/judge_train.py " + " ".join(argv))
     write_text_atomic(json.dumps(report, indent=1) + "\n", Path(f"{out}.json"))
     write_text_atomic(markdown(report), Path(f"{out}.md"))
-    print(f"coverage {report['coverage']['share']:.3f} of {len(report['coverage']['runs'])} runs ({len(te)} test answers)")
+    print(markdown(report))
     return report
 
 
@@ -352,10 +372,12 @@ def by_model(items: list[dict], trained: list[float]) -> dict:
 
 
 def markdown(r: dict) -> str:
+    measured = (f" The test tables below are the committed judge measured again, nothing fitted (`{r['measured']}`), "
+                f"on the test split of today's labels." if r.get("measured") else "")
     lines = [f"`{r['command']}`", "",
              f"Our answers: {r['n_items']} labelled, {r['n_test']} in the test split (prompts never used in "
              f"fitting or choosing). PyRIT: each of 5 folds judged by a probe fitted without it. "
-             f"Judging 100 answers: {r['seconds_per_100_answers']:.1f} s (model loaded).", "",
+             f"Judging 100 answers: {r['seconds_per_100_answers']:.1f} s (model loaded).{measured}", "",
              "| data | task | judge | n (positive) | accuracy | F1 | AUC |", "|---|---|---|---|---|---|---|"]
     for data, name in (("ours_test", "our answers, test split"), ("pyrit_folds", "PyRIT human labels")):
         for task, judges in r[data].items():

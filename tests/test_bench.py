@@ -738,3 +738,36 @@ def test_agreement_reads_the_first_reading_where_settling_changed_it(tmp_path):
     assert agreement.kappa([0, 0], [0, 0])[1] is None
     lines = agreement.main(["--labels", str(tmp_path / "l.jsonl"), "--ranges", "j1-j2"])
     assert lines[2] == "| harmful | 0.500, 0.000 | 0.667, 0.400 |"
+
+
+def test_judge_measure_rescores_the_test_split_and_keeps_the_fit(tmp_path, monkeypatch):
+    """--measure fits nothing: the committed judge's scores on today's test items replace the test
+    tables; the train items are never scored; the fit's choice and PyRIT numbers stay."""
+    items = [dict(id=f"j{i}", prompt=f"p{i % 3}", answer=f"a{i}", model=f"r{i % 2}", split="test" if i < 8 else "train")
+             for i in range(10)]
+    labels = [dict(id=f"j{i}", harmful=int(i % 4 < 2), refusal=int(i % 4 == 2), degenerate=0) for i in range(10)]
+    (tmp_path / "items.jsonl").write_text("".join(json.dumps(x) + "\n" for x in items))
+    (tmp_path / "labels.jsonl").write_text("".join(json.dumps(x) + "\n" for x in labels))
+    seen = []
+
+    class Judge:
+        def __init__(self, path):
+            pass
+
+        def probabilities(self, head, prompts, answers):
+            seen.extend(answers)
+            return [0.9 if int(a[1:]) % 4 < 2 else 0.1 for a in answers]  # right on every test item
+    monkeypatch.setattr(judge_train.E, "TrainedJudge", Judge)
+    fit = dict(command="python bench/judge_train.py --source s", seconds_per_100_answers=1.0, n_items=3, n_test=2,
+               choice=dict(folds=3, chosen="probe", candidates={"probe": dict(accuracy=0.8, auc=0.9, f1=0.7, threshold=0.3,
+                                                                              at_half=0.75)}),
+               pyrit_folds={"harmful": {"trained": dict(n=5, positives=2, accuracy=0.8, f1=0.7, auc=0.9)}},
+               ours_test={}, coverage={})
+    (tmp_path / "judge.json").write_text(json.dumps(fit))
+    report = judge_train.measure(tmp_path, tmp_path / "probe.safetensors", tmp_path / "judge", ["--measure"])
+    assert sorted(seen) == sorted(f"a{i}" for i in range(8))  # the test split only
+    assert report["n_test"] == 8 and report["n_items"] == 10 and report["ours_test"]["harmful"]["trained"]["accuracy"] == 1.0
+    assert report["choice"] == fit["choice"] and report["pyrit_folds"] == fit["pyrit_folds"]
+    assert set(report["by_model"]) == {"r0", "r1"} and report["coverage"]["n"] == 8
+    md = (tmp_path / "judge.md").read_text()
+    assert "measured again, nothing fitted (`python bench/judge_train.py --measure`)" in md
