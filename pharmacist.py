@@ -27,12 +27,14 @@ public here; we implement the formulation written down in docs/DESIGN.md ("Pharm
   - the outer step is exponentiated-gradient (mirror descent on the weight simplex):
     w ← w·exp(outer_lr·z), z the pass's hypergradients standardised over the pool, i.e.
     s ← s + outer_lr·z. (The plain gradient through the softmax multiplies each row's step by its
-    weight, so the rows kept highest move most on one noisy pass.)
+    weight, so the rows kept highest move most on one noisy pass.) Pass p steps by
+    outer_lr·outer_decay^p: the later steps are damped (0.03, chosen on dev pools), since a pass at
+    a trained adapter scores what is left to learn rather than what a row is worth.
   - mode `first_order` (the default): the bilevel selector's first step alone, every row scored
     by cos(∇ℓ_b, g) at the fresh adapter with w = 1 (TracIn/LESS-style); `checkpoints` > 1 adds
     passes after SFT on the pool. Measured (docs/RESULTS.md, "Selection"): the scores at an
-    adapter trained on the pool rank worse than at the fresh one, so later bilevel steps do not
-    refine the first.
+    adapter trained on the pool rank worse than at the fresh one; damped, the bilevel mode
+    ranks as well as its first step at 2.5-2.7x the cost.
   - the selector's adapters sit on the last `lora_layers` blocks only: the backward pass stops
     there, and the gradients of the top blocks separate clean refusals from low-quality answers
     better than those of every block.
@@ -86,6 +88,7 @@ class SelectConfig:
     lam: float = 1.0  # Pharmacist: weight λ of the harmful term of the outer loss
     alpha: float = 0.1  # Pharmacist: size α of the simulated harmful step
     outer_lr: float = 1.0  # Pharmacist bilevel: logit step a pass, in units of the pass's hypergradient spread
+    outer_decay: float = 0.03  # Pharmacist bilevel: pass p steps by outer_lr·outer_decay^p (chosen on two dev pools, docs/RESULTS.md)
     selector_lr: float = 0.05  # SEAL: Adam learning rate of the per-sample logits
     weighting: str = "softmax"  # SEAL: softmax (w = N·softmax(s)) or sigmoid (w = 2·sigmoid(s))
     checkpoints: int = 1  # Pharmacist first_order: scoring passes, one SFT pass on the pool between two
@@ -302,11 +305,13 @@ def pharmacist_select(model, tokenizer, pool, validation, harmful, cfg: SelectCo
         g_p   = ∇F(θ_p) on `outer_batch_size` rows, held for the pass            (outer_grad;
               with `lookahead` at θ_p − η·∇ mean_i w_i·ℓ_i(θ_p): lookahead_grad)
         h_b   = cos(∇ℓ_b(θ_p), g_p), every row at θ_p against g_p                (score_pass)
-        s     ← s + outer_lr·z,  z = standardised(h)      (w = N·softmax(s) ← w·exp(outer_lr·z))
+        s     ← s + outer_lr·γ^p·z,  z = standardised(h)  (w = N·softmax(s) ← w·exp(outer_lr·γ^p·z))
     ∂F/∂w_b = −(η/N)·∇ℓ_bᵀg, so raising the weights of rows with large h_b descends F; the
     exponentiated-gradient step (mirror descent on the simplex of weights) moves each row by its
-    own evidence, in units of the pass's spread. At p = 0 the weights are 1 and the adapter fresh:
-    the first step ranks exactly as the first-order score. score = the final logit s_b."""
+    own evidence, in units of the pass's spread; γ = outer_decay < 1 shrinks the later steps (a
+    decaying step: the passes at a trained adapter correct the first, which ranks best on its own
+    where the wording is held out, docs/RESULTS.md "Selection"). At p = 0 the weights are 1 and the
+    adapter fresh: the first step ranks exactly as the first-order score. score = the final logit s_b."""
     if cfg.mode not in MODES:
         raise ValueError(f"select mode {cfg.mode!r}: choose {' or '.join(MODES)}")
     require(pool, "pool", "pharmacist")
@@ -341,7 +346,7 @@ def pharmacist_select(model, tokenizer, pool, validation, harmful, cfg: SelectCo
                 else:
                     g, info = outer_grad(meter, model, params, *next_outer(), cfg.lam, cfg.alpha)
                 z = standardised(score_pass(meter, model, params, scoring, g, cfg, bar))
-                s += cfg.outer_lr * torch.as_tensor(z, device=device)  # w ← w·exp(outer_lr·z), renormalised
+                s += cfg.outer_lr * cfg.outer_decay ** p * torch.as_tensor(z, device=device)  # w ← w·exp(·), renormalised
                 info = dict(info, passes=p + 1)
                 bar.set_postfix(F=f"{info['F']:.3f}", L_v=f"{info['L_v']:.3f}", L_h=f"{info['L_h']:.3f}")
                 if log:

@@ -184,6 +184,8 @@ def config_problem(cfg: Config) -> str | None:
     for name in ("inner_lr", "selector_lr", "outer_lr", "eta"):
         if not 0 < getattr(cfg.select, name) < math.inf:
             checks.append(f"--select-{name.replace('_', '-')} {getattr(cfg.select, name)}: must be a finite number > 0")
+    if not 0 < cfg.select.outer_decay <= 1:
+        checks.append(f"--select-outer-decay {cfg.select.outer_decay}: must be in (0, 1]")
     for section in ("align", "finetune"):
         t, flag = getattr(cfg, section), f"--{section}-"
         for name in ("epochs", "batch_size", "grad_accum", "lora_rank", "save_every", "max_len"):

@@ -102,6 +102,15 @@ def kind_means(pool, scores) -> dict:
     return {c: round(float(z[kind == c].mean()), 2) for c in sorted(set(kind))}
 
 
+DECAYS = (1.0, 0.3, 0.1, 0.03)  # outer_decay values --per-pass reads off one run's passes
+
+
+def decayed_sum(passes: list[np.ndarray], decay: float) -> np.ndarray:
+    """Σ_p decay^p·standardised(h_p): a two-pass bilevel run's own final logits at outer_decay =
+    decay (up to the factor outer_lr), since its inner pass trains on the first step's weights only."""
+    return sum(decay ** p * P.standardised(h) for p, h in enumerate(passes))
+
+
 @contextlib.contextmanager
 def recorded_passes(on: bool):
     """With `on`, the scores of every pharmacist.score_pass call, in order (the caller's list)."""
@@ -178,6 +187,7 @@ def main(argv=None):
                 row["per_pass"] = [precision_row(pool, h, k)["precision"] for h in passes]
                 row["per_pass_kinds"] = [kind_means(pool, h) for h in passes]
                 row["mean_of_passes"] = precision_row(pool, sum(P.standardised(h) for h in passes), k)["precision"]
+                row["decayed"] = {str(d): precision_row(pool, decayed_sum(passes, d), k)["precision"] for d in DECAYS}
             if args.align and folder == Path(args.data.split(",")[0]):
                 if "full" not in aligned:
                     aligned["full"] = time_alignment(model, tok, pool, harmful, args.align_epochs, args.bf16, args.seed)
@@ -215,6 +225,14 @@ def table(rows) -> str:
         if "per_pass" in r:
             line += f" {' → '.join(f'{x:.3f}' for x in r['per_pass'])}; their mean {r['mean_of_passes']:.3f} |"
         lines.append(line)
+    decayed = [r for r in rows if "decayed" in r and len(r["per_pass"]) > 1]
+    if decayed:
+        lines += ["", "Precision@k of the passes' standardised scores summed with weights outer_decay^p (a two-pass "
+                  "bilevel run's own ranking at that outer_decay):", "",
+                  "| data | selector | " + " | ".join(f"outer_decay {d}" for d in decayed[0]["decayed"]) + " |",
+                  "|" + "---|" * (2 + len(decayed[0]["decayed"]))]
+        lines += [f"| {r['data']} | {r['selector']} | " + " | ".join(f"{x:.3f}" for x in r["decayed"].values()) + " |"
+                  for r in decayed]
     kinds = [r for r in rows if "per_pass_kinds" in r]
     if kinds:
         names = sorted({c for r in kinds for means in r["per_pass_kinds"] for c in means})

@@ -601,6 +601,18 @@ def test_selection_per_pass_kinds():
     assert "| d | x | 2 | +0.10 | -0.10 |" in text and "1.000 → 0.500" in text
 
 
+def test_selection_decayed_sum_weights_pass_p_by_decay_to_the_p():
+    """decayed_sum: Σ_p γ^p·standardised(h_p), the two-pass bilevel run's own logits at outer_decay γ;
+    γ = 1 is the plain sum, a small γ keeps the first pass's order and breaks its ties."""
+    h0, h1 = np.array([1.0, 1.0, 0.0, 2.0]), np.array([0.0, 3.0, 1.0, -1.0])
+    np.testing.assert_allclose(selection.decayed_sum([h0, h1], 1.0), selection.P.standardised(h0) + selection.P.standardised(h1))
+    small = selection.decayed_sum([h0, h1], 0.01)
+    assert list(np.argsort(-small, kind="stable")) == [3, 1, 0, 2]  # rows 0 and 1 tie in h0; h1 puts row 1 first
+    row = dict(data="d", selector="b", precision=1.0, kept={}, distinct=4, forward=1, backward=1, seconds=1.0,
+               per_pass=[1.0, 0.5], mean_of_passes=0.75, decayed={"1.0": 0.75, "0.03": 1.0})
+    assert "| d | b | 0.750 | 1.000 |" in selection.table([row])
+
+
 def test_paper_safety_part_names_its_cells_apart_and_the_report_keeps_its_pool_apart():
     safety = paper.cells(["safety"], ["sft"], 160, [80], safety_keep=80)
     assert [c.name("safety") for c in safety] == [

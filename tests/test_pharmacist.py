@@ -283,15 +283,28 @@ def test_learned_selectors_rank_clean_above_noise(tokenizer, selector, overrides
 
 def test_bilevel_first_step_is_the_first_order_score(tokenizer):
     """One outer step (passes = 1) at w = 1 on the fresh adapter ranks exactly as the first-order
-    mode; a second pass re-scores at the adapter trained on the weights, and ranks differently."""
+    mode; a second pass re-scores at the adapter trained on the weights, and (undamped,
+    outer_decay 1) ranks differently."""
     pool, validation, harmful = planted()
     first = P.select(make_model(), tokenizer, pool, validation, harmful, replace(CFG, mode="first_order"), progress=False)
     one = P.select(make_model(), tokenizer, pool, validation, harmful, replace(CFG, passes=1), progress=False)
-    two = P.select(make_model(), tokenizer, pool, validation, harmful, replace(CFG, passes=2), progress=False)
+    two = P.select(make_model(), tokenizer, pool, validation, harmful, replace(CFG, passes=2, outer_decay=1.0),
+                   progress=False)
     np.testing.assert_array_equal(P.ranking(one.scores, 16)[0], P.ranking(first.scores, 16)[0])
     np.testing.assert_allclose(one.scores, CFG.outer_lr * P.standardised(first.scores), atol=1e-5)
     assert not np.array_equal(P.ranking(two.scores, 16)[0], P.ranking(one.scores, 16)[0])
     assert P.score_stats(two.scores)["distinct"] == len(pool)
+
+
+def test_outer_decay_shrinks_the_later_steps(tokenizer):
+    """s = outer_lr·(z_0 + γ·z_1): the second pass scores the same rows at the same adapter
+    whatever γ (the inner pass trains on the first step's weights), and γ scales its step only."""
+    pool, validation, harmful = planted()
+    run = lambda **kw: P.select(make_model(), tokenizer, pool, validation, harmful, replace(CFG, **kw), progress=False)  # noqa: E731
+    one, full, half = run(passes=1), run(passes=2, outer_decay=1.0), run(passes=2, outer_decay=0.5)
+    second = full.scores - one.scores  # outer_lr·z_1
+    assert np.abs(second).max() > 0.1
+    np.testing.assert_allclose(half.scores, one.scores + 0.5 * second, atol=1e-5)
 
 
 @pytest.mark.parametrize("selector,overrides", [("pharmacist", dict(passes=3)), ("seal", {}), ("loss", {})])

@@ -174,6 +174,7 @@ def test_every_config_field_has_a_flag():
                                   # issue 34: found before any model loads
                                   ["--select-keep", "1.5"], ["--select-keep", "401"], ["--select-keep", "nan"],
                                   ["--select-lora-layers", "-2"], ["--select-steps", "-1"], ["--select-inner-lr", "-1"],
+                                  ["--select-outer-decay", "0"], ["--select-outer-decay", "1.5"],
                                   ["--align-lora-targets", "foo_proj"], ["--align-lora-targets", ""],
                                   ["--align-max-len", "1"], ["--attack-p", "0.9", "--stage", "all"],
                                   ["--eval-moderation-model", "/nonexistent"],
