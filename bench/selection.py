@@ -186,8 +186,8 @@ def main(argv=None):
             if passes:
                 row["per_pass"] = [precision_row(pool, h, k)["precision"] for h in passes]
                 row["per_pass_kinds"] = [kind_means(pool, h) for h in passes]
-                row["mean_of_passes"] = precision_row(pool, sum(P.standardised(h) for h in passes), k)["precision"]
                 row["decayed"] = {str(d): precision_row(pool, decayed_sum(passes, d), k)["precision"] for d in DECAYS}
+                row["mean_of_passes"] = row["decayed"]["1.0"]  # the plain sum of the standardised passes
             if args.align and folder == Path(args.data.split(",")[0]):
                 if "full" not in aligned:
                     aligned["full"] = time_alignment(model, tok, pool, harmful, args.align_epochs, args.bf16, args.seed)
