@@ -748,8 +748,15 @@ def test_agreement_reads_the_first_reading_where_settling_changed_it(tmp_path):
     assert len(pairs) == 3 and pairs[0][0]["harmful"] == 1
     assert agreement.kappa([1, 1, 0], [0, 1, 0]) == pytest.approx((2 / 3, 0.4))
     assert agreement.kappa([0, 0], [0, 0])[1] is None
-    lines = agreement.main(["--labels", str(tmp_path / "l.jsonl"), "--ranges", "j1-j2"])
-    assert lines[2] == "| harmful | 0.500, 0.000 | 0.667, 0.400 |"
+    rows = [dict(r, reader="a" if r["id"] < "j3" else "b") for r in rows]
+    for r in rows[:3]:
+        r["second"]["reader"] = "c"
+    (tmp_path / "l.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    lines = agreement.main(["--labels", str(tmp_path / "l.jsonl"), "--batches", "j1,j3"])
+    # batch j1-j2: read by a, both read twice by c (one settled); harmful readings (1, 1) vs (0, 1)
+    assert lines[2] == "| j1–j2 | 2 | a | 1 / 0 / 1 | 2 | c | 1 | 0.500, 0.000 | 1.000, – | 1.000, 1.000 |"
+    assert lines[3].startswith("| j3–j4 | 2 | b | 0 / 1 / 0 | 1 | c | 0 |")
+    assert lines[4] == "| all | 4 | (above) | 1 / 1 / 1 | 3 | (above) | 1 | 0.667, 0.400 | 1.000, 1.000 | 1.000, 1.000 |"
 
 
 def test_judge_measure_rescores_the_test_split_and_keeps_the_fit(tmp_path, monkeypatch):
