@@ -553,18 +553,28 @@ def bds_step(ctx: Context, batch):
                "weight_min": w.min().item(), "weight_max": w.max().item()}
 
 
+def bds_weights(ctx: Context) -> list[float | None]:
+    """BDS's weight of each training row (amortized: the last weight each row was given, None if never seen)."""
+    st = ctx.state
+    w = st["seen"].tolist() if "scorer" in st else st["weights"].weights().detach().cpu().tolist()
+    return [None if math.isnan(x) else x for x in w]
+
+
+def weight_share(weights: list[float | None], rows: list[bool]) -> float | None:
+    """The share of the weight mass on the marked rows (rows never weighted left out): BDS's
+    defense at work is a share on the harmful rows well under their share of the data."""
+    seen = [(w, r) for w, r in zip(weights, rows, strict=True) if w is not None]
+    total = sum(w for w, _ in seen)
+    return sum(w for w, r in seen if r) / total if total > 0 else None
+
+
 def save_state(ctx: Context, out):
-    """BDS's result in `out`: bds_weights.json (a weight per training row; amortized: the last
-    weight each row was given, null if never seen) and, amortized, the scorer (bds_scorer.pt)."""
-    out, st = Path(out), ctx.state
-    if "scorer" in st:
-        save_scorer(st["scorer"], out / "bds_scorer.pt")
-        w = st["seen"].tolist()
-    else:
-        w = st["weights"].weights().detach().cpu().tolist()
+    """BDS's result in `out`: bds_weights.json (bds_weights) and, amortized, the scorer (bds_scorer.pt)."""
+    out = Path(out)
+    if "scorer" in ctx.state:
+        save_scorer(ctx.state["scorer"], out / "bds_scorer.pt")
     (out / "bds_weights.json").write_text(json.dumps(
-        {"weighting": ctx.cfg.bds_weighting, "amortized": ctx.cfg.bds_amortized,
-         "weights": [None if math.isnan(x) else x for x in w]}))
+        {"weighting": ctx.cfg.bds_weighting, "amortized": ctx.cfg.bds_amortized, "weights": bds_weights(ctx)}))
 
 
 STEPS = {"sft": sft_step, "vaccine": vaccine_step, "repnoise": repnoise_step, "booster": booster_step,

@@ -119,6 +119,8 @@ def row(cell: dict, run: Path, results: Path) -> dict:
         n_align=align.get("n_align"), n_retain=align.get("n_retain"), align_tokens=align.get("tokens"),
         select_time_s=align.get("select_time_s"), align_time_s=align.get("align_time_s"),
         attack_time_s=attack.get("wall_time_s"), eval_time_s=after.get("eval_time_s"),
+        attack_harmful_share=attack["n_harmful"] / attack["n_train"] if attack.get("n_train") else None,
+        bds_harmful_share=attack.get("bds_harmful_share"),  # BDS's weight mass on those rows (the bds part)
         generations=str((results / "generations.jsonl").relative_to(ROOT)),
         generations_before=str((results / "before" / "generations.jsonl").relative_to(ROOT)))
 

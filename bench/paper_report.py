@@ -18,10 +18,13 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 from paper import ATTACK, numbers, read  # noqa: E402
 from read_rates import labelled, mean_se, run_rates  # noqa: E402
+from report import plot_fig1  # noqa: E402
 PAPER = {"repnoise": dict(harmful=-2.60, accuracy=3.50, time=-56.83),
          "tvaccine": dict(harmful=-3.30, accuracy=1.10, time=-57.63)}  # Pharmacist − full, the abstract
 COLUMNS = [("harmful_after_read", "read harmful after (%)"), ("harmful_after", "judged harmful after (%)"), ("harmful_after_corrected", "corrected (%)"),
@@ -102,7 +105,7 @@ def values(seeds: dict, columns=COLUMNS) -> str:
 
 
 def paired(rows: list[dict], ours: str = "pharmacist", keep: int = 160, pool: str = "",
-           others: tuple = (("full", 400), ("random", 160), ("loss", 160))) -> str:
+           others: tuple = (("full", 400), ("random", 160), ("loss", 160), ("pharmacist-lam0", 160), ("oracle", 160))) -> str:
     """Pharmacist − each other subset per defense, paired by seed, beside the paper."""
     by = cells(rows, pool)
     lines = ["| defense | Pharmacist − | seeds | read harmful after (points) | judged harmful after (points) | SST-2 after (points) | "
@@ -133,6 +136,56 @@ def paired(rows: list[dict], ours: str = "pharmacist", keep: int = 160, pool: st
     return "\n".join(lines) + "\n"
 
 
+def bds_table(rows: list[dict]) -> str:
+    """The bds part: each subset attacked plainly (the table's SFT cell) and with BDS, paired by seed,
+    and the share of BDS's weight mass on the attack's harmful rows beside those rows' share."""
+    by = cells(rows)
+    lines = ["| selector | k | seeds | read harmful after, plain → BDS (%) | BDS − plain, read (points) | "
+             "judged, plain → BDS (%) | BDS − plain, judged (points) | BDS weight on harmful rows (%) | harmful rows (%) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for (defense, selector, k), bds in sorted(by.items()):
+        plain = by.get(("sft", selector, k), {}) if defense == "sft+bds" else {}
+        seeds = sorted(set(plain) & set(bds))
+        if not seeds:
+            continue
+
+        def pair(key):
+            a, b = [plain[s].get(key) for s in seeds], [bds[s].get(key) for s in seeds]
+            if None in a + b:
+                return "–", "–"
+            d = [y - x for x, y in zip(a, b)]
+            return f"{mean_se(a)} → {mean_se(b)}", f"{mean_se(d)} ({' '.join('+' if x > 0 else '−' if x < 0 else '0' for x in d)})"
+        share = lambda key: mean_se([100 * r[key] if r.get(key) is not None else None for r in (bds[s] for s in seeds)])  # noqa: E731
+        lines.append(f"| {selector} | {k} | {','.join(map(str, seeds))} | {' | '.join(pair('harmful_after_read'))} | "
+                     f"{' | '.join(pair('harmful_after'))} | {share('bds_harmful_share')} | {share('attack_harmful_share')} |")
+    return "\n".join(lines) + "\n"
+
+
+def fig1_points(rows: list[dict], selectors=("pharmacist", "random")) -> list[dict]:
+    """Paper Fig. 1's points: SFT with each selector at every k, over the seeds the fig1 part ran
+    (the same seeds at every k): read harmful after the attack where every cell is read (else judged),
+    and alignment time; the mean over those seeds."""
+    seeds = {r["seed"] for r in rows if r.get("part") == "fig1"}
+    points = []
+    for (defense, selector, k), by_seed in sorted(cells(rows).items()):
+        mine = [by_seed[s] for s in sorted(seeds) if s in by_seed]
+        if defense != "sft" or selector not in selectors or len(mine) != len(seeds) or not mine:
+            continue
+        read = [r.get("harmful_after_read") for r in mine]
+        key = "harmful_after" if None in read else "harmful_after_read"
+        points.append(dict(selector=selector, defense="sft", n_align=k, seeds=sorted(seeds), score=key,
+                           harmful_score=float(np.mean([r[key] for r in mine])),
+                           align_time_s=float(np.mean([r["align_time_s"] for r in mine]))))
+    return points
+
+
+def fig1_table(points: list[dict]) -> str:
+    lines = ["| selector | k | seeds | harmful after (%) | measured by | align time (s) |", "|---|---|---|---|---|---|"]
+    lines += [f"| {p['selector']} | {p['n_align']} | {','.join(map(str, p['seeds']))} | {p['harmful_score']:.1f} | "
+              f"{'read' if p['score'] == 'harmful_after_read' else 'judged'} | {p['align_time_s']:.0f} |" for p in points]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--table", type=Path, default=ROOT / "results" / "paper" / "table.jsonl")
@@ -149,6 +202,12 @@ def main(argv=None):
         text += ("\nThe safety part (a pool whose refusals half cover the attack's harm categories; k = "
                  f"{k}):\n\n" + table(rows, "safety") + "\nPaired by seed:\n\n"
                  + paired(rows, keep=k, pool="safety", others=(("pharmacist-lam0", k), ("random", k))))
+    if any(r.get("defense") == "sft+bds" for r in rows):
+        text += "\nThe bds part (the tuning-stage defense at the attack):\n\n" + bds_table(rows)
+    points = fig1_points(rows)
+    if any(r.get("part") == "fig1" for r in rows) and points:
+        text += "\nFig. 1 (SFT, harmful after the attack against k; `fig1.png`):\n\n" + fig1_table(points)
+        plot_fig1(points, args.out.with_name("fig1.png"), ylabel="harmful after the attack (%)")
     if any(r.get("part") == "strength" for r in rows):
         text += ("\nThe strength part (Random's subset attacked at a weaker and a stronger learning rate than the "
                  f"calibrated {ATTACK['lr']}):\n\n" + strength_table(rows))

@@ -171,7 +171,7 @@ def fig1_points(rows: list[dict]) -> list[dict]:
     return [r for r in points if str(r.get("defense")) in swept] if swept else points
 
 
-def plot_fig1(rows: list[dict], path: Path) -> None:
+def plot_fig1(rows: list[dict], path: Path, ylabel: str = "harmful score (%)") -> None:
     """Paper Fig. 1: harmful score and alignment time against the number of alignment samples."""
     try:
         import matplotlib
@@ -196,7 +196,7 @@ def plot_fig1(rows: list[dict], path: Path) -> None:
             xy = [(r["n_align"], r[key]) for r in mine if r.get(key) is not None]
             if xy:
                 ax.plot(*zip(*xy), marker="o", label=name)
-    for ax, label in zip(axes, ("harmful score (%)", "alignment time (s)")):
+    for ax, label in zip(axes, (ylabel, "alignment time (s)")):
         ax.set_xlabel("number of alignment samples")
         ax.set_ylabel(label)
         ax.legend()

@@ -490,7 +490,10 @@ def test_paper_row_reads_before_and_after(tmp_path, monkeypatch):
         (folder / "eval" / "results.json").write_text(json.dumps(results))
     (run / "align").mkdir()
     (run / "align" / "summary.json").write_text(json.dumps(dict(data=str(tmp_path / "data"), n_align=160, align_time_s=9.0)))
+    (run / "finetune").mkdir()
+    (run / "finetune" / "summary.json").write_text(json.dumps(dict(n_train=500, n_harmful=200, bds_harmful_share=0.1)))
     r = paper.row(dict(run="s2/ph_sft_k160", seed=2), run, tmp_path / "results" / "s2" / "ph_sft_k160")
+    assert (r["attack_harmful_share"], r["bds_harmful_share"]) == (0.4, 0.1)
     assert (r["pool_seed"], r["harmful_after"], r["harmful_before"], r["harmful_after_low"]) == (2, 40.0, 3.0, 20.0)
     assert (r["over_refusal_before"], r["broken_benign_before"], r["sst2_after"], r["align_time_s"]) == (9.0, 4.0, 90.0, 9.0)
     assert r["generations"] == "results/s2/ph_sft_k160/generations.jsonl"
@@ -790,3 +793,31 @@ def test_judge_measure_rescores_the_test_split_and_keeps_the_fit(tmp_path, monke
     assert set(report["by_model"]) == {"r0", "r1"} and report["coverage"]["n"] == 8
     md = (tmp_path / "judge.md").read_text()
     assert "measured again, nothing fitted (`python bench/judge_train.py --measure`)" in md
+
+
+def test_paper_report_bds_pairs_each_subset_with_its_plain_attack_and_shows_the_weight_share():
+    rows = [dict(defense=d, selector="full", k=400, seed=s, harmful_after=h, harmful_after_read=r,
+                 bds_harmful_share=w, attack_harmful_share=0.4 if w is not None else None)
+            for d, s, h, r, w in (("sft", 0, 40.0, 20.0, None), ("sft", 1, 30.0, 10.0, None),
+                                  ("sft+bds", 0, 30.0, 12.0, 0.1), ("sft+bds", 1, 30.0, 8.0, 0.2))]
+    line = paper_report.bds_table(rows).splitlines()[2]
+    assert line == ("| full | 400 | 0,1 | 15.0 ± 5.0 → 10.0 ± 2.0 | -5.0 ± 3.0 (− −) | 35.0 ± 5.0 → 30.0 ± 0.0 | "
+                    "-5.0 ± 5.0 (− 0) | 15.0 ± 5.0 | 40.0 ± 0.0 |")
+
+
+def test_paper_report_fig1_keeps_the_fig1_seeds_at_every_k(tmp_path, monkeypatch):
+    rows = [dict(part="fig1" if k != 160 else "table", defense="sft", selector=sel, k=k, seed=s,
+                 harmful_after=10.0 * s + k / 10, harmful_after_read=None if (sel, k) == ("random", 80) else float(k),
+                 align_time_s=float(k))
+            for sel in ("pharmacist", "random") for k in (80, 160) for s in ((0, 1, 2) if k == 160 else (0, 1))]
+    points = paper_report.fig1_points(rows)
+    assert [(p["selector"], p["n_align"], p["seeds"]) for p in points] == [
+        ("pharmacist", 80, [0, 1]), ("pharmacist", 160, [0, 1]), ("random", 80, [0, 1]), ("random", 160, [0, 1])]
+    assert points[1]["harmful_score"] == 160.0 and points[1]["score"] == "harmful_after_read"
+    assert points[2]["harmful_score"] == 13.0 and points[2]["score"] == "harmful_after"  # not every answer read: judged
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.setattr(paper_report, "with_read_rates", lambda rows, labels: rows)
+    paper_report.main(["--table", str(tmp_path / "t.jsonl"), "--out", str(tmp_path / "t.md")])
+    assert "| random | 80 | 0,1 | 13.0 | judged | 80 |" in (tmp_path / "t.md").read_text()
+    pytest.importorskip("matplotlib")  # the figure is drawn only where matplotlib is installed
+    assert (tmp_path / "fig1.png").stat().st_size > 0

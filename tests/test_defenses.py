@@ -413,6 +413,14 @@ def test_bds_scalar_weights_are_saved(tmp_path):
     D.save_state(ctx, tmp_path)
     weights = json.loads((tmp_path / "bds_weights.json").read_text())["weights"]
     assert len(weights) == 8 and sum(weights) == pytest.approx(8.0, rel=1e-5)
+    assert weights == pytest.approx(D.bds_weights(ctx))
+
+
+def test_weight_share_counts_the_marked_rows_mass_and_leaves_unseen_rows_out():
+    assert D.weight_share([1.0, 3.0, None, 4.0], [True, False, True, False]) == pytest.approx(1 / 8)
+    assert D.weight_share([None, None], [True, False]) is None
+    with pytest.raises(ValueError):  # one flag per weight
+        D.weight_share([1.0, 2.0], [True])
 
 
 @pytest.mark.parametrize("name,cfg", [("bds", {}), ("bds", {"bds_amortized": True}),

@@ -412,6 +412,8 @@ def test_a_defense_setting_changed_on_a_finished_finetune_is_an_error(tmp_path):
     base = ["--stage", "finetune", *FAST, "--finetune-defense", "bds", "--out", str(tmp_path)]
     train.main(["--stage", "align", *FAST, "--out", str(tmp_path)])
     train.main(base)
+    summary = json.loads((tmp_path / "finetune" / "summary.json").read_text())
+    assert 0.0 <= summary["bds_harmful_share"] <= 1.0 and summary["n_harmful"] > 0  # the weight on the harmful rows
     with pytest.raises(ValueError, match=r"finetune was made with other settings \(defense.bds_lr"):
         train.main([*base, "--defense-bds-lr", "0.05"])
 
