@@ -40,6 +40,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import default_weights  # noqa: E402
+import evaluate as E  # noqa: E402
 import hf  # noqa: E402
 import model as M  # noqa: E402
 from data.samples import Sample, load_jsonl, prompt_key  # noqa: E402
@@ -113,6 +114,16 @@ def from_runs(pattern: str, count: int, first_id: int, test_share: float, seed: 
             for i, x in enumerate(items[:count])]
 
 
+def answer(path: str, adapter, prompts: list[str], max_new_tokens: int, cfg: E.EvalConfig = E.EvalConfig()) -> list[str]:
+    """The model at `path` (with the LoRA `adapter`, if any) answering greedily, run as the
+    evaluation runs it (evaluate.inference_model: merged, bf16 where the device has bf16 units and
+    cfg.bf16, packed), so that an item is the answer an evaluation of that model would have judged."""
+    model, tok = default_weights.load_pretrained(path)
+    if adapter:
+        hf.load_lora(model, adapter)
+    return M.generate(E.inference_model(model, cfg), tok, prompts, max_new_tokens, batch_size=cfg.batch_size, progress=True)
+
+
 def fitting_prompts(items_file: Path = ROOT / "data/judge/items.jsonl") -> list[tuple[str, str]]:
     """(prompt id, prompt) of every prompt in the judge's train split, once each, in item order: the
     prompts the judge may fit on (no evaluation set holds one: data/prepare.py skips them)."""
@@ -134,9 +145,7 @@ def answers_of_runs(pattern: str, first_id: int, max_new_tokens: int, seed: int)
         raise SystemExit(f"--answer-runs {pattern}: no run folder with align/model and finetune/adapter")
     for run in runs:
         name = run_name(run)
-        model, tok = default_weights.load_pretrained(str(run / "align" / "model"))
-        hf.load_lora(model, run / "finetune" / "adapter")
-        answers = M.generate(model, tok, [q for _, q in asked], max_new_tokens, progress=True)
+        answers = answer(str(run / "align" / "model"), run / "finetune" / "adapter", [q for _, q in asked], max_new_tokens)
         for (pid, q), a in zip(asked, answers):
             if (q, a) not in known:
                 pairs.setdefault((q, a), dict(prompt_id=pid, prompt=q, answer=a, model=name, split="train"))
@@ -157,8 +166,7 @@ def borderline(folders: list[Path], source: Path, count: int, first_id: int, max
     if len(rows) < count:
         raise SystemExit(f"--borderline: {len(rows)} unused Do-Not-Answer prompts, fewer than {count}")
     rows = rows[:count]
-    model, tok = default_weights.load_pretrained("smollm2-135m-instruct")
-    answers = M.generate(model, tok, [s.prompt for s in rows], max_new_tokens, progress=True)
+    answers = answer("smollm2-135m-instruct", None, [s.prompt for s in rows], max_new_tokens)
     return [dict(id=f"j{first_id + i:04d}", prompt_id=s.id, prompt=s.prompt, answer=a, model="base-donotanswer",
                  split=split(s.prompt, test_share)) for i, (s, a) in enumerate(zip(rows, answers))]
 
@@ -207,10 +215,7 @@ def main(argv=None):
     asked = prompts(data, Path(args.source), args.extra, args.seed)
     items = []
     for name, (path, adapter) in models(data, work).items():
-        model, tok = default_weights.load_pretrained(path)
-        if adapter:
-            hf.load_lora(model, adapter)
-        answers = M.generate(model, tok, [q for _, q in asked], args.max_new_tokens, progress=True)
+        answers = answer(path, adapter, [q for _, q in asked], args.max_new_tokens)
         items += [dict(prompt_id=pid, prompt=q, answer=a, model=name, split=split(q, args.test_share))
                   for (pid, q), a in zip(asked, answers)]
     random.Random(args.seed).shuffle(items)  # labellers read id, prompt and answer only, in this order

@@ -687,6 +687,19 @@ def test_lens_measures_repnoise_terms_with_every_lens():
 import judge_set  # noqa: E402
 
 
+def test_judge_set_answers_are_the_answers_the_evaluation_judged(tmp_path):
+    """An item drawn from a model is what `train.py --stage eval` wrote for that model and prompt."""
+    import train
+    train.main(["--stage", "all", "--preset", "tiny", "--select-steps", "2", "--align-max-steps", "2",
+                "--finetune-max-steps", "4", "--finetune-lr", "0.05",  # an attack that moves the tiny model's answers
+                "--eval-limit", "3", "--eval-max-new-tokens", "6", "--eval-tasks", "harmful", "--out", str(tmp_path)])
+    rows = [json.loads(line) for line in (tmp_path / "eval" / "generations.jsonl").read_text().splitlines()]
+    prompts, cfg = [r["prompt"] for r in rows], judge_set.E.EvalConfig(bf16=False)  # the tiny preset's fp32
+    got = judge_set.answer(str(tmp_path / "align" / "model"), tmp_path / "finetune" / "adapter", prompts, 6, cfg)
+    assert got == [r["answer"] for r in rows] and len(rows) == 3
+    assert judge_set.answer(str(tmp_path / "align" / "model"), None, prompts, 6, cfg) != got  # the attack's adapter counts
+
+
 def test_judge_set_fits_only_on_prompts_of_its_train_split(tmp_path):
     items = [dict(id="j0", prompt_id="a", prompt="p1", answer="x", split="train"),
              dict(id="j1", prompt_id="b", prompt="p2", answer="y", split="test"),
