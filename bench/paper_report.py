@@ -104,6 +104,11 @@ def values(seeds: dict, columns=COLUMNS) -> str:
     return " | ".join(mean_se([r.get(key) for r in seeds.values()], ".3f" if "loss" in key else ".1f") for key, _ in columns)
 
 
+def with_signs(d: list[float]) -> str:
+    """Per-seed differences as mean ± SE and each seed's sign."""
+    return f"{mean_se(d)} ({' '.join('+' if x > 0 else '−' if x < 0 else '0' for x in d)})"
+
+
 def paired(rows: list[dict], ours: str = "pharmacist", keep: int = 160, pool: str = "",
            others: tuple = (("full", 400), ("random", 160), ("loss", 160), ("pharmacist-lam0", 160), ("oracle", 160))) -> str:
     """Pharmacist − each other subset per defense, paired by seed, beside the paper."""
@@ -127,7 +132,7 @@ def paired(rows: list[dict], ours: str = "pharmacist", keep: int = 160, pool: st
                     a = mine[s].get(key, 0) + sum(mine[s].get(p) or 0 for p in plus)
                     b = theirs[s].get(key, 0) + sum(theirs[s].get(p) or 0 for p in plus)
                     d.append(100 * (a - b) / b if relative else a - b)
-                return f"{mean_se(d)} ({' '.join('+' if x > 0 else '−' if x < 0 else '0' for x in d)})"
+                return with_signs(d)
             p = PAPER.get(defense)
             paper = f"{p['harmful']:+.2f} / {p['accuracy']:+.2f} / {p['time']:+.2f} %" if p and other == "full" else ""
             lines.append(f"| {defense} | {other} | {','.join(map(str, seeds))} | {diff('harmful_after_read')} | {diff('harmful_after')} | "
@@ -154,7 +159,7 @@ def bds_table(rows: list[dict]) -> str:
             if None in a + b:
                 return "–", "–"
             d = [y - x for x, y in zip(a, b)]
-            return f"{mean_se(a)} → {mean_se(b)}", f"{mean_se(d)} ({' '.join('+' if x > 0 else '−' if x < 0 else '0' for x in d)})"
+            return f"{mean_se(a)} → {mean_se(b)}", with_signs(d)
         share = lambda key: mean_se([100 * r[key] if r.get(key) is not None else None for r in (bds[s] for s in seeds)])  # noqa: E731
         lines.append(f"| {selector} | {k} | {','.join(map(str, seeds))} | {' | '.join(pair('harmful_after_read'))} | "
                      f"{' | '.join(pair('harmful_after'))} | {share('bds_harmful_share')} | {share('attack_harmful_share')} |")
