@@ -568,13 +568,14 @@ def weight_share(weights: list[float | None], rows: list[bool]) -> float | None:
     return sum(w for w, r in seen if r) / total if total > 0 else None
 
 
-def save_state(ctx: Context, out):
-    """BDS's result in `out`: bds_weights.json (bds_weights) and, amortized, the scorer (bds_scorer.pt)."""
-    out = Path(out)
+def save_state(ctx: Context, out) -> list[float | None]:
+    """BDS's result in `out`: bds_weights.json (bds_weights, returned) and, amortized, the scorer (bds_scorer.pt)."""
+    out, weights = Path(out), bds_weights(ctx)
     if "scorer" in ctx.state:
         save_scorer(ctx.state["scorer"], out / "bds_scorer.pt")
     (out / "bds_weights.json").write_text(json.dumps(
-        {"weighting": ctx.cfg.bds_weighting, "amortized": ctx.cfg.bds_amortized, "weights": bds_weights(ctx)}))
+        {"weighting": ctx.cfg.bds_weighting, "amortized": ctx.cfg.bds_amortized, "weights": weights}))
+    return weights
 
 
 STEPS = {"sft": sft_step, "vaccine": vaccine_step, "repnoise": repnoise_step, "booster": booster_step,

@@ -532,9 +532,9 @@ def run_training(cfg: Config, tcfg: TrainConfig, model, tok, device, data: list[
     if P.is_main():
         hf.save_lora(model, out / "adapter")
     if tcfg.defense == "bds" and P.is_main():
-        defenses.save_state(ctx, out)  # the learned per-sample weights (and the amortized scorer)
+        weights = defenses.save_state(ctx, out)  # the learned per-sample weights (and the amortized scorer)
         # how much of BDS's weight the harmful rows keep, against their share of the rows
-        summary["bds_harmful_share"] = defenses.weight_share(defenses.bds_weights(ctx), [s.is_safe is False for s in data])
+        summary["bds_harmful_share"] = defenses.weight_share(weights, [s.is_safe is False for s in data])
     return dict(summary, n_train=len(data), weights_mb_per_process=weights_bytes / 2**20)
 
 
