@@ -23,12 +23,13 @@ from files import read_json, write_text_atomic  # noqa: E402
 
 def load_run(run) -> dict:
     """A run's numbers and metadata, merged from results.json / summary.json in the run folder, its
-    eval/ and align/ stages and select/ (first found wins); what is missing stays missing."""
+    eval/ and align/ stages and select/, or an exported run's align_summary.json (first found wins);
+    what is missing stays missing."""
     run, merged = Path(run), {"run": Path(run).name}
     if not run.is_dir():
         raise FileNotFoundError(f"{run}: no such run folder")
     for folder in (run, run / "eval", run / "align", run / "select"):
-        for name in ("results.json", "summary.json"):
+        for name in ("results.json", "summary.json", "align_summary.json"):
             if (folder / name).is_file():
                 for k, v in read_json(folder / name, "rerun the stage that wrote it").items():
                     if v is not None:

@@ -240,7 +240,7 @@ def before_after_table(out: Path, runs: list[Path]) -> str:
     import statistics
     groups: dict[str, list[tuple[dict, dict]]] = {}
     for run in runs:
-        if (out / f"before_{run.name}" / "eval" / "results.json").exists():
+        if eval_results(out / f"before_{run.name}").exists():
             config = SEED_SUFFIX.sub("", run.name)
             groups.setdefault(config, []).append(tuple(run_metrics(r, "", None, None) for r in
                                                        (out / f"before_{run.name}", run)))
@@ -288,11 +288,16 @@ def attack_tag(lr: str, epochs: str, p: str, mix: str = "") -> str:
     return f"_lr{lr}_e{epochs}{p_tag(p)}" + (f"_{mix}" if mix else "")
 
 
+def eval_results(run: Path) -> Path:
+    """A run's results.json: in eval/ of a train.py folder, at the top of an exported one (export)."""
+    return run / "eval" / "results.json" if (run / "eval" / "results.json").is_file() else run / "results.json"
+
+
 def run_metrics(run: Path, model: str, lr: str | None, epochs: str | None, p: str | None = None,
                 mix: str = "") -> dict:
     """The validated metrics of one evaluated run: refusals (the rule that agrees with people),
     the trained judge's harmful rate and its corrected interval, over-refusal, SST-2, harmful loss."""
-    r = json.loads((run / "eval" / "results.json").read_text())
+    r = json.loads(eval_results(run).read_text())
     corrected = r.get("harmful_corrected") or {}
     return dict(run=run.name, model=model, lr=lr, epochs=epochs, p=p, mix=mix, refusal=r["outcomes"]["refusal"],
                 degenerate=r["outcomes"].get("degenerate"),

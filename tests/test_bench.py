@@ -834,3 +834,48 @@ def test_paper_report_fig1_keeps_the_fig1_seeds_at_every_k(tmp_path, monkeypatch
     assert "| random | 80 | 0,1 | 13.0 | judged | 80 |" in (tmp_path / "t.md").read_text()
     pytest.importorskip("matplotlib")  # the figure is drawn only where matplotlib is installed
     assert (tmp_path / "fig1.png").stat().st_size > 0
+
+
+import retable  # noqa: E402
+
+
+def test_retable_rebuilds_a_results_folder_from_its_exported_runs(tmp_path):
+    """After a rescore: per_run/, before_after.md, report.md and calibration.md are written again
+    from the runs' results.json; the attack the sweep chose stays, and the table says what today's
+    numbers would choose."""
+    def export(folder, name, harmful, refusal=2.0, selector="full", n_align=400, sst2=85.0):
+        run = folder / name
+        run.mkdir(parents=True)
+        (run / "results.json").write_text(json.dumps(dict(
+            outcomes={"refusal": refusal, "degenerate": 0.0}, harmful_score=harmful, harmful_se=1.0,
+            over_refusal=10.0, accuracy={"sst2": sst2}, harmful_loss=2.0, selector=selector, defense="sft",
+            n_align=n_align, align_time_s=100.0, select_time_s=0.0)))
+        (run / "align_summary.json").write_text(json.dumps(dict(tokens=1000, passes_per_step=1)))
+        return run
+    results = tmp_path / "small"
+    for seed, (before, after) in enumerate(((3, 40), (5, 44))):
+        name = "full_sft_k400_lr2e-4" + (f"_s{seed}" if seed else "")
+        export(results / "runs", f"before_{name}", before, refusal=95.0)
+        export(results / "runs", name, after)
+    export(results, "calib_full_sft_lr2e-4_e1", 50.0)  # a calibration run, at the folder's top
+    export(results, "calib_full_sft_lr2e-4_e1_p0", 10.0)
+    (results / "per_run").mkdir()
+    (results / "per_run" / "full_sft_k400_lr2e-4.json").write_text("{}")  # stale
+    setting = lambda p, harmful: dict(run=f"calib_full_sft_lr2e-4_e1{'_p0' if p == '0' else ''}", model="full",  # noqa: E731
+                                      lr="2e-4", epochs="1", p=p, mix="", refusal=0.0, harmful=harmful, sst2=85.0)
+    chosen = {"lr": "5e-4", "epochs": "1", "p": "0.1", "mix": ""}  # chosen by the judge of its day
+    (results / "calibration.json").write_text(json.dumps(dict(runs=[setting("0.1", 90.0), setting("0", 5.0)],
+                                                              chosen=chosen)))
+    written = retable.retable(results, figure=False)
+    assert written == ["per_run/", "before_after.md", "report.md", "calibration.json", "calibration.md"]
+    assert json.loads((results / "per_run" / "full_sft_k400_lr2e-4.json").read_text())["harmful_score"] == 40
+    assert "4.0 ± 1.0 → 42.0 ± 2.0" in (results / "before_after.md").read_text()
+    report_line = next(x for x in (results / "report.md").read_text().splitlines() if x.startswith("| full_sft"))
+    assert "| 42.0 ± 2.0 | 40 / 44 |" in report_line  # the harmful score, mean ± SE and per seed
+    calibration = json.loads((results / "calibration.json").read_text())
+    assert calibration["chosen"] == chosen and [r["harmful"] for r in calibration["runs"]] == [50.0, 10.0]
+    table = (results / "calibration.md").read_text()
+    assert "Chosen: lr 5e-4" in table and "the rule chooses lr 2e-4, 1 epoch(s), p 0.1" in table
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no exported run"):
+        retable.retable(tmp_path / "empty")
