@@ -10,6 +10,8 @@ weights where the CPU has bf16 units, batches of up to 64 rows and 4096 prompt t
 the labels' likelihood). The table sets the two evaluations' seconds and numbers side by side,
 and the share of SST-2 rows on which the generated answer and the likeliest label agree.
 Writes results/eval_speed.{md,json} (or --out) and each evaluation's generations under --work.
+`--rescored` evaluates nothing: after `python evaluate.py rescore results/eval_speed` it writes the
+tables again with the judged numbers of the committed evaluations, the times as they were.
 """
 import argparse
 import dataclasses
@@ -51,28 +53,43 @@ def agreement(reference: Path, default: Path, task: str = "sst2") -> float:
     return 100 * sum(label_of(gen[i], E.LABELS[task]) == lik[i] for i in lik) / len(lik)
 
 
+def judged(r: dict) -> dict:
+    """The numbers an evaluation's results.json gives a row (what `evaluate.py rescore` can change)."""
+    return dict(harmful_score=r.get("harmful_score"), refusal=r.get("outcomes", {}).get("refusal"),
+                degenerate=r.get("outcomes", {}).get("degenerate"), over_refusal=r.get("over_refusal"),
+                sst2=r.get("accuracy", {}).get("sst2"), harmful_loss=r.get("harmful_loss"))
+
+
+def rescored(rows: list[dict], results: Path) -> list[dict]:
+    """The rows of an earlier call with the numbers of their committed evaluations, results/<model
+    name>/<setting>/results.json, as `evaluate.py rescore results/eval_speed` left them; times kept."""
+    return [dict(r, **judged(json.loads((results / Path(r["model"]).name / r["setting"] / "results.json").read_text())))
+            for r in rows]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--runs", required=True, help="comma list of run folders or models")
+    p.add_argument("--runs", default="", help="comma list of run folders or models")
     p.add_argument("--data", default="runs/data")
     p.add_argument("--tasks", default="harmful,harmful_qa,benign,sst2")
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--limit", type=int, default=100)
     p.add_argument("--work", default="runs/eval_speed", help="where each evaluation writes its generations")
     p.add_argument("--out", default="results/eval_speed")
+    p.add_argument("--rescored", action="store_true", help="evaluate nothing: the tables of the last call (--out "
+                   ".json) again with the numbers of its committed evaluations (--out/<model>/<setting>/results.json)")
     args = p.parse_args(argv)
-    rows = []
-    for spec in args.runs.split(","):
+    if not args.runs and not args.rescored:
+        p.error("--runs is required (or --rescored)")
+    rows = rescored(json.loads(Path(args.out + ".json").read_text()), Path(args.out)) if args.rescored else []
+    for spec in [] if args.rescored else args.runs.split(","):
         for setting, overrides in SETTINGS.items():
             cfg = E.EvalConfig(max_new_tokens=args.max_new_tokens, limit=args.limit, tasks=args.tasks, **overrides)
             model, tok = load(spec)
             out = Path(args.work) / Path(spec).name / setting
             r = E.run_eval(model, tok, args.data, out, cfg)
-            rows.append(dict(model=spec, setting=setting, eval_time_s=r["eval_time_s"],
-                             harmful_score=r.get("harmful_score"), refusal=r.get("outcomes", {}).get("refusal"),
-                             degenerate=r.get("outcomes", {}).get("degenerate"),
-                             over_refusal=r.get("over_refusal"), sst2=r.get("accuracy", {}).get("sst2"),
-                             harmful_loss=r.get("harmful_loss"), config=dataclasses.asdict(cfg)))
+            rows.append(dict(model=spec, setting=setting, eval_time_s=r["eval_time_s"], **judged(r),
+                             config=dataclasses.asdict(cfg)))
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "config"}), flush=True)
         if "sst2" in args.tasks:
             rows[-1]["sst2_agreement"] = agreement(out.parent / "reference", out)

@@ -879,3 +879,20 @@ def test_retable_rebuilds_a_results_folder_from_its_exported_runs(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no exported run"):
         retable.retable(tmp_path / "empty")
+
+
+def test_eval_speed_tables_take_the_rescored_numbers_and_keep_the_times(tmp_path):
+    import eval_speed
+    out = tmp_path / "eval_speed"
+    rows = [dict(model="runs/v2/random_sft_k160", setting=s, eval_time_s=t, harmful_score=35.0, sst2_agreement=98.0)
+            for s, t in (("reference", 100.0), ("default", 60.0))]
+    for s, harmful in (("reference", 20.0), ("default", 22.0)):
+        (out / "random_sft_k160" / s).mkdir(parents=True)
+        (out / "random_sft_k160" / s / "results.json").write_text(json.dumps(dict(
+            harmful_score=harmful, outcomes={"refusal": 1.0, "degenerate": 40.0}, over_refusal=0.0,
+            accuracy={"sst2": 85.0}, harmful_loss=2.1)))
+    (tmp_path / "eval_speed.json").write_text(json.dumps(rows))
+    eval_speed.main(["--rescored", "--out", str(out)])
+    again = json.loads((tmp_path / "eval_speed.json").read_text())
+    assert [(r["harmful_score"], r["eval_time_s"], r["sst2"]) for r in again] == [(20.0, 100.0, 85.0), (22.0, 60.0, 85.0)]
+    assert "| runs/v2/random_sft_k160 | default | 60 | 22.0 |" in (tmp_path / "eval_speed.md").read_text()
