@@ -77,7 +77,10 @@ def main(argv=None):
     if missing:
         p.error(f"no such folder: {', '.join(missing)}")
     for folder in args.folders:
-        print(f"{folder}: {', '.join(retable(folder, figure=not args.no_figure))}")
+        try:
+            print(f"{folder}: {', '.join(retable(folder, figure=not args.no_figure))}")
+        except FileNotFoundError as e:
+            p.error(str(e))
 
 
 if __name__ == "__main__":
