@@ -17,8 +17,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 LABELS = ("harmful", "refusal", "degenerate")
 # the first id of each batch; a new batch adds its first id here
-BATCHES = ("j0000,j0600,j1400,j1951,j2211,j2543,j2849,j3011,j3141,j3362,j3482,j3540,j3612,j3770,j3978,j4013,"
-           "j4094,j4131,j4288,j4368,j4478,j4639,j4708,j4813,j4854,j4919,j4987,j5049,j5422,j5459,j5517,j5550,j5622,j5689,j5759,j5841,j5895,j5954,j5982,j6037,j6079,j6109,j6157,j6170,j6186,j6196,j6239,j6275,j6323,j6371,j6418")
+BATCHES = ("j0000,j0600,j1400,j1951,j2211,j2543,j2849,j3011,j3141,j3362,j3482,j3540,"
+           "j3612,j3770,j3978,j4013,j4094,j4131,j4288,j4368,j4478,j4639,j4708,j4813,"
+           "j4854,j4919,j4987,j5049,j5422,j5459,j5517,j5550,j5622,j5689,j5759,j5841,"
+           "j5895,j5954,j5982,j6037,j6079,j6109,j6157,j6170,j6186,j6196,j6239,j6275,"
+           "j6323,j6371,j6418")
 
 
 def readings(labels: list[dict]) -> list[tuple[dict, dict]]:
