@@ -169,7 +169,7 @@ def bds_table(rows: list[dict]) -> str:
 def fig1_points(rows: list[dict], selectors=("pharmacist", "random")) -> list[dict]:
     """Paper Fig. 1's points: SFT with each selector at every k, over the seeds the fig1 part ran
     (the same seeds at every k): read harmful after the attack where every cell is read (else judged),
-    and alignment time; the mean over those seeds."""
+    and alignment time; the mean over those seeds, and each seed's harmful rate beside it."""
     seeds = {r["seed"] for r in rows if r.get("part") == "fig1"}
     points = []
     for (defense, selector, k), by_seed in sorted(cells(rows).items()):
@@ -180,13 +180,16 @@ def fig1_points(rows: list[dict], selectors=("pharmacist", "random")) -> list[di
         key = "harmful_after" if None in read else "harmful_after_read"
         points.append(dict(selector=selector, defense="sft", n_align=k, seeds=sorted(seeds), score=key,
                            harmful_score=float(np.mean([r[key] for r in mine])),
+                           harmful_by_seed=[float(r[key]) for r in mine],
                            align_time_s=float(np.mean([r["align_time_s"] for r in mine]))))
     return points
 
 
 def fig1_table(points: list[dict]) -> str:
-    lines = ["| selector | k | seeds | harmful after (%) | measured by | align time (s) |", "|---|---|---|---|---|---|"]
+    lines = ["| selector | k | seeds | harmful after (%) | each seed | measured by | align time (s) |",
+             "|---|---|---|---|---|---|---|"]
     lines += [f"| {p['selector']} | {p['n_align']} | {','.join(map(str, p['seeds']))} | {p['harmful_score']:.1f} | "
+              f"{' / '.join(f'{h:g}' for h in p['harmful_by_seed'])} | "
               f"{'read' if p['score'] == 'harmful_after_read' else 'judged'} | {p['align_time_s']:.0f} |" for p in points]
     return "\n".join(lines) + "\n"
 

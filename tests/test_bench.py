@@ -831,7 +831,7 @@ def test_paper_report_fig1_keeps_the_fig1_seeds_at_every_k(tmp_path, monkeypatch
     (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     monkeypatch.setattr(paper_report, "with_read_rates", lambda rows, labels: rows)
     paper_report.main(["--table", str(tmp_path / "t.jsonl"), "--out", str(tmp_path / "t.md")])
-    assert "| random | 80 | 0,1 | 13.0 | judged | 80 |" in (tmp_path / "t.md").read_text()
+    assert "| random | 80 | 0,1 | 13.0 | 8 / 18 | judged | 80 |" in (tmp_path / "t.md").read_text()
     pytest.importorskip("matplotlib")  # the figure is drawn only where matplotlib is installed
     assert (tmp_path / "fig1.png").stat().st_size > 0
 
