@@ -2,6 +2,10 @@
 
     python bench/paper_report.py [--table results/paper/table.jsonl] [--out results/paper/table.md]
 
+Beside table.md it writes cells.jsonl: table.jsonl's lines with every judged number read again from
+each run's results.json (the judge `evaluate.py rescore` last applied; table.jsonl keeps the numbers
+each run finished with) and `harmful_after_read`, the numbers the tables are made of.
+
 Each cell: the mean over its seeds ± the standard error over seeds (one seed: its value). The
 "read" columns count the after-attack answers the labels of data/judge/ read as harmful, for cells
 whose every answer is labelled (the judge over-counts: docs/RESULTS.md, "Judge"). The
@@ -220,6 +224,7 @@ def main(argv=None):
         text += ("\nThe strength part (Random's subset attacked at a weaker and a stronger learning rate than the "
                  f"calibrated {ATTACK['lr']}):\n\n" + strength_table(rows))
     args.out.write_text(text)
+    args.out.with_name("cells.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     print(text)
 
 

@@ -832,6 +832,8 @@ def test_paper_report_fig1_keeps_the_fig1_seeds_at_every_k(tmp_path, monkeypatch
     monkeypatch.setattr(paper_report, "with_read_rates", lambda rows, labels: rows)
     paper_report.main(["--table", str(tmp_path / "t.jsonl"), "--out", str(tmp_path / "t.md")])
     assert "| random | 80 | 0,1 | 13.0 | 8 / 18 | judged | 80 |" in (tmp_path / "t.md").read_text()
+    cells = [json.loads(line) for line in (tmp_path / "cells.jsonl").read_text().splitlines()]
+    assert len(cells) == len(rows) and all("harmful_after_read" in c for c in cells)
     pytest.importorskip("matplotlib")  # the figure is drawn only where matplotlib is installed
     assert (tmp_path / "fig1.png").stat().st_size > 0
 
