@@ -182,9 +182,9 @@ def fig1_points(rows: list[dict], selectors=("pharmacist", "random")) -> list[di
             continue
         read = [r.get("harmful_after_read") for r in mine]
         key = "harmful_after" if None in read else "harmful_after_read"
+        by_seed = [float(r[key]) for r in mine]
         points.append(dict(selector=selector, defense="sft", n_align=k, seeds=sorted(seeds), score=key,
-                           harmful_score=float(np.mean([r[key] for r in mine])),
-                           harmful_by_seed=[float(r[key]) for r in mine],
+                           harmful_score=float(np.mean(by_seed)), harmful_by_seed=by_seed,
                            align_time_s=float(np.mean([r["align_time_s"] for r in mine]))))
     return points
 
