@@ -17,6 +17,9 @@ The parts, in this order (a sweep stopped early has answered the first ones):
   ablations  SFT with Pharmacist at λ = 0 (no harmful term) and an oracle that keeps a random k of
              the truly clean rows (pharmacist.oracle_select: denoising alone);
   bds        Full+SFT and Pharmacist+SFT attacked with the tuning-stage defense BDS;
+  bds-safe0  the same attacked with BDS's per-sample weights alone, its alignment loss off
+             (--defense-bds-safe-weight 0), from the bds part's aligned models where on disk: what
+             the weights do without the refusals BDS trains beside the user's data;
   fig1       Pharmacist and Random with SFT at k in --ks (the table gives k = --keep);
   strength   Random's subset with every alignment defense (sft, vaccine, repnoise, booster, tvaccine) attacked
              at a weaker and a stronger learning rate than the calibrated attack (STRENGTHS), and vaccine and
@@ -52,7 +55,7 @@ from reproduce import ATTACK, SMALL_RETAIN, RunFailed, Sweep, build_data, export
 
 SAFETY = ("cyber", "chem_bio_drugs", "weapons_violence")  # the safety part's attack categories
 SAFETY_FLAGS = ["--held-out-wording", "--attack-categories", ",".join(SAFETY), "--harmful-size", "32"]
-PARTS = ("table", "lens", "ablations", "bds", "fig1", "strength", "safety")
+PARTS = ("table", "lens", "ablations", "bds", "bds-safe0", "fig1", "strength", "safety")
 STRENGTHS = ("5e-5", "8e-4")  # the strength part's attack learning rates: a quarter and 4x the calibrated ATTACK["lr"]
 STRENGTH_DEFENSES = ("repnoise", "tvaccine", "sft", "vaccine", "booster")  # in the order they run
 COMPILED = ("sft",)  # the defenses whose align stage runs compiled blocks (defenses.COMPILABLE, bds aside)
@@ -60,6 +63,10 @@ REPNOISE_LENS = 6  # the RepNoise column reads 6 of the 30 layers' logit lens (b
 VARIANTS = {  # a column's name -> (train.py's --align-defense, its defense flags)
     "repnoise": ("repnoise", ["--defense-repnoise-lens-layers", str(REPNOISE_LENS)]),
     "repnoise-lens-all": ("repnoise", ["--defense-repnoise-lens-layers", "0"])}  # the lens part: every layer
+ATTACK_DEFENSES = {  # a cell's tuning-stage defense at the attack -> its train.py flags ("": none)
+    "": ["--finetune-compile"],
+    "bds": ["--finetune-defense", "bds"],
+    "bds-safe0": ["--finetune-defense", "bds", "--defense-bds-safe-weight", "0"]}  # the weights alone
 RESULTS = ROOT / "results" / "paper"
 
 
@@ -137,21 +144,23 @@ class PaperSweep(Sweep):
     def cell(self, c: "Cell"):
         """Hands one cell to the workers unless the table holds it (its run: s<seed>/<name>). A cell
         attacked at another learning rate (c.lr) starts from its calibrated cell's aligned model
-        where that run folder holds one (the same subset, defense and seed: the same model)."""
+        where that run folder holds one (the same subset, defense and seed: the same model), and so
+        does a BDS variant other than "bds" from the bds cell's."""
         name = c.name(self.pool_kind)
         key = f"s{self.seed}/{name}"
         if key in self.table.done:
             return
         selection = self.ranking(c.ranking or c.selector)
-        info = dict(run=key, part=c.part, selector=c.ranking or c.selector, defense=c.defense + ("+bds" if c.bds else ""),
+        info = dict(run=key, part=c.part, selector=c.ranking or c.selector, defense=c.defense + (f"+{c.bds}" if c.bds else ""),
                     k=c.k, seed=self.seed, lam=0.0 if c.ranking == "pharmacist-lam0" else 1.0 if c.selector == "pharmacist" else None,
                     attack_lr=c.lr or ATTACK["lr"], **({"pool": self.pool_kind} if self.pool_kind else {}))
         base, flags = VARIANTS.get(c.defense, (c.defense, []))
         align = ["--align-seed", str(self.seed), *(["--align-compile"] if c.defense in COMPILED else []), *flags]
-        attack = ["--finetune-seed", str(self.seed), *(["--finetune-defense", "bds"] if c.bds else ["--finetune-compile"]),
+        attack = ["--finetune-seed", str(self.seed), *ATTACK_DEFENSES[c.bds],
                   *(["--finetune-lr", c.lr] if c.lr else [])]  # after the sweep's own --finetune-lr: this one counts
-        calibrated = self.out / c._replace(lr="").name(self.pool_kind)
-        align_from = calibrated if c.lr and (calibrated / "align" / "model").is_dir() else None
+        reference = self.out / c._replace(lr="", bds=c.bds and "bds").name(self.pool_kind)
+        varied = c.lr or c.bds not in ("", "bds")  # only the attack differs from the reference cell
+        align_from = reference if varied and (reference / "align" / "model").is_dir() else None
         self.run(name, selection, c.k, base, attack=attack, align=align, info=info, align_from=align_from)
 
     def config(self, name: str, selection: Path, k: int, defense: str, info: dict | None = None, **kwargs) -> Path:
@@ -180,22 +189,23 @@ class PaperSweep(Sweep):
 
 class Cell(NamedTuple):
     """One cell of the sweep: which part it belongs to, the subset (a selector's ranking cut to k),
-    the alignment defense, BDS at the attack or not, and the attack's learning rate ("": ATTACK's)."""
+    the alignment defense, the defense at the attack (ATTACK_DEFENSES: "" none, "bds", "bds-safe0")
+    and the attack's learning rate ("": ATTACK's)."""
     part: str
     selector: str
     defense: str
     k: int
     ranking: str | None = None  # a ranking other than the selector's own (pharmacist-lam0)
-    bds: bool = False
+    bds: str = ""
     lr: str = ""
 
     def name(self, pool: str = "") -> str:
         return cell_name(self.selector, self.defense, self.k, self.ranking, self.bds, pool, self.lr)
 
 
-def cell_name(selector: str, defense: str, k: int, ranking: str | None = None, bds: bool = False, pool: str = "",
+def cell_name(selector: str, defense: str, k: int, ranking: str | None = None, bds: str = "", pool: str = "",
               lr: str = "") -> str:
-    return f"{pool + '_' if pool else ''}{ranking or selector}_{defense}{'+bds' if bds else ''}_k{k}{'_lr' + lr if lr else ''}"
+    return f"{pool + '_' if pool else ''}{ranking or selector}_{defense}{'+' + bds if bds else ''}_k{k}{'_lr' + lr if lr else ''}"
 
 
 def cells(parts: list[str], defenses: list[str], keep: int, ks: list[int], safety_keep: int = 80) -> list[Cell]:
@@ -203,7 +213,8 @@ def cells(parts: list[str], defenses: list[str], keep: int, ks: list[int], safet
     out = [Cell("table", s, d, 400 if s == "full" else keep) for d in defenses for s in ("full", "random", "loss", "pharmacist")]
     out += [Cell("lens", "pharmacist", "repnoise-lens-all", keep)]
     out += [Cell("ablations", "pharmacist", "sft", keep, "pharmacist-lam0"), Cell("ablations", "oracle", "sft", keep)]
-    out += [Cell("bds", s, "sft", 400 if s == "full" else keep, bds=True) for s in ("full", "pharmacist")]
+    out += [Cell(part, s, "sft", 400 if s == "full" else keep, bds=part) for part in ("bds", "bds-safe0")
+            for s in ("full", "pharmacist")]
     out += [Cell("fig1", s, "sft", k) for k in ks for s in ("pharmacist", "random")]
     out += [Cell("strength", "random", d, keep, lr=lr) for d in STRENGTH_DEFENSES
             for lr in (("",) if d in ("vaccine", "booster") else ()) + STRENGTHS]

@@ -146,27 +146,30 @@ def paired(rows: list[dict], ours: str = "pharmacist", keep: int = 160, pool: st
 
 
 def bds_table(rows: list[dict]) -> str:
-    """The bds part: each subset attacked plainly (the table's SFT cell) and with BDS, paired by seed,
+    """The bds parts: each subset attacked plainly (the table's SFT cell) and with each BDS variant
+    (bds; bds-safe0, its weights alone), paired by seed; a variant other than bds also against bds;
     and the share of BDS's weight mass on the attack's harmful rows beside those rows' share."""
     by = cells(rows)
-    lines = ["| selector | k | seeds | read harmful after, plain → BDS (%) | BDS − plain, read (points) | "
-             "judged, plain → BDS (%) | BDS − plain, judged (points) | BDS weight on harmful rows (%) | harmful rows (%) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| BDS | selector | k | seeds | read harmful after, plain → BDS (%) | BDS − plain, read (points) | "
+             "judged, plain → BDS (%) | BDS − plain, judged (points) | − bds, read (points) | "
+             "BDS weight on harmful rows (%) | harmful rows (%) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for (defense, selector, k), bds in sorted(by.items()):
-        plain = by.get(("sft", selector, k), {}) if defense == "sft+bds" else {}
+        plain = by.get(("sft", selector, k), {}) if defense.startswith("sft+bds") else {}
         seeds = sorted(set(plain) & set(bds))
         if not seeds:
             continue
 
-        def pair(key):
-            a, b = [plain[s].get(key) for s in seeds], [bds[s].get(key) for s in seeds]
+        def pair(key, base=plain):
+            a, b = [base[s].get(key) if s in base else None for s in seeds], [bds[s].get(key) for s in seeds]
             if None in a + b:
                 return "–", "–"
-            d = [y - x for x, y in zip(a, b)]
-            return f"{mean_se(a)} → {mean_se(b)}", with_signs(d)
+            return f"{mean_se(a)} → {mean_se(b)}", with_signs([y - x for x, y in zip(a, b)])
         share = lambda key: mean_se([100 * r[key] if r.get(key) is not None else None for r in (bds[s] for s in seeds)])  # noqa: E731
-        lines.append(f"| {selector} | {k} | {','.join(map(str, seeds))} | {' | '.join(pair('harmful_after_read'))} | "
-                     f"{' | '.join(pair('harmful_after'))} | {share('bds_harmful_share')} | {share('attack_harmful_share')} |")
+        against_bds = pair("harmful_after_read", by.get(("sft+bds", selector, k), {}))[1] if defense != "sft+bds" else ""
+        lines.append(f"| {defense.removeprefix('sft+')} | {selector} | {k} | {','.join(map(str, seeds))} | "
+                     f"{' | '.join(pair('harmful_after_read'))} | {' | '.join(pair('harmful_after'))} | {against_bds} | "
+                     f"{share('bds_harmful_share')} | {share('attack_harmful_share')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -214,8 +217,9 @@ def main(argv=None):
         text += ("\nThe safety part (a pool whose refusals half cover the attack's harm categories; k = "
                  f"{k}):\n\n" + table(rows, "safety") + "\nPaired by seed:\n\n"
                  + paired(rows, keep=k, pool="safety", others=(("pharmacist-lam0", k), ("random", k))))
-    if any(r.get("defense") == "sft+bds" for r in rows):
-        text += "\nThe bds part (the tuning-stage defense at the attack):\n\n" + bds_table(rows)
+    if any(r.get("defense", "").startswith("sft+bds") for r in rows):
+        text += ("\nThe bds parts (the tuning-stage defense at the attack; bds-safe0: its weights alone, "
+                 "no alignment loss):\n\n" + bds_table(rows))
     points = fig1_points(rows)
     if any(r.get("part") == "fig1" for r in rows) and points:
         text += "\nFig. 1 (SFT, harmful after the attack against k; `fig1.png`):\n\n" + fig1_table(points)

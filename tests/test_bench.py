@@ -421,11 +421,11 @@ import paper  # noqa: E402
 def test_paper_cells_run_the_table_first_then_ablations_bds_and_fig1():
     cells = paper.cells(["table", "ablations", "bds", "fig1"], ["sft", "tvaccine"], 160, [80])
     assert [c.part for c in cells] == ["table"] * 8 + ["ablations"] * 2 + ["bds"] * 2 + ["fig1"] * 2
-    assert cells[:4] == [("table", s, "sft", 400 if s == "full" else 160, None, False, "")
+    assert cells[:4] == [("table", s, "sft", 400 if s == "full" else 160, None, "", "")
                          for s in ("full", "random", "loss", "pharmacist")]
-    assert ("ablations", "pharmacist", "sft", 160, "pharmacist-lam0", False, "") in cells
-    assert paper.cells(["bds"], ["sft"], 160, [80]) == [("bds", "full", "sft", 400, None, True, ""),
-                                                        ("bds", "pharmacist", "sft", 160, None, True, "")]
+    assert ("ablations", "pharmacist", "sft", 160, "pharmacist-lam0", "", "") in cells
+    assert paper.cells(["bds"], ["sft"], 160, [80]) == [("bds", "full", "sft", 400, None, "bds", ""),
+                                                        ("bds", "pharmacist", "sft", 160, None, "bds", "")]
 
 
 def test_paper_table_skips_recorded_cells(tmp_path):
@@ -629,6 +629,27 @@ def test_paper_safety_part_names_its_cells_apart_and_the_report_keeps_its_pool_a
     assert "| sft | pharmacist-lam0 | 0,1 | – | -2.5 ± 0.5 (− −)" in text
 
 
+def test_paper_bds_safe0_attacks_the_bds_cells_model_with_the_alignment_loss_off(tmp_path, monkeypatch):
+    assert [c.name() for c in paper.cells(["bds-safe0"], ["sft"], 160, [80])] == ["full_sft+bds-safe0_k400",
+                                                                                  "pharmacist_sft+bds-safe0_k160"]
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "manifest.json").write_text(json.dumps(dict(counts={"pool.jsonl": 400})))
+    sweep = paper.PaperSweep(tmp_path, tmp_path / "data", 0, paper.Table(tmp_path / "table.jsonl"), jobs=1)
+    sweep.rankings.update(full=tmp_path / "select_full", pharmacist=tmp_path / "select_pharmacist")
+    (tmp_path / "full_sft+bds_k400" / "align" / "model").mkdir(parents=True)  # the bds cell's model is on disk
+    ran = {}
+    monkeypatch.setattr(sweep, "config", lambda name, sel, k, defense, attack=(), info=None, align_from=None, **kw:
+                        ran.update({name: (attack, align_from, info["defense"])}))
+    for c in paper.cells(["bds", "bds-safe0"], ["sft"], 160, [80]):
+        sweep.cell(c)
+    attack, align_from, defense = ran["full_sft+bds-safe0_k400"]
+    assert attack[attack.index("--defense-bds-safe-weight") + 1] == "0" and "bds" in attack
+    assert (align_from, defense) == (tmp_path / "full_sft+bds_k400", "sft+bds-safe0")
+    assert ran["pharmacist_sft+bds-safe0_k160"][1] is None  # no bds model on disk: it aligns its own
+    assert ran["full_sft+bds_k400"][1:] == (None, "sft+bds")  # the bds cell itself aligns
+    assert "--defense-bds-safe-weight" not in ran["full_sft+bds_k400"][0]
+
+
 def test_paper_strength_part_attacks_from_the_calibrated_cells_model_and_reports_apart(tmp_path, monkeypatch):
     strength = paper.cells(["strength"], ["sft"], 160, [80])
     assert [c.name() for c in strength[:2]] == ["random_repnoise_k160_lr5e-5", "random_repnoise_k160_lr8e-4"]
@@ -813,9 +834,13 @@ def test_paper_report_bds_pairs_each_subset_with_its_plain_attack_and_shows_the_
                  bds_harmful_share=w, attack_harmful_share=0.4 if w is not None else None)
             for d, s, h, r, w in (("sft", 0, 40.0, 20.0, None), ("sft", 1, 30.0, 10.0, None),
                                   ("sft+bds", 0, 30.0, 12.0, 0.1), ("sft+bds", 1, 30.0, 8.0, 0.2))]
-    line = paper_report.bds_table(rows).splitlines()[2]
-    assert line == ("| full | 400 | 0,1 | 15.0 ± 5.0 → 10.0 ± 2.0 | -5.0 ± 3.0 (− −) | 35.0 ± 5.0 → 30.0 ± 0.0 | "
-                    "-5.0 ± 5.0 (− 0) | 15.0 ± 5.0 | 40.0 ± 0.0 |")
+    rows += [dict(defense="sft+bds-safe0", selector="full", k=400, seed=s, harmful_after=h, harmful_after_read=r,
+                  bds_harmful_share=0.3, attack_harmful_share=0.4) for s, h, r in ((0, 40.0, 22.0), (1, 30.0, 9.0))]
+    lines = paper_report.bds_table(rows).splitlines()[2:]
+    assert lines == [("| bds | full | 400 | 0,1 | 15.0 ± 5.0 → 10.0 ± 2.0 | -5.0 ± 3.0 (− −) | 35.0 ± 5.0 → 30.0 ± 0.0 | "
+                      "-5.0 ± 5.0 (− 0) |  | 15.0 ± 5.0 | 40.0 ± 0.0 |"),
+                     ("| bds-safe0 | full | 400 | 0,1 | 15.0 ± 5.0 → 15.5 ± 6.5 | 0.5 ± 1.5 (+ −) | 35.0 ± 5.0 → 35.0 ± 5.0 | "
+                      "0.0 ± 0.0 (0 0) | 5.5 ± 4.5 (+ +) | 30.0 ± 0.0 | 40.0 ± 0.0 |")]
 
 
 def test_paper_report_fig1_keeps_the_fig1_seeds_at_every_k(tmp_path, monkeypatch):
