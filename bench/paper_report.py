@@ -174,14 +174,19 @@ def bds_table(rows: list[dict]) -> str:
 
 
 def fig1_points(rows: list[dict], selectors=("pharmacist", "random")) -> list[dict]:
-    """Paper Fig. 1's points: SFT with each selector at every k, over the seeds the fig1 part ran
-    (the same seeds at every k): read harmful after the attack where every cell is read (else judged),
-    and alignment time; the mean over those seeds, and each seed's harmful rate beside it."""
+    """Paper Fig. 1's points: SFT with each selector at every k, over the seeds of the fig1 part that
+    every such cell has (a seed still running is left out, so every k has the same seeds): read
+    harmful after the attack where every cell is read (else judged), and alignment time; the mean
+    over those seeds, and each seed's harmful rate beside it."""
+    sft = {(selector, k): by_seed for (defense, selector, k), by_seed in sorted(cells(rows).items())
+           if defense == "sft" and selector in selectors}
     seeds = {r["seed"] for r in rows if r.get("part") == "fig1"}
+    for by_seed in sft.values():
+        seeds &= set(by_seed)
     points = []
-    for (defense, selector, k), by_seed in sorted(cells(rows).items()):
-        mine = [by_seed[s] for s in sorted(seeds) if s in by_seed]
-        if defense != "sft" or selector not in selectors or len(mine) != len(seeds) or not mine:
+    for (selector, k), by_seed in sft.items():
+        mine = [by_seed[s] for s in sorted(seeds)]
+        if not mine:
             continue
         read = [r.get("harmful_after_read") for r in mine]
         key = "harmful_after" if None in read else "harmful_after_read"
@@ -199,6 +204,32 @@ def fig1_table(points: list[dict]) -> str:
               f"{' / '.join(f'{h:g}' for h in p['harmful_by_seed'])} | "
               f"{'read' if p['score'] == 'harmful_after_read' else 'judged'} | {p['align_time_s']:.0f} |" for p in points]
     return "\n".join(lines) + "\n"
+
+
+def order_noise(rows: list[dict], k: int = 400) -> str:
+    """The spread of one cell from run to run, read harmful after: at k = the whole pool Pharmacist's
+    and Random's SFT cells (the fig1 part) train on the same rows and differ only in their order,
+    and the full pool's (the table's) in a third. Per seed the three rates; then the SD of one run
+    from the order-only pairs (sqrt(mean d^2 / 2)), and pooled over the three cells of each seed
+    (the mean of their variances), each also as the SE of a difference paired over three seeds
+    (SD·sqrt(2/3))."""
+    by = cells(rows)
+    ph, ra, full = (by.get(("sft", s, k), {}) for s in ("pharmacist", "random", "full"))
+    rate = lambda r: r.get("harmful_after_read")  # noqa: E731
+    seeds = [s for s in sorted(set(ph) & set(ra)) if rate(ph[s]) is not None and rate(ra[s]) is not None]
+    if not seeds:
+        return ""
+    lines = [f"| seed | Pharmacist, k = {k} | Random, k = {k} | full pool | Pharmacist − Random |", "|---|---|---|---|---|"]
+    lines += [f"| {s} | {rate(ph[s]):g} | {rate(ra[s]):g} | {format(rate(full[s]), 'g') if s in full and rate(full[s]) is not None else '–'} | "
+              f"{rate(ph[s]) - rate(ra[s]):+g} |" for s in seeds]
+    order = float(np.sqrt(np.mean([(rate(ph[s]) - rate(ra[s])) ** 2 for s in seeds]) / 2))
+    triples = [[rate(ph[s]), rate(ra[s]), rate(full[s])] for s in seeds if s in full and rate(full[s]) is not None]
+    text = f"\nSD of one run from the order-only pairs ({len(seeds)} seeds): {order:.1f} points; " \
+           f"a difference paired over three seeds: SE {order * np.sqrt(2 / 3):.1f}"
+    if triples:
+        pooled = float(np.sqrt(np.mean([np.var(t, ddof=1) for t in triples])))
+        text += (f". With the full pool's cells ({len(triples)} seeds): SD {pooled:.1f}, SE {pooled * np.sqrt(2 / 3):.1f}")
+    return "\n".join(lines) + "\n" + text + ".\n"
 
 
 def main(argv=None):
@@ -224,6 +255,9 @@ def main(argv=None):
     if any(r.get("part") == "fig1" for r in rows) and points:
         text += "\nFig. 1 (SFT, harmful after the attack against k; `fig1.png`):\n\n" + fig1_table(points)
         plot_fig1(points, args.out.with_name("fig1.png"), ylabel="harmful after the attack (%)")
+        noise = order_noise(rows)
+        if noise:
+            text += "\nThe noise between runs (the same rows in other orders, read harmful after, %):\n\n" + noise
     if any(r.get("part") == "strength" for r in rows):
         text += ("\nThe strength part (Random's subset attacked at a weaker and a stronger learning rate than the "
                  f"calibrated {ATTACK['lr']}):\n\n" + strength_table(rows))

@@ -851,6 +851,8 @@ def test_paper_report_fig1_keeps_the_fig1_seeds_at_every_k(tmp_path, monkeypatch
     points = paper_report.fig1_points(rows)
     assert [(p["selector"], p["n_align"], p["seeds"]) for p in points] == [
         ("pharmacist", 80, [0, 1]), ("pharmacist", 160, [0, 1]), ("random", 80, [0, 1]), ("random", 160, [0, 1])]
+    running = dict(rows[0], seed=2)  # seed 2's first fig1 cell is in, the others still run: seeds 0, 1 stay
+    assert [p["seeds"] for p in paper_report.fig1_points(rows + [running])] == [[0, 1]] * 4
     assert points[1]["harmful_score"] == 160.0 and points[1]["score"] == "harmful_after_read"
     assert points[2]["harmful_score"] == 13.0 and points[2]["score"] == "harmful_after"  # not every answer read: judged
     (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -861,6 +863,19 @@ def test_paper_report_fig1_keeps_the_fig1_seeds_at_every_k(tmp_path, monkeypatch
     assert len(cells) == len(rows) and all("harmful_after_read" in c for c in cells)
     pytest.importorskip("matplotlib")  # the figure is drawn only where matplotlib is installed
     assert (tmp_path / "fig1.png").stat().st_size > 0
+
+
+def test_paper_report_order_noise_is_the_spread_of_the_same_rows_in_other_orders():
+    rows = [dict(part=part, defense="sft", selector=sel, k=400, seed=s, harmful_after_read=h)
+            for s, hs in ((0, (8.0, 14.0, 14.0)), (1, (5.0, 7.0, 19.0)))
+            for (part, sel), h in zip((("fig1", "pharmacist"), ("fig1", "random"), ("table", "full")), hs)]
+    text = paper_report.order_noise(rows)
+    assert "| 0 | 8 | 14 | 14 | -6 |" in text and "| 1 | 5 | 7 | 19 | -2 |" in text
+    # order-only pairs: sqrt((36 + 4) / 2 / 2) = 3.16; pooled with full: sqrt((12 + 57.33) / 2) = 5.89
+    assert "(2 seeds): 3.2 points; a difference paired over three seeds: SE 2.6" in text
+    assert "With the full pool's cells (2 seeds): SD 5.9, SE 4.8." in text
+    rows[1]["harmful_after_read"] = None  # seed 0's Random cell not read: only seed 1 counts
+    assert "| 0 |" not in paper_report.order_noise(rows)
 
 
 import retable  # noqa: E402
