@@ -87,10 +87,12 @@ class Table:
 
 
 def commit() -> str:
-    """The code a cell ran: HEAD of this checkout, "+dirty" when a tracked file differs from it."""
+    """The code a cell ran: HEAD of this checkout, "+dirty" when a tracked file outside results/
+    differs from it (the sweep's own table.jsonl there changes with every cell it finishes)."""
     git = ["git", "-C", str(ROOT)]
     head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout
+    dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results"],
+                           capture_output=True, text=True).stdout
     return (head or "unknown") + ("+dirty" if dirty.strip() else "")
 
 

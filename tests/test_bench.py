@@ -507,6 +507,22 @@ def test_paper_rows_name_the_commit_they_ran():
     assert paper.commit().split("+")[0] == head.stdout.strip()
 
 
+def test_paper_commit_is_dirty_for_changed_code_not_for_the_sweeps_results(tmp_path, monkeypatch):
+    git = ["git", "-C", str(tmp_path), "-c", "user.email=t@t", "-c", "user.name=t"]
+    if subprocess.run([*git, "init", "-q"], capture_output=True).returncode:
+        pytest.skip("no git")
+    (tmp_path / "results").mkdir()
+    for f in ("results/table.jsonl", "train.py"):
+        (tmp_path / f).write_text("a\n")
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-qm", "x"], check=True)
+    monkeypatch.setattr(paper, "ROOT", tmp_path)
+    (tmp_path / "results" / "table.jsonl").write_text("a\nb\n")  # a finished cell's line
+    assert not paper.commit().endswith("+dirty")
+    (tmp_path / "train.py").write_text("b\n")
+    assert paper.commit().endswith("+dirty")
+
+
 # ----------------------------------------------------------------------------- bench/read_rates.py
 
 import read_rates  # noqa: E402
