@@ -214,21 +214,20 @@ def order_noise(rows: list[dict], k: int = 400) -> str:
     (the mean of their variances), each also as the SE of a difference paired over three seeds
     (SD·sqrt(2/3))."""
     by = cells(rows)
-    ph, ra, full = (by.get(("sft", s, k), {}) for s in ("pharmacist", "random", "full"))
-    rate = lambda r: r.get("harmful_after_read")  # noqa: E731
-    seeds = [s for s in sorted(set(ph) & set(ra)) if rate(ph[s]) is not None and rate(ra[s]) is not None]
+    ph, ra, full = ({s: r["harmful_after_read"] for s, r in by.get(("sft", selector, k), {}).items()
+                     if r.get("harmful_after_read") is not None} for selector in ("pharmacist", "random", "full"))
+    seeds = sorted(set(ph) & set(ra))
     if not seeds:
         return ""
     lines = [f"| seed | Pharmacist, k = {k} | Random, k = {k} | full pool | Pharmacist − Random |", "|---|---|---|---|---|"]
-    lines += [f"| {s} | {rate(ph[s]):g} | {rate(ra[s]):g} | {format(rate(full[s]), 'g') if s in full and rate(full[s]) is not None else '–'} | "
-              f"{rate(ph[s]) - rate(ra[s]):+g} |" for s in seeds]
-    order = float(np.sqrt(np.mean([(rate(ph[s]) - rate(ra[s])) ** 2 for s in seeds]) / 2))
-    triples = [[rate(ph[s]), rate(ra[s]), rate(full[s])] for s in seeds if s in full and rate(full[s]) is not None]
+    lines += [f"| {s} | {ph[s]:g} | {ra[s]:g} | {format(full[s], 'g') if s in full else '–'} | {ph[s] - ra[s]:+g} |" for s in seeds]
+    order = float(np.sqrt(np.mean([(ph[s] - ra[s]) ** 2 for s in seeds]) / 2))
+    triples = [[ph[s], ra[s], full[s]] for s in seeds if s in full]
     text = f"\nSD of one run from the order-only pairs ({len(seeds)} seeds): {order:.1f} points; " \
            f"a difference paired over three seeds: SE {order * np.sqrt(2 / 3):.1f}"
     if triples:
         pooled = float(np.sqrt(np.mean([np.var(t, ddof=1) for t in triples])))
-        text += (f". With the full pool's cells ({len(triples)} seeds): SD {pooled:.1f}, SE {pooled * np.sqrt(2 / 3):.1f}")
+        text += f". With the full pool's cells ({len(triples)} seeds): SD {pooled:.1f}, SE {pooled * np.sqrt(2 / 3):.1f}"
     return "\n".join(lines) + "\n" + text + ".\n"
 
 
